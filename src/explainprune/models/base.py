@@ -1,0 +1,275 @@
+"""The adapter protocol every model family implements, and the Prompt it produces.
+
+An adapter cuts the model at transformers' own seam: the vision tower's features are scattered into their
+placeholder tokens (``get_image_features`` -> ``masked_scatter``), and everything after that is the
+unchanged language model fed with ``inputs_embeds``. Pruning visual tokens is then just dropping rows
+of ``inputs_embeds`` while keeping every remaining token's ORIGINAL position id.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Prompt:
+    """One prepared input, before the language model.
+
+    Shapes (L = sequence length, D = hidden size, N_v = visual tokens):
+      input_ids      LongTensor[1, L]   token ids (visual placeholders included)
+      inputs_embeds  Tensor[1, L, D]    text embeddings with the visual features scattered in
+      position_ids   LongTensor[3, 1, L] (M-RoPE) or LongTensor[1, L]; the ORIGINAL positions
+      attention_mask LongTensor[1, L]
+      visual_pos     LongTensor[N_v]    sequence index of each visual token
+      visual_grid    LongTensor[N_v, 3] (frame, row, column) of each visual token on the token grid
+                                        (row/column -1 for tokens off the grid, e.g. LLaVA-OV newlines)
+      instruction    (start, end)       span of the user's text after the visual block
+    """
+
+    input_ids: Tensor
+    inputs_embeds: Tensor
+    position_ids: Tensor
+    attention_mask: Tensor
+    visual_pos: Tensor
+    visual_grid: Tensor
+    instruction: tuple[int, int]
+    question: str = ""
+    media: list[Any] = field(default_factory=list, repr=False)
+    model_inputs: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_visual(self) -> int:
+        return int(self.visual_pos.numel())
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        """(frames, rows, columns) spanned by the on-grid visual tokens."""
+        g = self.visual_grid[self.visual_grid[:, 1] >= 0]
+        if g.numel() == 0:
+            return (0, 0, 0)
+        return (int(g[:, 0].max()) + 1, int(g[:, 1].max()) + 1, int(g[:, 2].max()) + 1)
+
+    def kept_positions(self, keep: Tensor | None) -> Tensor:
+        """Sequence indices that survive when only visual tokens ``keep`` (indices into 0..N_v-1) are kept."""
+        if keep is None:
+            return torch.arange(self.length)
+        keep = torch.as_tensor(keep, dtype=torch.long).flatten()
+        if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= self.num_visual):
+            raise ValueError(
+                f"keep holds indices outside 0..{self.num_visual - 1} (the prompt has {self.num_visual} "
+                f"visual tokens); got min {int(keep.min())}, max {int(keep.max())}"
+            )
+        is_visual = torch.zeros(self.length, dtype=torch.bool)
+        is_visual[self.visual_pos] = True
+        kept_visual = torch.zeros(self.length, dtype=torch.bool)
+        kept_visual[self.visual_pos[keep]] = True
+        return torch.nonzero(~is_visual | kept_visual).flatten()
+
+
+@dataclass
+class GenerationResult:
+    """Greedy (or sampled) output of one prompt: new tokens only, EOS included when produced."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    visual_tokens: int
+
+
+def pad_left(prompts: list[Prompt], keeps: list[Tensor | None]) -> tuple[Tensor, Tensor, Tensor]:
+    """Gather each prompt's kept rows and left-pad them into one batch.
+
+    Returns inputs_embeds [B, L, D], attention_mask [B, L] (0 on padding) and position_ids [3, B, L] or
+    [B, L] holding each kept token's original position (padding gets position 0; it is masked out).
+    """
+    rows = [p.kept_positions(k) for p, k in zip(prompts, keeps)]
+    longest = max(len(r) for r in rows)
+    first = prompts[0]
+    d = first.inputs_embeds.shape[-1]
+    mrope = first.position_ids.dim() == 3
+    embeds = first.inputs_embeds.new_zeros(len(prompts), longest, d)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+    if mrope:
+        pos = torch.zeros(first.position_ids.shape[0], len(prompts), longest, dtype=torch.long)
+    else:
+        pos = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for b, (p, r) in enumerate(zip(prompts, rows)):
+        start = longest - len(r)
+        embeds[b, start:] = p.inputs_embeds[0, r]
+        mask[b, start:] = p.attention_mask[0, r]
+        if mrope:
+            pos[:, b, start:] = p.position_ids[:, 0, r]
+        else:
+            pos[b, start:] = p.position_ids[0, r]
+    return embeds, mask, pos
+
+
+class VLM:
+    """A loaded multimodal model behind the adapter protocol.
+
+    Subclasses set ``model_types`` and implement ``prepare`` and ``_load``; everything after ``prepare``
+    (pruned generation, language-model access) is shared.
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    family: ClassVar[str] = ""
+
+    def __init__(self, model: Any, tokenizer: Any, image_processor: Any, chat_template: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        if not self.chat_template:
+            raise ValueError("the checkpoint has no chat template (chat_template.jinja or tokenizer_config.json)")
+
+    # -- loading -------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str = torch.float32,
+                        device: str | torch.device = "cpu", attn_implementation: str = "sdpa",
+                        trust_remote_code: bool = False) -> VLM:
+        from transformers import AutoTokenizer
+
+        model = cls._load(path, dtype=dtype, attn_implementation=attn_implementation,
+                          trust_remote_code=trust_remote_code).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return cls(model, tokenizer, cls._image_processor(path), _read_chat_template(path, tokenizer))
+
+    @classmethod
+    def _load(cls, path, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def _image_processor(cls, path):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- the protocol --------------------------------------------------------------------------------
+    def prepare(self, images: Any = None, video: Any = None, question: str = "", **kwargs: Any) -> Prompt:
+        raise NotImplementedError
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.get_text_config()
+
+    @property
+    def language_model(self) -> Any:
+        """The decoder stack (embeddings, ``layers``, ``norm``, ``rotary_emb``) below the LM head."""
+        return self.model.model.language_model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a compressor trained for this model must match."""
+        t = self.text_config
+        return {"model_type": self.config.model_type, "num_hidden_layers": t.num_hidden_layers,
+                "num_attention_heads": t.num_attention_heads, "hidden_size": t.hidden_size}
+
+    def _render(self, content: list[dict[str, Any]]) -> str:
+        messages = [{"role": "user", "content": content}]
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def _tokenize(self, text: str, question: str) -> tuple[Tensor, tuple[int, int]]:
+        """Token ids of ``text`` and the token span of the last occurrence of ``question`` in it."""
+        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+        ids = torch.tensor([enc["input_ids"]], dtype=torch.long)
+        q_start = text.rfind(question) if question else -1
+        if q_start < 0:
+            return ids, (ids.shape[1], ids.shape[1])
+        q_end = q_start + len(question)
+        inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a >= q_start and b <= q_end]
+        if not inside:
+            return ids, (ids.shape[1], ids.shape[1])
+        return ids, (inside[0], inside[-1] + 1)
+
+    # -- pruned generation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt: Prompt | list[Prompt], keep: Tensor | None | list[Tensor | None] = None,
+                 max_new_tokens: int = 16, **generate_kwargs: Any) -> GenerationResult | list[GenerationResult]:
+        """Generate from ``prompt`` keeping only visual tokens ``keep`` (None keeps all).
+
+        A list of prompts (with a list of keeps) runs as one left-padded batch. The model's own
+        ``generate`` is called with ``inputs_embeds``, the kept tokens' original ``position_ids`` and the
+        attention mask; prefill and decode are untouched.
+        """
+        single = isinstance(prompt, Prompt)
+        prompts = [prompt] if single else list(prompt)
+        if single:
+            keeps = [keep]
+        elif keep is None:
+            keeps = [None] * len(prompts)
+        else:
+            keeps = list(keep)
+        if len(keeps) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(keeps)} keep entries")
+        embeds, mask, pos = pad_left(prompts, keeps)
+        dev = self.device
+        options = {"do_sample": False, "pad_token_id": self.pad_token_id, "eos_token_id": self.eos_token_id,
+                   **generate_kwargs}
+        out = self.model.generate(inputs_embeds=embeds.to(dev), attention_mask=mask.to(dev),
+                                  position_ids=pos.to(dev), max_new_tokens=max_new_tokens, **options)
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        results = []
+        for b in range(len(prompts)):
+            ids = sequences[b].tolist()
+            ids = _cut_at_eos(ids, self.eos_token_ids)
+            results.append(GenerationResult(
+                text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(), token_ids=ids,
+                prompt_tokens=int(mask[b].sum()), visual_tokens=len(prompts[b].kept_positions(keeps[b]))
+                - (prompts[b].length - prompts[b].num_visual)))
+        return results[0] if single else results
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    @property
+    def eos_token_id(self) -> list[int]:
+        return self.eos_token_ids
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.model.generation_config.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        return int(pad)
+
+    def forward(self, embeds: Tensor, position_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Any:
+        """One language-model forward on prepared (possibly pruned) inputs; returns the model output."""
+        return self.model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
+                          **kwargs)
+
+
+def _cut_at_eos(ids: list[int], eos: list[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[: i + 1]
+    return ids
+
+
+def _read_chat_template(path: str | Path, tokenizer: Any) -> str | None:
+    """The chat template a checkpoint ships: chat_template.jinja, chat_template.json, or the tokenizer's."""
+    p = Path(path)
+    if (p / "chat_template.jinja").is_file():
+        return (p / "chat_template.jinja").read_text()
+    if (p / "chat_template.json").is_file():
+        return json.loads((p / "chat_template.json").read_text())["chat_template"]
+    return getattr(tokenizer, "chat_template", None)

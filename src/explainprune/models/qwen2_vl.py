@@ -1,0 +1,165 @@
+"""Qwen2-VL and Qwen2.5-VL: dynamic-resolution images and videos with 3-D M-RoPE positions.
+
+Images go through the PIL image processor; video frames are resized and normalised by the same processor
+and patchified here with ``temporal_patch_size`` (this reproduces the video processor's tensors, which
+need torchvision). Positions come from the model's own ``get_rope_index`` and are kept per token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from explainprune.models.base import VLM, Prompt
+
+
+def _to_pil(x: Any) -> Image.Image:
+    if isinstance(x, Image.Image):
+        return x.convert("RGB")
+    arr = np.asarray(x)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(1, 2, 0)
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr.squeeze() if arr.shape[-1] == 1 else arr).convert("RGB")
+
+
+def video_pixels(frames: list[Any], processor: Any) -> tuple[Tensor, Tensor]:
+    """Qwen video pixel values [T/tp * gh * gw, C * tp * p * p] and grid [1, 3] from a list of frames.
+
+    Frames are resized (smart resize of the first frame's size), rescaled and normalised exactly as the
+    image processor does; the frame count is padded to a multiple of ``temporal_patch_size`` by repeating
+    the last frame, as Qwen's video processor does.
+    """
+    from transformers.image_processing_utils import SizeDict
+
+    if len(frames) == 0:
+        raise ValueError("video must hold at least one frame")
+    ps, ms, tp = processor.patch_size, processor.merge_size, processor.temporal_patch_size
+    size = SizeDict(**processor.size) if isinstance(processor.size, dict) else processor.size
+    arrays = []
+    for frame in frames:
+        img = np.asarray(_to_pil(frame), dtype=np.float32).transpose(2, 0, 1)
+        img = processor.resize(img, size=size, resample=processor.resample, factor=ps * ms)
+        img = processor.rescale(img, processor.rescale_factor)
+        img = processor.normalize(img, processor.image_mean, processor.image_std)
+        arrays.append(np.asarray(img, dtype=np.float32))
+    while len(arrays) % tp:
+        arrays.append(arrays[-1])
+    video = np.stack(arrays)  # T, C, H, W
+    t, c, h, w = video.shape
+    gt, gh, gw = t // tp, h // ps, w // ps
+    patches = video.reshape(gt, tp, c, gh // ms, ms, ps, gw // ms, ms, ps)
+    patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    flat = patches.reshape(gt * gh * gw, c * tp * ps * ps)
+    return torch.from_numpy(np.ascontiguousarray(flat)), torch.tensor([[gt, gh, gw]])
+
+
+class Qwen2VL(VLM):
+    """Adapter for ``qwen2_vl`` and ``qwen2_5_vl`` checkpoints."""
+
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    family = "qwen2_vl"
+
+    @classmethod
+    def _load(cls, path, *, dtype, attn_implementation, trust_remote_code):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if config.model_type == "qwen2_5_vl":
+            from transformers import Qwen2_5_VLForConditionalGeneration as model_cls
+        else:
+            from transformers import Qwen2VLForConditionalGeneration as model_cls
+        return model_cls.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                         trust_remote_code=trust_remote_code)
+
+    @classmethod
+    def _image_processor(cls, path):
+        from transformers import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil.from_pretrained(path)
+
+    @property
+    def merge(self) -> int:
+        return int(self.config.vision_config.spatial_merge_size)
+
+    @torch.no_grad()
+    def prepare(self, images: Any = None, video: Any = None, question: str = "", **kwargs: Any) -> Prompt:
+        """Build the Prompt for ``images`` (one or a list) and/or ``video`` (a list of frames)."""
+        images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
+        images = [_to_pil(im) for im in images]
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
+        if video is not None:
+            content.append({"type": "video"})
+        content.append({"type": "text", "text": question})
+        text = self._render(content)
+
+        inputs: dict[str, Any] = {}
+        image_tok, video_tok = "<|image_pad|>", "<|video_pad|>"
+        grids: list[tuple[int, Tensor]] = []  # (modality, thw) in sequence order
+        if images:
+            out = self.image_processor(images=images, return_tensors="pt")
+            inputs["pixel_values"], inputs["image_grid_thw"] = out["pixel_values"], out["image_grid_thw"]
+            text = _expand(text, image_tok, [int(g.prod()) // self.merge**2 for g in out["image_grid_thw"]])
+            grids += [(1, g) for g in out["image_grid_thw"]]
+        if video is not None:
+            pix, thw = video_pixels(list(video), self.image_processor)
+            inputs["pixel_values_videos"], inputs["video_grid_thw"] = pix, thw
+            if self.config.model_type == "qwen2_5_vl":
+                inputs["second_per_grid_ts"] = torch.tensor([float(kwargs.get("seconds_per_grid", 1.0))])
+            text = _expand(text, video_tok, [int(thw[0].prod()) // self.merge**2])
+            grids.append((2, thw[0]))
+
+        input_ids, instruction = self._tokenize(text, question)
+        mask = torch.ones_like(input_ids)
+        image_id, video_id = self.config.image_token_id, self.config.video_token_id
+        mm_types = (input_ids == image_id).long() + 2 * (input_ids == video_id).long()
+        inputs.update(input_ids=input_ids, attention_mask=mask, mm_token_type_ids=mm_types)
+
+        dev = self.device
+        inner = self.model.model
+        embeds = inner.get_input_embeddings()(input_ids.to(dev))
+        if images:
+            feats = inner.get_image_features(inputs["pixel_values"].to(dev), inputs["image_grid_thw"].to(dev))
+            feats = torch.cat(list(feats.pooler_output), 0).to(embeds.dtype)
+            embeds = embeds.masked_scatter((input_ids == image_id).to(dev)[..., None], feats)
+        if video is not None:
+            feats = inner.get_video_features(inputs["pixel_values_videos"].to(dev),
+                                             inputs["video_grid_thw"].to(dev))
+            feats = torch.cat(list(feats.pooler_output), 0).to(embeds.dtype)
+            embeds = embeds.masked_scatter((input_ids == video_id).to(dev)[..., None], feats)
+        rope_kwargs = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+                       if k in inputs}
+        position_ids, _ = inner.get_rope_index(input_ids, mm_token_type_ids=mm_types, attention_mask=mask,
+                                               **rope_kwargs)
+
+        visual_pos = torch.nonzero(mm_types[0] > 0).flatten()
+        visual_grid = self._grid(grids)
+        if len(visual_grid) != len(visual_pos):  # pragma: no cover - defensive
+            raise RuntimeError("visual token count does not match the grids")
+        return Prompt(input_ids=input_ids, inputs_embeds=embeds, position_ids=position_ids.cpu(),
+                      attention_mask=mask, visual_pos=visual_pos, visual_grid=visual_grid,
+                      instruction=instruction, question=question,
+                      media=images + ([list(video)] if video is not None else []), model_inputs=inputs)
+
+    def _grid(self, grids: list[tuple[int, Tensor]]) -> Tensor:
+        """(frame, row, col) per merged token, in the merger's order (t, then row, then column)."""
+        out, frame0 = [], 0
+        for _, thw in grids:
+            t, h, w = int(thw[0]), int(thw[1]) // self.merge, int(thw[2]) // self.merge
+            f, r, c = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+            out.append(torch.stack([f.flatten() + frame0, r.flatten(), c.flatten()], 1))
+            frame0 += t
+        return torch.cat(out) if out else torch.zeros(0, 3, dtype=torch.long)
+
+
+def _expand(text: str, token: str, counts: list[int]) -> str:
+    """Replace the i-th ``token`` placeholder by ``counts[i]`` copies (as the processors do)."""
+    parts = text.split(token)
+    if len(parts) - 1 != len(counts):
+        raise ValueError(f"the chat template produced {len(parts) - 1} {token} placeholders for {len(counts)} inputs")
+    return "".join(p + token * n for p, n in zip(parts, counts)) + parts[-1]

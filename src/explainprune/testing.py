@@ -1,0 +1,87 @@
+"""Tiny random-weight checkpoints of every supported family, built from config with no download.
+
+Each builder writes a directory laid out exactly like a user's checkpoint (config, safetensors weights,
+tokenizer, image-processor config, chat template), so tests and benchmarks go through `explainprune.load`
+the way a user does. Used by tests/ and benchmarks/; not part of the top-level API.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from explainprune.models.offline import (
+    LLAVA_CHAT_TEMPLATE,
+    LLAVA_SPECIALS,
+    QWEN_CHAT_TEMPLATE,
+    QWEN_SPECIALS,
+    word_tokenizer,
+)
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava")
+
+
+def _text_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, **extra) -> dict:
+    return dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+        rms_norm_eps=1e-6, **extra,
+    )
+
+
+def tiny_qwen2_vl(
+    path: str | Path, *, version: str = "qwen2_vl", hidden: int = 64, layers: int = 2, heads: int = 4,
+    kv_heads: int = 2, vision_depth: int = 1, vision_width: int = 32, seed: int = 0,
+    min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 64,
+) -> Path:
+    """A tiny Qwen2-VL (``version="qwen2_vl"``) or Qwen2.5-VL (``"qwen2_5_vl"``) checkpoint directory."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    tok = word_tokenizer(special_tokens=QWEN_SPECIALS, chat_template=QWEN_CHAT_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    head_dim = hidden // heads
+    quarter = head_dim // 4  # mrope sections sum to head_dim / 2
+    rope = {"rope_type": "default", "rope_theta": 10000.0,
+            "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter]}
+    text = _text_config(len(tok), hidden, layers, heads, kv_heads, rope_parameters=rope,
+                        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                        pad_token_id=ids["<|endoftext|>"])
+    torch.manual_seed(seed)
+    if version == "qwen2_vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        vision = dict(depth=vision_depth, embed_dim=vision_width, hidden_size=hidden, num_heads=2,
+                      mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision)
+        cls = Qwen2VLForConditionalGeneration
+    elif version == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        vision = dict(depth=vision_depth, hidden_size=vision_width, out_hidden_size=hidden, num_heads=2,
+                      intermediate_size=vision_width * 2, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=56, fullatt_block_indexes=[vision_depth - 1])
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision)
+        cls = Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(f"unknown Qwen version {version!r}; accepted: 'qwen2_vl', 'qwen2_5_vl'")
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        name = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}[key]
+        setattr(config, key, ids[name])
+    config.eos_token_id = ids["<|im_end|>"]
+    config.pad_token_id = ids["<|endoftext|>"]
+    model = cls(config).eval()
+    proc = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    return _save(path, model, tok, proc)
+
+
+def _save(path: str | Path, model, tok, image_processor) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    return path
