@@ -85,3 +85,22 @@ def _save(path: str | Path, model, tok, image_processor) -> Path:
     tok.save_pretrained(path)
     image_processor.save_pretrained(path)
     return path
+
+
+def build_tiny(family: str, path: str | Path, **options) -> Path:
+    """Write a tiny random-weight checkpoint of ``family`` (one of FAMILIES) to ``path``."""
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        return tiny_qwen2_vl(path, version=family, **options)
+    builders = {"llava_onevision": "tiny_llava_onevision", "llava": "tiny_llava"}
+    if family not in builders or builders[family] not in globals():
+        raise ValueError(f"unknown family {family!r}; accepted: {', '.join(FAMILIES)}")
+    return globals()[builders[family]](path, **options)
+
+
+def random_image(seed: int = 0, size: tuple[int, int] = (112, 140)):
+    """A deterministic random RGB PIL image of ``size`` (height, width)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))

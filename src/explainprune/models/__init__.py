@@ -1,0 +1,59 @@
+"""Model adapters (one per family, same protocol) and `load`, which picks one from config.model_type."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from explainprune.models.base import VLM, GenerationResult, Prompt
+from explainprune.models.qwen2_vl import Qwen2VL
+
+ADAPTERS: tuple[type[VLM], ...] = (Qwen2VL,)
+DEMO_PATH = Path(__file__).resolve().parent.parent / "assets" / "demo"
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ADAPTERS for t in a.model_types)
+
+
+def adapter_for(model_type: str) -> type[VLM]:
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    raise ValueError(
+        f"unsupported model type {model_type!r}; explainprune supports: {', '.join(supported_model_types())}"
+    )
+
+
+def _model_type(path: str | Path, trust_remote_code: bool) -> str:
+    config_file = Path(path) / "config.json"
+    if config_file.is_file():
+        model_type = json.loads(config_file.read_text()).get("model_type")
+        if not model_type:
+            raise ValueError(f"{config_file} has no model_type")
+        return model_type
+    from transformers import AutoConfig  # a hub id: resolved (and cached) by transformers
+
+    return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code).model_type
+
+
+def load(name_or_path: str | Path, **kwargs: Any) -> VLM:
+    """Load a checkpoint behind the adapter protocol.
+
+    ``"demo"`` is the shipped digits model; anything else is a transformers checkpoint directory or hub id
+    of a supported family. Keyword options: ``dtype``, ``device``, ``attn_implementation`` ("sdpa"),
+    ``trust_remote_code`` (False; only passed on when you ask).
+    """
+    if str(name_or_path) == "demo":
+        if not (DEMO_PATH / "config.json").is_file():
+            raise FileNotFoundError(f"the demo model is not installed at {DEMO_PATH}")
+        name_or_path = DEMO_PATH
+    path = Path(name_or_path)
+    if not path.exists() and (str(name_or_path).startswith((".", "/")) or path.suffix):
+        raise FileNotFoundError(f"no checkpoint at {name_or_path}")
+    adapter = adapter_for(_model_type(name_or_path, bool(kwargs.get("trust_remote_code", False))))
+    return adapter.from_pretrained(name_or_path, **kwargs)
+
+
+__all__ = ["ADAPTERS", "VLM", "GenerationResult", "Prompt", "adapter_for", "load", "supported_model_types"]

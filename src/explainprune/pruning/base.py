@@ -1,0 +1,96 @@
+"""The pruner protocol, the shared top-k selection and the method registry.
+
+A pruner gives every visual token a score (higher = keep); the shared `select` keeps the top
+``ceil(ratio * N_v)``. A pruner that prunes inside the LLM (FastV) declares the layer it prunes at in
+``layer``; pruners that act before the LLM have ``layer = 0``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from explainprune.models.base import VLM, GenerationResult, Prompt
+
+_REGISTRY: dict[str, type[Pruner]] = {}
+
+
+def select(scores: Tensor, ratio: float, num_visual: int | None = None) -> Tensor:
+    """Sorted indices of the top ``ceil(ratio * N_v)`` scores (at least 1).
+
+    scores: Tensor[N_v]. ``num_visual`` (optional) is the prompt's N_v, checked against the scores.
+    Raises ValueError for a ratio outside (0, 1], a wrong length, NaN scores or no visual tokens.
+    """
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not (0.0 < float(ratio) <= 1.0):
+        raise ValueError(f"ratio must be a number in (0, 1] (the share of visual tokens kept); got {ratio!r}")
+    scores = torch.as_tensor(scores)
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be a 1-D tensor [N_v]; got shape {tuple(scores.shape)}")
+    n = scores.numel()
+    if n == 0:
+        raise ValueError("the prompt has no visual tokens: nothing to select (give an image or a video)")
+    if num_visual is not None and n != num_visual:
+        raise ValueError(f"scores has {n} entries but the prompt has {num_visual} visual tokens")
+    if torch.isnan(scores).any():
+        raise ValueError(f"scores contain NaN at visual tokens {torch.nonzero(torch.isnan(scores)).flatten()[:8].tolist()}")
+    k = max(1, math.ceil(float(ratio) * n - 1e-9))
+    top = torch.topk(scores.float(), k, sorted=False).indices
+    return torch.sort(top).values
+
+
+def register(name: str):
+    """Class decorator adding a pruner to the registry under ``name``."""
+
+    def deco(cls: type[Pruner]) -> type[Pruner]:
+        if name in _REGISTRY:
+            raise ValueError(f"a pruner named {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_pruner(name: str, **options: Any) -> Pruner:
+    """The pruner registered as ``name``, built with ``options`` (e.g. ``seed=0``, ``layer=2``)."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.5)
+        hint = f" did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"unknown pruner {name!r}.{hint} available: {', '.join(available())}")
+    cls = _REGISTRY[name]
+    try:
+        return cls(**options)
+    except TypeError as err:
+        fields = [f for f in getattr(cls, "__dataclass_fields__", {})]
+        raise ValueError(f"pruner {name!r} accepts options {fields}; got {sorted(options)} ({err})") from None
+
+
+@dataclass
+class Pruner:
+    """Base class: subclasses implement ``score``; ``keep`` and ``generate`` are shared."""
+
+    name: ClassVar[str] = ""
+    layer: ClassVar[int] = 0  # LLM layer the pruning happens at; 0 = before the LLM
+
+    def score(self, vlm: VLM, prompt: Prompt) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def keep(self, vlm: VLM, prompt: Prompt, ratio: float) -> Tensor:
+        """Sorted indices (into the prompt's visual tokens) that survive at ``ratio``."""
+        if prompt.num_visual == 0:
+            raise ValueError("the prompt has no visual tokens: nothing to prune (give an image or a video)")
+        return select(self.score(vlm, prompt), ratio, prompt.num_visual)
+
+    def generate(self, vlm: VLM, prompt: Prompt, ratio: float, max_new_tokens: int = 16,
+                 **kwargs: Any) -> GenerationResult:
+        keep = self.keep(vlm, prompt, ratio)
+        return vlm.generate(prompt, keep=keep, max_new_tokens=max_new_tokens, **kwargs)

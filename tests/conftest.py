@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random-weight checkpoints of every family, loaded through explainprune.load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import explainprune
+from explainprune.testing import FAMILIES, build_tiny, random_image
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """family -> checkpoint directory (built once per session, on first use)."""
+    cache: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = build_tiny(family, tmp_path_factory.mktemp(family))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def load_tiny(tiny_dirs):
+    cache: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = explainprune.load(tiny_dirs(family))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def vlm(load_tiny, family):
+    return load_tiny(family)
+
+
+@pytest.fixture
+def image():
+    return random_image(0)
+
+
+@pytest.fixture
+def frames():
+    return [random_image(10 + i, (112, 112)) for i in range(4)]
