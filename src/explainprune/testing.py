@@ -76,6 +76,52 @@ def tiny_qwen2_vl(
     return _save(path, model, tok, proc)
 
 
+def tiny_llava_onevision(path: str | Path, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+                         kv_heads: int = 2, image_size: int = 56, seed: int = 0) -> Path:
+    """A tiny LLaVA-OneVision (SigLIP tower, Qwen2 LM, anyres up to 2x2 tiles) checkpoint directory."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessorPil)
+
+    tok = word_tokenizer(special_tokens=LLAVA_SPECIALS, chat_template=LLAVA_CHAT_TEMPLATE,
+                         eos_token="<|im_end|>", pad_token="<pad>")
+    text = _text_config(len(tok), hidden, layers, heads, kv_heads, model_type="qwen2",
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=image_size, patch_size=14)
+    pinpoints = [[image_size * a, image_size * b] for a in (1, 2) for b in (1, 2)]
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    proc = LlavaOnevisionImageProcessorPil(size={"height": image_size, "width": image_size},
+                                           image_grid_pinpoints=pinpoints)
+    return _save(path, model, tok, proc)
+
+
+def tiny_llava(path: str | Path, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+               image_size: int = 112, seed: int = 0) -> Path:
+    """A tiny LLaVA-1.5 / VILA-style checkpoint (CLIP tower, Llama LM, fixed tokens per image)."""
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration
+
+    tok = word_tokenizer(special_tokens=LLAVA_SPECIALS, chat_template=LLAVA_CHAT_TEMPLATE,
+                         eos_token="</s>", pad_token="<pad>")
+    text = _text_config(len(tok), hidden, layers, heads, kv_heads, model_type="llama",
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=image_size, patch_size=14, projection_dim=32)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         image_seq_length=(image_size // 14) ** 2, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    proc = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                 crop_size={"height": image_size, "width": image_size})
+    return _save(path, model, tok, proc)
+
+
 def _save(path: str | Path, model, tok, image_processor) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

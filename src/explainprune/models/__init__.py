@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from explainprune.models.base import VLM, GenerationResult, Prompt
+from explainprune.models.llava import Llava
+from explainprune.models.llava_onevision import LlavaOnevision
 from explainprune.models.qwen2_vl import Qwen2VL
 
-ADAPTERS: tuple[type[VLM], ...] = (Qwen2VL,)
+ADAPTERS: tuple[type[VLM], ...] = (Qwen2VL, LlavaOnevision, Llava)
 DEMO_PATH = Path(__file__).resolve().parent.parent / "assets" / "demo"
 
 

@@ -84,6 +84,7 @@ class GenerationResult:
     token_ids: list[int]
     prompt_tokens: int
     visual_tokens: int
+    logits: Tensor | None = field(default=None, repr=False)  # [new tokens, vocab] when output_logits=True
 
 
 def pad_left(prompts: list[Prompt], keeps: list[Tensor | None]) -> tuple[Tensor, Tensor, Tensor]:
@@ -219,19 +220,23 @@ class VLM:
             raise ValueError(f"got {len(prompts)} prompts but {len(keeps)} keep entries")
         embeds, mask, pos = pad_left(prompts, keeps)
         dev = self.device
-        options = {"do_sample": False, "pad_token_id": self.pad_token_id, "eos_token_id": self.eos_token_id,
+        options = {"do_sample": False, "pad_token_id": self.pad_token_id, "eos_token_id": self.eos_token_ids,
                    **generate_kwargs}
+        if options.get("output_logits"):
+            options["return_dict_in_generate"] = True
         out = self.model.generate(inputs_embeds=embeds.to(dev), attention_mask=mask.to(dev),
                                   position_ids=pos.to(dev), max_new_tokens=max_new_tokens, **options)
         sequences = out.sequences if hasattr(out, "sequences") else out
+        step_logits = getattr(out, "logits", None)
         results = []
         for b in range(len(prompts)):
             ids = sequences[b].tolist()
             ids = _cut_at_eos(ids, self.eos_token_ids)
+            logits = torch.stack([s[b] for s in step_logits])[: len(ids)].cpu() if step_logits else None
             results.append(GenerationResult(
                 text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(), token_ids=ids,
                 prompt_tokens=int(mask[b].sum()), visual_tokens=len(prompts[b].kept_positions(keeps[b]))
-                - (prompts[b].length - prompts[b].num_visual)))
+                - (prompts[b].length - prompts[b].num_visual), logits=logits))
         return results[0] if single else results
 
     @property
@@ -240,10 +245,6 @@ class VLM:
         if eos is None:
             eos = self.tokenizer.eos_token_id
         return list(eos) if isinstance(eos, (list, tuple)) else [eos]
-
-    @property
-    def eos_token_id(self) -> list[int]:
-        return self.eos_token_ids
 
     @property
     def pad_token_id(self) -> int:
