@@ -1,0 +1,200 @@
+"""f_θ: the explainability-based compressor (paper Section 3.3, Eq. 2), the only learned module.
+
+A fully convolutional 1-D network maps the first-layer instruction->visual attention A_v^0 [H, N_v] to a
+probability distribution over the N_v visual tokens (R̃_v = f_θ(A_v^0), Eq. 2). As in Section 4.1: five
+depthwise-separable layers (depthwise conv, kernel 3, then pointwise conv) with 32, 64, 128, 256, 512
+channels, an activation after each, a final pointwise conv to one channel and a softmax over the tokens.
+
+Padded batches: ``mask`` [B, N] (True = real token). Padding is zeroed before every convolution, so a
+real token sees exactly the zeros it would see at the sequence end alone (the convs pad with zeros), and
+padding gets zero probability. A sample gives the same output alone or inside a padded batch.
+
+Saved as ``config.json`` (options + the fingerprint of the model it was trained for) and
+``model.safetensors``; loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+FORMAT = "explainprune-compressor"
+FINGERPRINT_KEYS = ("model_type", "num_hidden_layers", "num_attention_heads", "hidden_size")
+NORMALIZERS = ("mean", "none")
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+@dataclass(frozen=True)
+class CompressorConfig:
+    """Options of f_θ.
+
+    in_channels:   heads H of A_v^0 (ignored when ``average_heads``: then one channel)
+    average_heads: average A_v^0 over heads first (input [1, N_v], works for any H)
+    normalize:     "mean" divides each channel by its mean over the real tokens (scale-free input, so
+                   longer inputs, whose attention values are smaller, look alike); "none" feeds it raw
+    fingerprint:   the model it was trained for (``VLM.fingerprint()``), or empty for "any"
+    """
+
+    in_channels: int = 1
+    channels: tuple[int, ...] = (32, 64, 128, 256, 512)
+    kernel_size: int = 3
+    activation: str = "relu"
+    average_heads: bool = False
+    normalize: str = "mean"
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if self.kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd (same-length output); got {self.kernel_size}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; available: {', '.join(ACTIVATIONS)}")
+        if self.normalize not in NORMALIZERS:
+            raise ValueError(f"unknown normalize {self.normalize!r}; available: {', '.join(NORMALIZERS)}")
+        if self.in_channels < 1 or not self.channels:
+            raise ValueError("in_channels must be >= 1 and channels non-empty")
+
+    @property
+    def input_channels(self) -> int:
+        return 1 if self.average_heads else self.in_channels
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+
+class SeparableConv1d(nn.Module):
+    """Depthwise conv (kernel k, 'same' zero padding) then pointwise conv: [B, C_in, N] -> [B, C_out, N]."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int = 3):
+        super().__init__()
+        self.depthwise = nn.Conv1d(c_in, c_in, kernel_size, padding=kernel_size // 2, groups=c_in)
+        self.pointwise = nn.Conv1d(c_in, c_out, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pointwise(self.depthwise(x))
+
+
+class Compressor(nn.Module):
+    """f_θ (Eq. 2): ``f(A)``, A [H, N_v] -> probs [N_v], or A [B, H, N_v] (+ mask [B, N_v]) -> [B, N_v]."""
+
+    def __init__(self, config: CompressorConfig | None = None, **options: Any):
+        super().__init__()
+        self.config = config if config is not None else CompressorConfig(**options)
+        c = self.config
+        act = ACTIVATIONS[c.activation]
+        widths = (c.input_channels, *c.channels)
+        pairs = zip(widths[:-1], widths[1:], strict=True)
+        self.layers = nn.ModuleList(SeparableConv1d(a, b, c.kernel_size) for a, b in pairs)
+        self.act = act()
+        self.head = nn.Conv1d(widths[-1], 1, 1)
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def _prepare(self, attention: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, bool]:
+        """Checks shapes; returns x [B, C, N] (float, normalised, padding zeroed), mask [B, N], single."""
+        a = torch.as_tensor(attention)
+        single = a.dim() == 2
+        if single:
+            a = a.unsqueeze(0)
+        if a.dim() != 3:
+            raise ValueError(f"attention must be [H, N_v] or [B, H, N_v]; got shape {tuple(a.shape)}")
+        p = next(self.parameters())
+        a = a.to(device=p.device, dtype=p.dtype)
+        b, h, n = a.shape
+        if mask is None:
+            mask = torch.ones(b, n, dtype=torch.bool, device=a.device)
+        else:
+            mask = torch.as_tensor(mask, device=a.device).bool()
+            mask = mask.unsqueeze(0) if mask.dim() == 1 else mask
+            if mask.shape != (b, n):
+                raise ValueError(f"mask must be [B, N_v] = {(b, n)}; got {tuple(mask.shape)}")
+        if n == 0:
+            raise ValueError("attention has no visual tokens (N_v = 0)")
+        if self.config.average_heads:
+            a = a.mean(1, keepdim=True)
+        elif h != self.config.in_channels:
+            raise ValueError(
+                f"this compressor takes A_v^0 with {self.config.in_channels} heads; got {h}. It was trained "
+                f"for another model (fingerprint {self.config.fingerprint or 'unset'})")
+        m = mask.unsqueeze(1).to(a.dtype)
+        a = a * m
+        if self.config.normalize == "mean":
+            count = m.sum(-1, keepdim=True).clamp(min=1)
+            a = a / (a.sum(-1, keepdim=True) / count).clamp(min=1e-12)
+        return a, mask, single
+
+    def logits(self, attention: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Unnormalised scores [B, N_v] (padding = -inf); same leading shape rules as ``forward``."""
+        x, mask, single = self._prepare(attention, mask)
+        m = mask.unsqueeze(1).to(x.dtype)
+        for layer in self.layers:
+            x = self.act(layer(x * m)) * m  # padding zeroed before each depthwise conv
+        z = self.head(x).squeeze(1).masked_fill(~mask, float("-inf"))
+        return z.squeeze(0) if single else z
+
+    def log_probs(self, attention: Tensor, mask: Tensor | None = None) -> Tensor:
+        """log f_θ(A): log-softmax over the visual tokens (padding = -inf)."""
+        return torch.log_softmax(self.logits(attention, mask), dim=-1)
+
+    def forward(self, attention: Tensor, mask: Tensor | None = None) -> Tensor:
+        """R̃_v = f_θ(A_v^0) (Eq. 2): probabilities over the visual tokens, 0 on padding."""
+        return torch.softmax(self.logits(attention, mask), dim=-1)
+
+    # -- compatibility ---------------------------------------------------------------------------------
+    def check_compatible(self, vlm_or_fingerprint: Any) -> None:
+        """Raise ValueError if this compressor was trained for another model than ``vlm`` (or fingerprint)."""
+        fp = vlm_or_fingerprint
+        if hasattr(fp, "fingerprint") and callable(fp.fingerprint):
+            fp = fp.fingerprint()
+        mine = self.config.fingerprint
+        if not mine:
+            return
+        diff = {k: (mine.get(k), fp.get(k)) for k in FINGERPRINT_KEYS if mine.get(k) != fp.get(k)}
+        if diff:
+            detail = ", ".join(f"{k}: trained for {a!r}, given {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"this compressor was trained for another model ({detail}); f_θ is specific "
+                             "to one MLLM (Section 3.3): label and train one for this model")
+
+    # -- persistence -----------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory`` (atomically, file by file)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = d / f".model.safetensors.tmp-{os.getpid()}"
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        os.replace(tmp, d / "model.safetensors")
+        write_json_atomic(d / "config.json", {"format": FORMAT, "version": 1, **self.config.to_json()})
+        return d
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Compressor:
+        """Load a compressor written by ``save_pretrained`` (JSON + safetensors; nothing is unpickled)."""
+        d = Path(directory)
+        cfg_file, weights = d / "config.json", d / "model.safetensors"
+        if not cfg_file.is_file() or not weights.is_file():
+            raise FileNotFoundError(f"no compressor at {d} (expected config.json and model.safetensors)")
+        raw = json.loads(cfg_file.read_text())
+        if raw.pop("format", None) != FORMAT:
+            raise ValueError(f"{cfg_file} is not an explainprune compressor config")
+        raw.pop("version", None)
+        known = CompressorConfig.__dataclass_fields__
+        model = cls(CompressorConfig(**{k: v for k, v in raw.items() if k in known}))
+        model.load_state_dict(load_file(str(weights), device=str(map_location)))
+        return model.to(map_location).eval()
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temp file and a rename (readers never see half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
