@@ -79,8 +79,11 @@ def tiny_qwen2_vl(
 def tiny_llava_onevision(path: str | Path, *, hidden: int = 64, layers: int = 2, heads: int = 4,
                          kv_heads: int = 2, image_size: int = 56, seed: int = 0) -> Path:
     """A tiny LLaVA-OneVision (SigLIP tower, Qwen2 LM, anyres up to 2x2 tiles) checkpoint directory."""
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                              LlavaOnevisionImageProcessorPil)
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+    )
 
     tok = word_tokenizer(special_tokens=LLAVA_SPECIALS, chat_template=LLAVA_CHAT_TEMPLATE,
                          eos_token="<|im_end|>", pad_token="<pad>")

@@ -137,7 +137,7 @@ class LlavaOnevision(VLM):
             return torch.cat([base, torch.tensor([[frame0, -1, -1]])])[:count]
         nh, nw = get_anyres_image_grid_shape(image_size.tolist(), self.config.image_grid_pinpoints, vc.image_size)
         h, w = unpad_image(torch.zeros(1, nh * side, nw * side), image_size).shape[1:]
-        max_patches = int(self.config.vision_aspect_ratio.strip("anyres_max_"))
+        max_patches = int(self.config.vision_aspect_ratio.removeprefix("anyres_max_"))
         ratio = math.sqrt(h * w / (max_patches * side**2))
         if ratio > 1.1:
             h, w = int(h // ratio), int(w // ratio)

@@ -37,7 +37,8 @@ def select(scores: Tensor, ratio: float, num_visual: int | None = None) -> Tenso
     if num_visual is not None and n != num_visual:
         raise ValueError(f"scores has {n} entries but the prompt has {num_visual} visual tokens")
     if torch.isnan(scores).any():
-        raise ValueError(f"scores contain NaN at visual tokens {torch.nonzero(torch.isnan(scores)).flatten()[:8].tolist()}")
+        where = torch.nonzero(torch.isnan(scores)).flatten()[:8].tolist()
+        raise ValueError(f"scores contain NaN (at visual tokens {where}); scores must be finite numbers")
     k = max(1, math.ceil(float(ratio) * n - 1e-9))
     top = torch.topk(scores.float(), k, sorted=False).indices
     return torch.sort(top).values
