@@ -1,0 +1,428 @@
+"""Label datasets for f_θ: per correctly answered sample, A_v^0 [H, N_v], R_v [N_v] and metadata.
+
+Section 3.3 / Appendix B: the model answers each sample; wrong answers are counted and skipped, and for
+the rest the relevance R_v (Eq. 1) and the first-layer attention A_v^0 are stored.
+
+Layout of ``out/`` (readable with pyarrow / pandas / ``datasets``):
+  run.json                 what is being labelled (source, model fingerprint, labeler options)
+  shards/NNNNN.parquet     samples [N*shard_size, (N+1)*shard_size) of the source; list columns for
+                           variable N_v; the shard's skipped ids in its schema metadata
+  index.json               written when every shard exists: shards, counts, run record
+
+Resumable and parallel by construction: a shard is written atomically (temp file + rename) and depends
+only on the source, the model and the shard number. A rerun skips the shards that exist; under torchrun
+(RANK / WORLD_SIZE) rank r takes shards r, r+K, r+2K, ... so K ranks write exactly the files one process
+would. Killing at any moment loses at most the shard in progress, which the rerun redoes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from explainprune.compressor import write_json_atomic
+
+FORMAT = "explainprune-labels"
+META_KEY = b"explainprune"
+
+
+@dataclass
+class LabelSample:
+    """One input to label. ``region``: ground-truth (frame, row, col) cells on the visual-token grid."""
+
+    id: str
+    question: str
+    answer: str
+    images: Any = None
+    video: Any = None
+    region: list[tuple[int, int, int]] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class SampleSource(Protocol):
+    """A deterministic, indexable sample set (same index, same sample)."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int) -> LabelSample: ...
+    def describe(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class LabelOutput:
+    """What a labeler returns for one sample: the model's answer, and A_v^0 / R_v when it is correct."""
+
+    answer: str
+    answer_ids: list[int]
+    correct: bool
+    attention: Tensor | None = None  # [H, N_v]
+    relevance: Tensor | None = None  # [N_v]
+
+
+Labeler = Callable[[Any, Any, LabelSample], LabelOutput]  # (vlm, prompt, sample) -> LabelOutput
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """Options of a labelling run. ``shard_size`` samples per file (the unit of resumption)."""
+
+    shard_size: int = 64
+    rule: str = "grad"
+    clamp: bool = True
+    max_new_tokens: int = 8
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LabelReport:
+    """Outcome of one (rank's) labelling run; ``labeled`` / ``skipped_wrong`` count this run's shards."""
+
+    out: str
+    samples: int
+    labeled: int
+    skipped_wrong: int
+    shards_written: int
+    shards_reused: int
+    seconds: float
+    complete: bool
+    rank: int = 0
+    world_size: int = 1
+    totals: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- answers ---------------------------------------------------------------------------------------------
+def normalize_answer(text: str) -> str:
+    """Lower-case, trim, collapse spaces, drop trailing punctuation: "  Seven. " -> "seven"."""
+    return " ".join(str(text).lower().split()).rstrip(".!?").strip()
+
+
+def answers_match(prediction: str, reference: str | Sequence[str]) -> bool:
+    refs = [reference] if isinstance(reference, str) else list(reference)
+    return any(normalize_answer(prediction) == normalize_answer(r) for r in refs)
+
+
+def default_labeler(rule: str = "grad", clamp: bool = True, max_new_tokens: int = 8) -> Labeler:
+    """Greedy answer; if it matches the reference, R_v (Eq. 1, for the answer tokens) and A_v^0."""
+    from explainprune.attention import first_layer_attention
+    from explainprune.relevance import relevance
+
+    def labeler(vlm: Any, prompt: Any, sample: LabelSample) -> LabelOutput:
+        gen = vlm.generate(prompt, max_new_tokens=max_new_tokens)
+        ids = [t for t in gen.token_ids if t not in vlm.eos_token_ids]
+        if not ids or not answers_match(gen.text, sample.answer):
+            return LabelOutput(gen.text, ids, False)
+        rel = relevance(vlm, prompt, answer=ids, rule=rule, clamp=clamp)
+        att = first_layer_attention(vlm, prompt)
+        return LabelOutput(gen.text, ids, True, att.detach().float().cpu(), rel.scores.detach().float().cpu())
+
+    return labeler
+
+
+def region_indices(region: Sequence[Sequence[int]] | None, visual_grid: Tensor) -> list[int] | None:
+    """Visual-token indices whose (frame, row, col) in ``visual_grid`` [N_v, 3] is a ``region`` cell."""
+    if region is None:
+        return None
+    cells = {tuple(int(v) for v in cell) for cell in region}
+    return [i for i, cell in enumerate(visual_grid.tolist()) if tuple(cell) in cells]
+
+
+# -- storage ---------------------------------------------------------------------------------------------
+SCHEMA = pa.schema([
+    ("id", pa.string()), ("index", pa.int64()), ("task", pa.string()), ("kind", pa.string()),
+    ("question", pa.string()), ("reference", pa.string()), ("answer", pa.string()),
+    ("answer_ids", pa.list_(pa.int64())), ("num_heads", pa.int32()), ("num_visual", pa.int32()),
+    ("grid_shape", pa.list_(pa.int32())), ("visual_grid", pa.list_(pa.list_(pa.int32()))),
+    ("attention", pa.list_(pa.list_(pa.float32()))), ("relevance", pa.list_(pa.float32())),
+    ("region", pa.list_(pa.int32())), ("model", pa.string()), ("meta", pa.string()),
+])
+
+
+def shard_path(out: str | Path, shard: int) -> Path:
+    return Path(out) / "shards" / f"{shard:05d}.parquet"
+
+
+def write_shard(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """Write one shard atomically: temp file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = {name: [r[name] for r in rows] for name in SCHEMA.names}
+    table = pa.table(columns, schema=SCHEMA.with_metadata({META_KEY: json.dumps(meta, sort_keys=True)}))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def shard_meta(path: Path) -> dict[str, Any]:
+    return json.loads(pq.read_schema(path).metadata[META_KEY])
+
+
+def read_table(out: str | Path) -> pa.Table:
+    """All labelled rows, in source order (requires a complete dataset: ``index.json``)."""
+    index = read_index(out)
+    tables = [pq.read_table(Path(out) / s["file"]) for s in index["shards"]]
+    return pa.concat_tables(tables).replace_schema_metadata(None) if tables else SCHEMA.empty_table()
+
+
+def read_index(out: str | Path) -> dict[str, Any]:
+    path = Path(out) / "index.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no complete label set at {out} (index.json missing: rerun `explainprune "
+                                "label` with the same arguments to finish it)")
+    return json.loads(path.read_text())
+
+
+@dataclass
+class LabelRecord:
+    """One stored sample, as tensors: attention [H, N_v], relevance [N_v], region (indices) or None."""
+
+    id: str
+    kind: str
+    attention: Tensor
+    relevance: Tensor
+    visual_grid: Tensor
+    region: list[int] | None
+
+
+def load_records(out: str | Path) -> list[LabelRecord]:
+    t = read_table(out).to_pydict()
+    return [LabelRecord(t["id"][i], t["kind"][i], torch.tensor(t["attention"][i], dtype=torch.float32),
+                        torch.tensor(t["relevance"][i], dtype=torch.float32),
+                        torch.tensor(t["visual_grid"][i], dtype=torch.long).reshape(-1, 3), t["region"][i])
+            for i in range(len(t["id"]))]
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) from the torchrun / accelerate environment (0, 1 when absent)."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside 0..WORLD_SIZE-1={world - 1}")
+    return rank, world
+
+
+def _run_record(source: SampleSource, config: LabelConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    return {"format": FORMAT, "version": 1, "source": source.describe(), "samples": len(source),
+            "config": config.to_json(), "fingerprint": fingerprint}
+
+
+def _check_run(out: Path, record: dict[str, Any]) -> None:
+    path = out / "run.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != record:
+            diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
+            raise ValueError(f"{out} holds labels of a different run (differs in {', '.join(diff)}); rerun the "
+                             "same command to resume it, or choose another --out")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, record)
+
+
+def _row(index: int, sample: LabelSample, prompt: Any, res: LabelOutput, task: str, model: str) -> dict:
+    att, rel = res.attention, res.relevance
+    n = int(prompt.num_visual)
+    if att is None or rel is None or tuple(att.shape)[-1] != n or tuple(rel.shape) != (n,):
+        shapes = [None if t is None else tuple(t.shape) for t in (att, rel)]
+        raise ValueError(f"sample {sample.id}: the labeler returned attention {shapes[0]} and relevance "
+                         f"{shapes[1]} for {n} visual tokens")
+    return {"id": sample.id, "index": index, "task": task, "kind": str(sample.meta.get("kind", "")),
+            "question": sample.question, "reference": sample.answer, "answer": res.answer,
+            "answer_ids": [int(t) for t in res.answer_ids], "num_heads": int(att.shape[0]), "num_visual": n,
+            "grid_shape": list(prompt.grid_shape), "visual_grid": prompt.visual_grid.tolist(),
+            "attention": att.float().tolist(), "relevance": rel.float().tolist(),
+            "region": region_indices(sample.region, prompt.visual_grid), "model": model,
+            "meta": json.dumps(sample.meta, sort_keys=True, default=str)}
+
+
+def finalize(out: str | Path) -> dict[str, Any] | None:
+    """Write ``index.json`` if every shard exists; returns the index (None while shards are missing)."""
+    out = Path(out)
+    record = json.loads((out / "run.json").read_text())
+    n_shards = -(-record["samples"] // record["config"]["shard_size"])
+    paths = [shard_path(out, s) for s in range(n_shards)]
+    if not all(p.is_file() for p in paths):
+        return None
+    shards, labeled, skipped = [], 0, 0
+    for p in paths:
+        m = shard_meta(p)
+        shards.append({"file": str(p.relative_to(out)), "rows": m["labeled"], "skipped": len(m["skipped"]),
+                       "start": m["start"], "stop": m["stop"]})
+        labeled, skipped = labeled + m["labeled"], skipped + len(m["skipped"])
+    index = {**record, "shards": shards,
+             "counts": {"samples": record["samples"], "labeled": labeled, "skipped_wrong": skipped}}
+    write_json_atomic(out / "index.json", index)
+    return index
+
+
+def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig = LabelConfig(),
+          labeler: Labeler | None = None, progress: bool = True) -> LabelReport:
+    """Label ``source`` with ``vlm`` into ``out`` (resumable; this rank's share under torchrun).
+
+    ``labeler(vlm, prompt, sample) -> LabelOutput`` defaults to ``default_labeler`` (greedy answer,
+    Eq. 1 relevance, first-layer attention). Returns this rank's report; rank 0's carries the totals.
+    """
+    from tqdm.auto import tqdm
+
+    if config.shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1; got {config.shard_size}")
+    out = Path(out)
+    rank, world = dist_info()
+    created = _init_dist(world)
+    group = created or (world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized())
+    fingerprint = vlm.fingerprint()
+    _check_run(out, _run_record(source, config, fingerprint))
+    if labeler is None:
+        labeler = default_labeler(config.rule, config.clamp, config.max_new_tokens)
+    task = str(source.describe().get("task", "custom"))
+    model = json.dumps(fingerprint, sort_keys=True)
+    n, size = len(source), config.shard_size
+    mine = list(range(rank, -(-n // size), world))
+    todo = [s for s in mine if not shard_path(out, s).is_file()]
+    total_mine = sum(min(n, (s + 1) * size) - s * size for s in todo)
+    started, labeled, skipped = time.perf_counter(), 0, 0
+    bar = tqdm(total=total_mine, unit="sample", disable=not progress or rank != 0,
+               desc=f"label {out.name}" + (f" (rank 0 of {world})" if world > 1 else ""))
+    for s in todo:
+        rows, wrong = [], []
+        start, stop = s * size, min(n, (s + 1) * size)
+        for i in range(start, stop):
+            sample = source[i]
+            prompt = vlm.prepare(images=sample.images, video=sample.video, question=sample.question)
+            res = labeler(vlm, prompt, sample)
+            if res.correct:
+                rows.append(_row(i, sample, prompt, res, task, model))
+            else:
+                wrong.append(sample.id)
+            bar.update(1)
+            bar.set_postfix(skipped=skipped + len(wrong), refresh=False)
+        write_shard(shard_path(out, s), rows, {"shard": s, "start": start, "stop": stop, "labeled": len(rows),
+                                               "skipped": wrong})
+        labeled, skipped = labeled + len(rows), skipped + len(wrong)
+    bar.close()
+    if group:
+        torch.distributed.barrier()
+    index = finalize(out) if (rank == 0 or not group) else None
+    if group:
+        torch.distributed.barrier()
+    if created:
+        torch.distributed.destroy_process_group()
+    return LabelReport(str(out), n, labeled, skipped, len(todo), len(mine) - len(todo),
+                       round(time.perf_counter() - started, 3), (out / "index.json").is_file(), rank, world,
+                       dict(index["counts"]) if index else {})
+
+
+def _init_dist(world: int) -> bool:
+    """Join the torchrun process group (gloo) when launched with several ranks; True if this created it."""
+    if world <= 1 or "MASTER_ADDR" not in os.environ or not torch.distributed.is_available():
+        return False
+    if torch.distributed.is_initialized():
+        return False
+    torch.distributed.init_process_group("gloo")
+    return True
+
+
+# -- sources ---------------------------------------------------------------------------------------------
+class DigitsSource:
+    """The built-in digits task (``explainprune.tasks.digits``) as a label source."""
+
+    def __init__(self, split: str = "train", seed: int = 0, n: int = 2000, **options: Any):
+        from explainprune.tasks.digits import DigitsTask
+
+        self.options = {"split": split, "seed": seed, "n": n, **options}
+        self.task = DigitsTask(split=split, seed=seed, n=n, **options)
+
+    def __len__(self) -> int:
+        return len(self.task)
+
+    def __getitem__(self, i: int) -> LabelSample:
+        s = self.task.sample(i)
+        return LabelSample(s.id, s.question, s.answer, images=s.image, video=s.video,
+                           region=[tuple(c) for c in s.region], meta={"kind": s.kind})
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": "digits", **{k: list(v) if isinstance(v, tuple) else v for k, v in self.options.items()}}
+
+
+class ManifestSource:
+    """A JSONL manifest, one sample a line: ``question``, ``answer`` and ``image`` (path), ``images`` (paths)
+    or ``video`` (frame paths, or one video file, ``max_frames`` frames sampled evenly); optional ``id``,
+    ``region`` ([[frame, row, col], ...] token cells) and ``kind``. Paths are relative to the manifest.
+    (``DigitsTask.export`` writes this format.)"""
+
+    def __init__(self, path: str | Path, limit: int | None = None, max_frames: int = 8):
+        self.path = Path(path)
+        if self.path.is_dir():
+            self.path = self.path / "manifest.jsonl"
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no manifest at {path}")
+        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+        self.records = []
+        for k, line in enumerate(lines[:limit]):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{self.path}:{k + 1}: not JSON ({err})") from None
+            missing = [f for f in ("question", "answer") if f not in rec]
+            if missing or not any(f in rec for f in ("image", "images", "video")):
+                raise ValueError(f"{self.path}:{k + 1}: needs question, answer and image/images/video "
+                                 f"(missing: {', '.join(missing) or 'media'})")
+            self.records.append(rec)
+        self.limit, self.max_frames = limit, max_frames
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _open(self, rel: str) -> Any:
+        from PIL import Image
+
+        return Image.open(self.path.parent / rel).convert("RGB")
+
+    def __getitem__(self, i: int) -> LabelSample:
+        rec = self.records[i]
+        images = video = None
+        if "image" in rec:
+            images = self._open(rec["image"])
+        elif "images" in rec:
+            images = [self._open(p) for p in rec["images"]]
+        elif isinstance(rec["video"], str):
+            video = read_video(self.path.parent / rec["video"], self.max_frames)
+        else:
+            video = [self._open(p) for p in rec["video"]]
+        region = [tuple(c) for c in rec["region"]] if rec.get("region") is not None else None
+        meta = {k: v for k, v in rec.items() if k in ("kind",)}
+        return LabelSample(str(rec.get("id", i)), rec["question"], rec["answer"], images=images, video=video,
+                           region=region, meta=meta)
+
+    def describe(self) -> dict[str, Any]:
+        import hashlib
+
+        digest = hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+        return {"task": "manifest", "manifest": str(self.path.resolve()), "sha256": digest, "limit": self.limit,
+                "max_frames": self.max_frames}
+
+
+def read_video(path: str | Path, max_frames: int = 8) -> list[Any]:
+    """Up to ``max_frames`` evenly spaced RGB frames of a video file (needs PyAV: ``pip install av``)."""
+    try:
+        import av
+    except ImportError:
+        raise ValueError(f"reading {path} needs PyAV (pip install 'explainprune[video]')") from None
+    with av.open(str(path)) as container:
+        frames = [f.to_image() for f in container.decode(video=0)]
+    if not frames:
+        raise ValueError(f"{path} holds no video frames")
+    step = max(1, len(frames) / max_frames)
+    return [frames[int(k * step)] for k in range(min(max_frames, len(frames)))]
