@@ -1,0 +1,133 @@
+"""FastV equals a literal reference: full sequence, no cache, dropped tokens masked from layer K on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import explainprune
+from explainprune.pruning.base import select
+from explainprune.pruning.fastv import FastV, FastVResult, fastv_hooks
+from explainprune.testing import build_tiny, random_image
+
+QUESTION = "what digit is in row 2 column 3 ?"
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """family -> (sdpa VLM, eager VLM) of a 4-layer tiny model (FastV needs K < layers)."""
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            path = build_tiny(family, tmp_path_factory.mktemp(f"{family}-deep"), layers=4)
+            cache[family] = (explainprune.load(path), explainprune.load(path, attn_implementation="eager"))
+        return cache[family]
+
+    return get
+
+
+@torch.no_grad()
+def reference(eager, prompt, layer: int, ratio: float, steps: int):
+    """Eager attentions rank the tokens; then greedy decode re-running the FULL sequence each step, with
+    per-layer 4-D masks that hide the dropped visual tokens from layer ``layer`` on. Returns
+    (scores [N_v], keep, logits [steps, vocab])."""
+    lm, model = eager.language_model, eager.model
+    out = model(inputs_embeds=prompt.inputs_embeds, position_ids=prompt.position_ids,
+                attention_mask=prompt.attention_mask, output_attentions=True, use_cache=False)
+    scores = out.attentions[layer - 1][0, :, -1].mean(0)[prompt.visual_pos]
+    keep = select(scores, ratio)
+    dropped = torch.ones(prompt.num_visual, dtype=torch.bool)
+    dropped[keep] = False
+    dropped_cols = prompt.visual_pos[dropped]
+    embeds, pos = prompt.inputs_embeds, prompt.position_ids
+    table = model.get_input_embeddings()
+    neg = torch.finfo(embeds.dtype).min
+    logits = []
+    for _ in range(steps):
+        n = embeds.shape[1]
+        causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+        pruned = causal.clone()
+        pruned[:, dropped_cols] = False
+        masks = [torch.zeros(1, 1, n, n).masked_fill(~m, neg) for m in (causal, pruned)]
+        rope = lm.rotary_emb(embeds, pos)
+        h = embeds
+        for i, decoder_layer in enumerate(lm.layers):
+            h = decoder_layer(h, attention_mask=masks[int(i >= layer)], position_embeddings=rope)
+        last = model.lm_head(lm.norm(h))[0, -1]
+        logits.append(last)
+        embeds = torch.cat([embeds, table(last.argmax().view(1, 1))], 1)
+        pos = torch.cat([pos, pos[..., -1:] + 1], -1)
+    return scores, keep, torch.stack(logits)
+
+
+@pytest.mark.parametrize("layer,ratio", [(2, 0.25), (1, 0.5)])
+def test_fastv_equals_masked_reference(deep, family, layer, ratio):
+    vlm, eager = deep(family)
+    p = vlm.prepare(images=random_image(0), question=QUESTION)
+    out = FastV(layer=layer).generate(vlm, p, ratio, max_new_tokens=5, output_logits=True)
+    assert isinstance(out, FastVResult)
+    scores, keep, ref = reference(eager, p, layer, ratio, len(out.token_ids))
+    torch.testing.assert_close(FastV(layer=layer).score(vlm, p), scores, atol=1e-6, rtol=1e-4)
+    assert out.keep.tolist() == keep.tolist()
+    torch.testing.assert_close(out.logits, ref, atol=1e-4, rtol=0)
+    assert out.token_ids == ref.argmax(-1).tolist()
+    kept_len = p.length - p.num_visual + len(keep)
+    assert out.visual_tokens == len(keep) and out.prompt_tokens == kept_len
+    assert out.layer_tokens == [p.length] * layer + [kept_len] * (4 - layer)
+
+
+def test_fastv_video_and_cache_lengths(deep, frames):
+    vlm, eager = deep("qwen2_vl")
+    p = vlm.prepare(video=frames, question="in frame 2 what digit is in row 1 column 2 ?")
+    seen = {}
+
+    def after(module, args, output):  # the first call is the prefill
+        seen.setdefault("cache", [lay.keys.shape[-2] for lay in output.past_key_values.layers])
+
+    handle = vlm.model.register_forward_hook(after)
+    try:
+        out = get_fastv(3).generate(vlm, p, 0.1, max_new_tokens=4, output_logits=True)
+    finally:
+        handle.remove()
+    _, keep, ref = reference(eager, p, 3, 0.1, len(out.token_ids))
+    assert out.keep.tolist() == keep.tolist()
+    torch.testing.assert_close(out.logits, ref, atol=1e-4, rtol=0)
+    kept_len = p.length - p.num_visual + len(keep)
+    assert seen["cache"] == [p.length] * 3 + [kept_len]  # the KV cache of layers >= K is pruned too
+
+
+def get_fastv(layer: int) -> FastV:
+    pruner = explainprune.get_pruner("fastv", layer=layer)
+    assert isinstance(pruner, FastV) and pruner.layer == layer and pruner.name == "fastv"
+    return pruner
+
+
+def test_full_ratio_equals_vanilla_and_default_layer(deep):
+    vlm, _ = deep("llava")
+    p = vlm.prepare(images=random_image(1), question=QUESTION)
+    assert FastV().layer == 2
+    out = FastV().generate(vlm, p, 1.0, max_new_tokens=4, output_logits=True)
+    base = vlm.generate(p, max_new_tokens=4, output_logits=True)
+    assert out.token_ids == base.token_ids
+    torch.testing.assert_close(out.logits, base.logits, atol=1e-5, rtol=0)
+    assert FastV().keep(vlm, p, 0.5).tolist() == select(FastV().score(vlm, p), 0.5).tolist()
+
+
+def test_hooks_removed_after_errors(deep):
+    vlm, _ = deep("qwen2_vl")
+    p = vlm.prepare(images=random_image(2), question=QUESTION)
+    modules = list(vlm.model.modules())
+
+    def counts():
+        return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in modules)
+
+    before = counts()
+    with pytest.raises(RuntimeError, match="boom"), fastv_hooks(vlm, p, 0.5, 2):
+        raise RuntimeError("boom")
+    with pytest.raises(ValueError, match="1..3"):
+        FastV(layer=4).generate(vlm, p, 0.5)
+    with pytest.raises(ValueError, match="ratio"):
+        FastV(layer=2).generate(vlm, p, 0.0)
+    FastV(layer=2).keep(vlm, p, 0.5)
+    assert counts() == before
