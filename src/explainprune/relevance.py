@@ -1,0 +1,228 @@
+"""Relevance of each visual token to the model's answer: Eq. 1 of the paper (Section 3.2), made lean.
+
+Eq. 1 folds, for answer token y_t, R_t = I then R_t <- R_t + M_l R_t for l = 0 .. L-1 with
+M_l = E_h(A^l ⊙ ∇A^l) (``rule="grad"``; ``clamp`` keeps the positive part before the head mean) or
+M_l = E_h(A^l) (``rule="mean"``, Table 4's ablation). Only the row of the position p_t that predicts
+y_t is read, at the visual columns. That row is
+
+    e_p^T (I + M_{L-1}) ... (I + M_1)(I + M_0),
+
+so a row vector v = e_p folded v <- v + v M_l from the LAST layer down to the first gives it exactly:
+no n x n matrix R is ever built, and layer l is needed only when backward reaches it. The engine
+therefore runs one no-grad forward that stores each decoder layer's input, then walks down the layers:
+recompute layer l with eager attention (A^l captured by a hook), backpropagate the answer tokens'
+output gradients through that one layer (batched with ``is_grads_batched`` while they fit a memory
+budget), fold each token's row with A^l ⊙ ∇A^l, pass the input gradients on and free the layer. Peak
+memory is one layer's attention and its gradient, independent of the number of layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from explainprune.attention import _Stop, eager_attention, hooks
+from explainprune.models.base import VLM, Prompt
+
+RULES = ("grad", "mean")
+
+
+@dataclass
+class RelevanceResult:
+    """R_v for one prompt and answer.
+
+    scores        Tensor[N_v]     R_v: mean over answer tokens of each token's relevance row (Eq. 1)
+    token_scores  Tensor[T, N_v]  per answer token y_t
+    answer_ids    list[int]       the T answer tokens explained (teacher-forced)
+    maps          Tensor[T, n] or None  the whole relevance row of each token over the teacher-forced
+                                  sequence (prompt + answer[:-1]), with ``keep_maps=True``
+    """
+
+    scores: Tensor
+    token_scores: Tensor
+    answer_ids: list[int]
+    answer: str
+    rule: str
+    clamp: bool
+    maps: Tensor | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scores": self.scores.tolist(), "token_scores": self.token_scores.tolist(),
+                "answer_ids": list(self.answer_ids), "answer": self.answer, "rule": self.rule,
+                "clamp": self.clamp}
+
+
+def check_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise ValueError(f"unknown relevance rule {rule!r}; accepted: {', '.join(repr(r) for r in RULES)} "
+                         "('grad' = Eq. 1 gradient-weighted, 'mean' = plain head mean, Table 4)")
+    return rule
+
+
+def answer_ids(vlm: VLM, prompt: Prompt, answer: str | list[int] | Tensor | None = None,
+               max_new_tokens: int = 16) -> list[int]:
+    """Token ids of ``answer``: a string (tokenized, no special tokens), ids, or None (greedy generation).
+
+    A generated answer loses its trailing end-of-sequence tokens unless that would leave nothing.
+    """
+    if answer is None:
+        ids = list(vlm.generate(prompt, max_new_tokens=max_new_tokens).token_ids)
+        eos = set(vlm.eos_token_ids)
+        while len(ids) > 1 and ids[-1] in eos:
+            ids.pop()
+    elif isinstance(answer, str):
+        ids = vlm.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    else:
+        ids = [int(i) for i in torch.as_tensor(answer).flatten().tolist()]
+    if not ids:
+        raise ValueError(f"the answer {answer!r} has no tokens to explain")
+    return ids
+
+
+def teacher_forced(vlm: VLM, prompt: Prompt, ids: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The prompt followed by answer[:-1] as one sequence, and the row predicting each answer token.
+
+    Returns inputs_embeds [1, n, D], position_ids [3, 1, n] or [1, n] (answer tokens continue after the
+    prompt's last position, as generation does), attention_mask [1, n], rows LongTensor[T] (p_t = L-1+t).
+    """
+    dev = vlm.device
+    extra = torch.tensor([ids[:-1]], dtype=torch.long, device=dev)
+    embed = vlm.model.get_input_embeddings()
+    embeds = prompt.inputs_embeds.to(dev)
+    with torch.no_grad():
+        embeds = torch.cat([embeds, embed(extra).to(embeds.dtype)], 1)
+    pos = prompt.position_ids.to(dev)
+    steps = torch.arange(1, len(ids), device=dev)
+    pos = torch.cat([pos, pos[..., -1:] + steps], -1)
+    mask = torch.cat([prompt.attention_mask.to(dev), torch.ones_like(extra)], 1)
+    rows = torch.arange(len(ids)) + prompt.length - 1
+    return embeds, pos, mask, rows
+
+
+def _record(vlm: VLM, embeds: Tensor, pos: Tensor, mask: Tensor) -> tuple[list, Tensor]:
+    """One no-grad forward: each decoder layer's (args, kwargs) and the final hidden state before the norm."""
+    lm = vlm.language_model
+    inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    final: list[Tensor] = []
+
+    def grab(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        inputs.append((args, kwargs))
+
+    def stop(module: Any, args: tuple[Any, ...]) -> None:
+        final.append(args[0])
+        raise _Stop  # the LM head over all n positions is not needed
+
+    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in lm.layers]
+    handles.append(lm.norm.register_forward_pre_hook(stop))
+    with hooks(*handles), torch.no_grad():
+        try:
+            vlm.forward(embeds, pos, mask, use_cache=False)
+        except _Stop:
+            pass
+    if len(inputs) != len(lm.layers) or not final:  # pragma: no cover - defensive
+        raise RuntimeError("the forward did not pass through every decoder layer and the final norm")
+    return inputs, final[0]
+
+
+def _run_layer(layer: Any, hidden: Tensor, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
+    """Layer output [1, n, D] and its attention map A [1, H, n, n] (eager, captured from self_attn)."""
+    seen: list[Tensor] = []
+
+    def grab(module: Any, inp: Any, out: Any) -> None:
+        if not isinstance(out, tuple) or len(out) < 2 or out[1] is None:
+            raise RuntimeError("the attention layer returned no attention weights (is it eager?)")
+        seen.append(out[1])
+
+    with hooks(layer.self_attn.register_forward_hook(grab)):
+        out = layer(hidden, *args[1:], **kwargs) if args else layer(**{**kwargs, "hidden_states": hidden})
+    return (out[0] if isinstance(out, tuple) else out), seen[0]
+
+
+def _fold(v: Tensor, cam: Tensor) -> Tensor:
+    """One step of the reverse fold: v + v E_h(cam). v [T, n], cam [T or 1, H, n, n] -> [T, n]."""
+    return v + torch.matmul(v[:, None, None, :], cam).squeeze(2).mean(1)
+
+
+def relevance(vlm: VLM, prompt: Prompt, answer: str | list[int] | Tensor | None = None, rule: str = "grad",
+              clamp: bool = True, keep_maps: bool = False, max_new_tokens: int = 16,
+              batch_bytes: int = 256 * 2**20) -> RelevanceResult:
+    """R_v (Eq. 1, Section 3.2) of ``prompt``'s visual tokens for ``answer``.
+
+    answer: a string, token ids, or None (generate greedily, up to ``max_new_tokens``).
+    rule: "grad" (E_h(A ⊙ ∇A), the paper) or "mean" (E_h(A), Table 4). clamp: positive part of A ⊙ ∇A
+    before the head mean (True) or Eq. 1 as printed (False). batch_bytes bounds the memory of the
+    answer tokens' attention gradients backpropagated together (a batched vector-Jacobian product).
+    Returns a RelevanceResult with ``scores`` Tensor[N_v] (float32, on CPU).
+    """
+    check_rule(rule)
+    if prompt.num_visual == 0:
+        raise ValueError("the prompt has no visual tokens: give an image or a video")
+    ids = answer_ids(vlm, prompt, answer, max_new_tokens)
+    embeds, pos, mask, rows = teacher_forced(vlm, prompt, ids)
+    lm = vlm.language_model
+    n, t_count = embeds.shape[1], len(ids)
+    dev = embeds.device
+    v = torch.zeros(t_count, n, device=dev)
+    v[torch.arange(t_count), rows.to(dev)] = 1.0  # e_{p_t}^T
+
+    with eager_attention(vlm):
+        inputs, final = _record(vlm, embeds, pos, mask)
+        if rule == "grad":
+            grads = _output_grads(vlm, final, rows, ids)  # [T, 1, n, D]: d logit_t / d h_L
+        for layer_index in reversed(range(len(lm.layers))):
+            args, kwargs = inputs.pop()
+            hidden = args[0] if args else kwargs["hidden_states"]
+            layer = lm.layers[layer_index]
+            if rule == "mean":
+                with torch.no_grad():
+                    _, attn = _run_layer(layer, hidden, args, kwargs)
+                    v = _fold(v, attn.float())
+                del attn
+                continue
+            hidden = hidden.detach().requires_grad_(True)
+            with torch.enable_grad():
+                out, attn = _run_layer(layer, hidden, args, kwargs)
+            per_token = max(1, attn.numel() * attn.element_size())
+            chunk = max(1, min(t_count, batch_bytes // per_token))
+            below = torch.empty_like(grads)
+            for c0 in range(0, t_count, chunk):
+                c1 = min(t_count, c0 + chunk)
+                last = c1 == t_count
+                if c1 - c0 == 1:
+                    g_h, g_a = torch.autograd.grad(out, (hidden, attn), grads[c0], retain_graph=not last)
+                    g_h, g_a = g_h[None], g_a[None]
+                else:
+                    g_h, g_a = torch.autograd.grad(out, (hidden, attn), grads[c0:c1], retain_graph=not last,
+                                                   is_grads_batched=True)
+                below[c0:c1] = g_h
+                cam = g_a[:, 0].float().mul_(attn.detach()[0].float())  # A ⊙ ∇A, [c, H, n, n], in place
+                if clamp:
+                    cam.clamp_(min=0)
+                v[c0:c1] = _fold(v[c0:c1], cam)
+                del g_a, cam
+            grads = below
+            del out, attn, hidden
+    maps = v.detach().cpu()
+    token_scores = maps[:, prompt.visual_pos]
+    return RelevanceResult(scores=token_scores.mean(0), token_scores=token_scores, answer_ids=ids,
+                           answer=vlm.tokenizer.decode(ids, skip_special_tokens=True).strip(), rule=rule,
+                           clamp=clamp, maps=maps if keep_maps else None)
+
+
+def _output_grads(vlm: VLM, final: Tensor, rows: Tensor, ids: list[int]) -> Tensor:
+    """d logit(y_t at row p_t) / d h_L for every t, as Tensor[T, 1, n, D] (one non-zero row each)."""
+    lm = vlm.language_model
+    head = vlm.model.get_output_embeddings()
+    h = final.detach().requires_grad_(True)
+    idx = rows.to(h.device)
+    with torch.enable_grad():
+        logits = head(lm.norm(h[:, idx]))[0]  # [T, V]
+        picked = logits[torch.arange(len(ids)), torch.tensor(ids, device=h.device)]
+        (g,) = torch.autograd.grad(picked.sum(), h)  # rows are independent (norm and head are per position)
+    out = torch.zeros(len(ids), *h.shape, dtype=h.dtype, device=h.device)
+    out[torch.arange(len(ids)), 0, idx] = g[0, idx]
+    return out
+

@@ -1,0 +1,148 @@
+"""Relevance engine (Eq. 1) against a literal implementation of Eq. 1, on every model family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from explainprune.attention import eager_attention
+from explainprune.relevance import RULES, answer_ids, relevance, teacher_forced
+
+
+def literal_relevance(vlm, prompt, ids: list[int], rule: str = "grad", clamp: bool = True) -> torch.Tensor:
+    """Eq. 1 exactly as printed: full n x n R_t, every layer's attention held, folded from layer 0 up.
+
+    For each answer token y_t: R_t = I; for l = 0..L-1: R_t = R_t + E_h(A^l ⊙ ∇A^l) R_t (positive part
+    before the head mean when ``clamp``; E_h(A^l) for rule "mean"); token relevance = R_t[p_t, visual].
+    Returns Tensor[T, N_v].
+    """
+    embeds, pos, mask, rows = teacher_forced(vlm, prompt, ids)
+    embeds = embeds.detach().clone().requires_grad_(True)
+    with eager_attention(vlm):
+        out = vlm.forward(embeds, pos, mask, output_attentions=True, use_cache=False)
+    attentions = out.attentions
+    for a in attentions:
+        a.retain_grad()
+    n = embeds.shape[1]
+    result = []
+    for row, y in zip(rows.tolist(), ids):
+        for a in attentions:
+            a.grad = None
+        if rule == "grad":
+            out.logits[0, row, y].backward(retain_graph=True)
+        R = torch.eye(n)
+        for a in attentions:
+            if rule == "grad":
+                cam = a.detach()[0] * a.grad[0]
+                if clamp:
+                    cam = cam.clamp(min=0)
+            else:
+                cam = a.detach()[0]
+            R = R + cam.mean(0) @ R
+        result.append(R[row, prompt.visual_pos])
+    return torch.stack(result)
+
+
+def _hook_snapshot(model) -> dict[str, tuple]:
+    """Every module's forward / pre-forward / backward hooks, by module name."""
+    return {name: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks), tuple(m._backward_hooks))
+            for name, m in model.named_modules()}
+
+
+@pytest.fixture
+def prompt(vlm, image):
+    return vlm.prepare(images=image, question="what is in the picture")
+
+
+@pytest.mark.parametrize("rule,clamp", [("grad", True), ("grad", False), ("mean", True)])
+def test_engine_equals_literal_eq1(vlm, prompt, rule, clamp):
+    ids = answer_ids(vlm, prompt, None, max_new_tokens=3)
+    res = relevance(vlm, prompt, ids, rule=rule, clamp=clamp)
+    ref = literal_relevance(vlm, prompt, ids, rule, clamp)
+    assert res.token_scores.shape == ref.shape == (len(ids), prompt.num_visual)
+    torch.testing.assert_close(res.token_scores, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(res.scores, ref.mean(0), rtol=1e-4, atol=1e-6)
+    assert vlm.language_model.config._attn_implementation == "sdpa"
+
+
+def test_batched_and_looped_backward_agree(vlm, prompt):
+    ids = [5, 6, 7, 8]
+    batched = relevance(vlm, prompt, ids, batch_bytes=2**40)
+    looped = relevance(vlm, prompt, ids, batch_bytes=1)
+    torch.testing.assert_close(batched.token_scores, looped.token_scores, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl"])
+def test_generated_answer_is_teacher_forced_at_the_right_rows(vlm, prompt):
+    res = relevance(vlm, prompt, None, max_new_tokens=4, keep_maps=True)
+    embeds, pos, mask, rows = teacher_forced(vlm, prompt, res.answer_ids)
+    with torch.no_grad():
+        logits = vlm.forward(embeds, pos, mask).logits[0, rows]
+    assert logits.argmax(-1).tolist() == res.answer_ids  # greedy answer reproduced by teacher forcing
+    assert res.maps.shape == (len(res.answer_ids), embeds.shape[1])
+    torch.testing.assert_close(res.maps[:, prompt.visual_pos], res.token_scores)
+    assert res.to_json()["answer_ids"] == res.answer_ids
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl"])
+def test_answer_forms_and_options(vlm, prompt):
+    text = relevance(vlm, prompt, "blank system")
+    ids = vlm.tokenizer("blank system", add_special_tokens=False)["input_ids"]
+    assert text.answer_ids == ids
+    torch.testing.assert_close(text.scores, relevance(vlm, prompt, torch.tensor(ids)).scores)
+    clamped, raw = relevance(vlm, prompt, ids, clamp=True), relevance(vlm, prompt, ids, clamp=False)
+    assert not torch.allclose(clamped.scores, raw.scores)
+    assert (clamped.scores >= 0).all()
+    mean = relevance(vlm, prompt, ids, rule="mean")
+    assert not torch.allclose(mean.scores, clamped.scores)
+    assert mean.rule == "mean" and mean.answer == "blank system"
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl"])
+def test_bad_rule_lists_accepted(vlm, prompt):
+    with pytest.raises(ValueError, match="accepted: 'grad', 'mean'"):
+        relevance(vlm, prompt, [5], rule="gradient")
+    assert RULES == ("grad", "mean")
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl"])
+def test_no_hook_or_setting_left_after_an_exception(vlm, prompt):
+    lm = vlm.language_model
+    layer = lm.layers[-1]
+
+    calls = []
+
+    def boom(module, args, out):  # passes the recording forward, fails in the backward sweep
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyError("boom")
+
+    before = _hook_snapshot(vlm.model)  # transformers keeps its own output-capturing hooks
+    handle = layer.mlp.register_forward_hook(boom)
+    try:
+        with pytest.raises(KeyError):
+            relevance(vlm, prompt, [5, 6])
+    finally:
+        handle.remove()
+    assert len(calls) == 2
+    assert _hook_snapshot(vlm.model) == before
+    assert lm.config._attn_implementation == "sdpa"
+    assert vlm.model.config.vision_config._attn_implementation == "sdpa"
+    # and the model still works without the hook
+    relevance(vlm, prompt, [5])
+
+
+def test_oracle_keeps_top_relevance(vlm, prompt):
+    import explainprune.pruning.oracle  # noqa: F401  (registers "oracle")
+    from explainprune.pruning import get_pruner
+
+    oracle = get_pruner("oracle", max_new_tokens=2)
+    scores = oracle.score(vlm, prompt)
+    expected = relevance(vlm, prompt, None, max_new_tokens=2).scores
+    torch.testing.assert_close(scores, expected)
+    keep = oracle.keep(vlm, prompt, 0.25)
+    k = keep.numel()
+    assert k == -(-prompt.num_visual // 4)
+    assert set(keep.tolist()) == set(torch.topk(expected, k).indices.tolist())
+    with pytest.raises(ValueError, match="accepted"):
+        get_pruner("oracle", rule="max")
