@@ -90,6 +90,7 @@ def test_flops_cli_json_and_table(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["vanilla"] == 11_691_878_252_544 and out["attention"] == 20_146_667_520
     assert out["conv"] == 276_073_056 and out["kept"] == 392 and out["average_retention"] == 0.25
+    assert round(out["attention_share"], 2) == 0.17
     assert main(["flops", "--hidden", "64", "--intermediate", "128", "--layers", "4", "--visual-tokens", "100",
                  "--ratio", "0.5", "--method", "fastv", "--fastv-layer", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -77,7 +77,8 @@ def average_retention(tokens_per_layer: Sequence[int], n_visual: int) -> float:
 
 @dataclass
 class FlopsAccount:
-    """Appendix-D accounting for one input (FLOPs as exact integers; ``*_share`` in % of ``llm``)."""
+    """Appendix-D accounting for one input (FLOPs as exact integers; ``*_share`` in % of ``vanilla``, the
+    unpruned FLOPs_LLM, as the paper's 0.17% / 0.0026%)."""
 
     n_visual: int
     ratio: float
@@ -101,7 +102,7 @@ class FlopsAccount:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(total=self.total, average_retention=self.average_retention,
-                 attention_share=100 * self.attention / self.llm, conv_share=100 * self.conv / self.llm,
+                 attention_share=100 * self.attention / self.vanilla, conv_share=100 * self.conv / self.vanilla,
                  reduction=100 * (1 - self.total / self.vanilla))
         return d
 
@@ -113,8 +114,8 @@ class FlopsAccount:
             ("average retention over layers", f"{100 * self.average_retention:.1f}%"),
             ("FLOPs_LLM vanilla (Eq. 4)", _fmt(self.vanilla)),
             ("FLOPs_LLM pruned (Eq. 4 per layer)", _fmt(self.llm)),
-            ("FLOPs_attn (Eq. 5)", f"{_fmt(self.attention)} ({100 * self.attention / self.llm:.4f}% of LLM)"),
-            ("FLOPs_conv (Eq. 6)", f"{_fmt(self.conv)} ({100 * self.conv / self.llm:.5f}% of LLM)"),
+            ("FLOPs_attn (Eq. 5)", f"{_fmt(self.attention)} ({100 * self.attention / self.vanilla:.4f}% of vanilla)"),
+            ("FLOPs_conv (Eq. 6)", f"{_fmt(self.conv)} ({100 * self.conv / self.vanilla:.5f}% of vanilla)"),
             ("total", f"{_fmt(self.total)} ({100 * (1 - self.total / self.vanilla):.1f}% fewer than vanilla)"),
         ]
         return "\n".join(["| quantity | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
