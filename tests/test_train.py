@@ -1,0 +1,147 @@
+"""Training f_θ: R_v* and KL on hand examples, metrics, resume equals uninterrupted, learning a toy mapping."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from explainprune.compressor import Compressor
+from explainprune.labels import LabelConfig, LabelOutput, LabelSample, label
+from explainprune.train import (
+    TrainConfig,
+    batches,
+    kl_divergence,
+    relevance_target,
+    split,
+    topk_recall,
+    train,
+    uniform_scores,
+)
+from test_labels import FakeVLM
+
+
+def test_relevance_target_hand_example():
+    r = torch.tensor([0.1, 0.4, 0.2, 0.3])
+    torch.testing.assert_close(relevance_target(r), torch.tensor([0.0, 4 / 7, 0.0, 3 / 7]))
+    # odd length: floor(5/2) = 2 zeroed; negatives count as zero; division, not softmax
+    r = torch.tensor([-1.0, 5.0, 1.0, 2.0, 0.5])
+    torch.testing.assert_close(relevance_target(r), torch.tensor([0.0, 5 / 8, 1 / 8, 2 / 8, 0.0]))
+    torch.testing.assert_close(relevance_target(torch.zeros(4)), torch.full((4,), 0.25))
+
+
+def test_kl_hand_example():
+    p = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    q = torch.tensor([[0.25, 0.25, 0.5], [0.5, 0.5, 0.0]])
+    expect = torch.tensor([math.log(2.0), math.log(2.0)])
+    torch.testing.assert_close(kl_divergence(p, q.log()), expect)  # q = 0 where p = 0: no NaN
+    assert float(kl_divergence(p[:1], p[:1].clamp(min=1e-30).log())) == 0.0
+
+
+def test_topk_recall_hand_example():
+    true = torch.tensor([0.9, 0.8, 0.1, 0.2, 0.0, 0.3, 0.05, 0.01])
+    pred = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.9, 0.0, 0.0])
+    assert topk_recall(pred, true, 0.25) == 0.5  # k = 2: {0, 5} vs {0, 1}
+    assert topk_recall(true, true, 0.1) == 1.0
+    assert topk_recall(pred, true, 0.5) == 0.5  # k = 4: {0, 5, +2 ties} vs {0, 1, 5, 3}: 0 and 5 certain
+
+
+def test_uniform_scores_match_registered_pruner():
+    grid = torch.stack(torch.meshgrid(torch.arange(1), torch.arange(4), torch.arange(4), indexing="ij"), -1)
+    s = uniform_scores(grid.reshape(-1, 3))
+    assert s.shape == (16,) and len(set(s.tolist())) == 16
+
+
+def test_split_and_batches_are_deterministic():
+    assert split(10, 0.2, 0) == split(10, 0.2, 0)
+    tr, va = split(10, 0.2, 0)
+    assert len(va) == 2 and sorted(tr + va) == list(range(10))
+    with pytest.raises(ValueError):
+        split(10, 1.0, 0)
+    lengths = [5, 9, 5, 9, 7, 7, 5]
+    b1 = batches(lengths, 2, torch.Generator().manual_seed(1))
+    assert b1 == batches(lengths, 2, torch.Generator().manual_seed(1))
+    assert sorted(i for b in b1 for i in b) == list(range(7))
+
+
+class ToyLabeler:
+    """A_v^0 random per head; R_v a local function of head 0 (what a conv net can learn)."""
+
+    def __call__(self, vlm, prompt, sample):
+        g = torch.Generator().manual_seed(int(sample.id[1:]))
+        n = prompt.num_visual
+        a = torch.rand(3, n, generator=g) ** 4
+        r = torch.nn.functional.conv1d(a[:1, None], torch.tensor([[[0.5, 1.0, 0.5]]]), padding=1)[0, 0]
+        return LabelOutput(sample.answer, [1], True, a / n, r)
+
+
+class ToySource:
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        shape = (1, 4 + i % 3, 5)
+        return LabelSample(f"s{i}", "q", "a", images=shape, region=[(0, 0, c) for c in range(5)])
+
+    def describe(self):
+        return {"task": "toy", "n": self.n}
+
+
+@pytest.fixture(scope="module")
+def toy_labels(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy_labels")
+    label(FakeVLM(), ToySource(48), out, LabelConfig(shard_size=16), labeler=ToyLabeler(), progress=False)
+    return out
+
+
+SMALL = dict(batch_size=8, val_fraction=0.25, lr=3e-3, channels=(8, 16, 16, 32, 32))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convs run faster on one thread, above all on a shared, loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_resume_equals_uninterrupted(toy_labels, tmp_path):
+    full = train(toy_labels, tmp_path / "full", TrainConfig(epochs=3, **SMALL), progress=False)
+    train(toy_labels, tmp_path / "part", TrainConfig(epochs=1, **SMALL), progress=False)
+    with pytest.raises(ValueError, match="--resume"):
+        train(toy_labels, tmp_path / "part", TrainConfig(epochs=3, **SMALL), progress=False)
+    with pytest.raises(ValueError, match="options differ.*lr"):
+        train(toy_labels, tmp_path / "part", TrainConfig(epochs=3, **{**SMALL, "lr": 1e-2}), resume=True,
+              progress=False)
+    resumed = train(toy_labels, tmp_path / "part", TrainConfig(epochs=3, **SMALL), resume=True, progress=False)
+    a = Compressor.from_pretrained(tmp_path / "full" / "compressor").state_dict()
+    b = Compressor.from_pretrained(tmp_path / "part" / "compressor").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert resumed.metrics == full.metrics
+    log_full = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    log_part = [json.loads(x) for x in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in log_part] == [1, 2, 3]
+    assert [x["train_loss"] for x in log_part] == [x["train_loss"] for x in log_full]
+    assert len(list((tmp_path / "part" / "checkpoints").iterdir())) == 1
+
+
+def test_learns_a_toy_mapping_above_baselines(toy_labels, tmp_path):
+    res = train(toy_labels, tmp_path / "run", TrainConfig(epochs=25, **SMALL), progress=False)
+    first = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert res.val_samples == 12 and res.train_samples == 36
+    assert res.metrics["kl"] < first["val_kl"]
+    assert res.metrics["kl"] < res.baselines["uniform"]["kl"]
+    assert res.metrics["recall@0.25"] > res.baselines["random"]["recall@0.25"] + 0.2
+    assert 0.0 <= res.metrics["region_mass"] <= 1.0
+    assert "| f_θ (learned) |" in res.to_markdown()
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["metrics"] == res.metrics
+    f = Compressor.from_pretrained(tmp_path / "run" / "compressor")
+    assert f.config.fingerprint == FakeVLM().fingerprint() and f.config.in_channels == 3
