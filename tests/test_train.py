@@ -145,3 +145,40 @@ def test_learns_a_toy_mapping_above_baselines(toy_labels, tmp_path):
     assert saved["metrics"] == res.metrics
     f = Compressor.from_pretrained(tmp_path / "run" / "compressor")
     assert f.config.fingerprint == FakeVLM().fingerprint() and f.config.in_channels == 3
+
+
+def test_cli_label_then_train(tmp_path, tiny_dirs, load_tiny, capsys):
+    """From a checkpoint and a manifest to a compressor, through the CLI, with the real relevance engine."""
+    pytest.importorskip("explainprune.relevance")
+    pytest.importorskip("explainprune.tasks.digits")
+    from explainprune.cli.main import main
+    from explainprune.tasks.digits import DigitsTask
+
+    vlm = load_tiny("qwen2_vl")
+    task = DigitsTask(split="train", n=6, grid=2, kinds=("rowcol", "count"))
+    task.export(tmp_path / "data")
+    lines = []
+    for i, line in enumerate((tmp_path / "data" / "manifest.jsonl").read_text().splitlines()):
+        rec = json.loads(line)
+        s = task.sample(i)
+        # the random tiny model is "right" on the even samples only: it answers what it answers
+        rec["answer"] = vlm.generate(vlm.prepare(images=s.image, question=s.question), max_new_tokens=2).text
+        rec["answer"] = rec["answer"] if i % 2 == 0 else "#wrong#"
+        lines.append(json.dumps(rec))
+    (tmp_path / "data" / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    model = str(tiny_dirs("qwen2_vl"))
+    argv = ["label", "--model", model, "--manifest", str(tmp_path / "data" / "manifest.jsonl"), "--out",
+            str(tmp_path / "labels"), "--max-new-tokens", "2", "--shard-size", "4", "--json", "--no-progress"]
+    assert main(argv) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["complete"] and rep["totals"] == {"samples": 6, "labeled": 3, "skipped_wrong": 3}
+    argv = ["train", "--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "run"), "--epochs", "2",
+            "--val-fraction", "0.34", "--json", "--no-progress"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["epochs"] == 2 and res["train_samples"] == 2 and res["val_samples"] == 1
+    assert set(res["baselines"]) == {"uniform", "random", "attention"} and "region_mass" in res["metrics"]
+    f = Compressor.from_pretrained(tmp_path / "run" / "compressor")
+    f.check_compatible(vlm)
+    assert main(["train", "--labels", str(tmp_path / "nolabels"), "--out", str(tmp_path / "x")]) == 2
+    assert "index.json missing" in capsys.readouterr().err

@@ -1,0 +1,78 @@
+"""`explainprune label`: write the (A_v^0, R_v) label set that f_θ is trained on (Section 3.3, App. B)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "label", help="label a task with a model: A_v^0 and R_v per correctly answered sample",
+        description="Run a model over the digits task or a manifest; for every sample it answers correctly "
+        "store the first-layer attention A_v^0 [H, N_v], the relevance R_v [N_v] (Eq. 1) and metadata as "
+        "parquet shards in --out (wrong answers are counted and skipped). Rerunning the same command resumes "
+        "an interrupted run; under `torchrun --nproc_per_node K` each rank labels a disjoint share.",
+        epilog="examples:\n  explainprune label --model demo --task digits --limit 2000 --out labels/\n"
+        "  torchrun --nproc_per_node 2 -m explainprune.cli.main label --model demo --task digits --out labels/\n"
+        "  explainprune label --model ./my-qwen2-vl --manifest data/manifest.jsonl --out labels/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint directory, hub id, or 'demo'")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--task", choices=["digits"], help="the built-in task")
+    src.add_argument("--manifest", help="JSONL: question, answer, image|images|video (paths), optional id, "
+                     "region ([[frame, row, col], ...]) and kind")
+    p.add_argument("--out", required=True, help="output directory (resumed when it holds the same run)")
+    p.add_argument("--limit", type=int, help="number of samples (digits default 2000; manifest: all lines)")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="digits split (default train)")
+    p.add_argument("--seed", type=int, default=0, help="digits task seed (default 0)")
+    p.add_argument("--kinds", help="digits question kinds, comma-separated (default: all)")
+    p.add_argument("--grid", type=int, help="digits board cells per side (default: the task's)")
+    p.add_argument("--cell", type=int, help="digits cell size in pixels, multiple of 28 (default: the task's)")
+    p.add_argument("--frames", type=int, help="digits video frames (default: the task's)")
+    p.add_argument("--max-frames", type=int, default=8, help="frames sampled from a manifest video file")
+    p.add_argument("--shard-size", type=int, default=64, help="samples per shard file (default 64)")
+    p.add_argument("--rule", default="grad", choices=["grad", "mean"], help="relevance rule (default grad)")
+    p.add_argument("--no-clamp", action="store_true", help="Eq. 1 as printed (no positive part)")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default 8)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--json", action="store_true", help="print the final numbers as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def make_source(args: argparse.Namespace):
+    from explainprune.labels import DigitsSource, ManifestSource
+
+    if args.manifest:
+        return ManifestSource(args.manifest, limit=args.limit, max_frames=args.max_frames)
+    options = {k: getattr(args, k) for k in ("grid", "cell", "frames") if getattr(args, k) is not None}
+    if args.kinds:
+        options["kinds"] = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    n = 2000 if args.limit is None else args.limit
+    if n < 1:
+        raise ValueError(f"--limit must be >= 1; got {n}")
+    return DigitsSource(split=args.split, seed=args.seed, n=n, **options)
+
+
+def run(args: argparse.Namespace) -> int:
+    import explainprune
+    from explainprune.labels import LabelConfig, label
+
+    source = make_source(args)
+    vlm = explainprune.load(args.model, device=args.device)
+    config = LabelConfig(shard_size=args.shard_size, rule=args.rule, clamp=not args.no_clamp,
+                         max_new_tokens=args.max_new_tokens)
+    rep = label(vlm, source, args.out, config, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(rep.to_json(), indent=1))
+    elif rep.rank == 0:
+        t = rep.totals
+        if rep.complete and t:
+            print(f"{args.out}: {t['labeled']} samples labelled, {t['skipped_wrong']} skipped (wrong answer) "
+                  f"of {t['samples']}; this run: {rep.shards_written} shards in {rep.seconds:.1f} s, "
+                  f"{rep.shards_reused} reused")
+        else:
+            print(f"{args.out}: rank 0 done ({rep.labeled} labelled, {rep.skipped_wrong} skipped); "
+                  "other ranks still running")
+    return 0
