@@ -1,0 +1,7 @@
+"""Evaluation: FLOPs accounting (Appendix D), the runner behind ``explainprune eval``, reports and plots.
+
+Import the submodules (``evaluation.runner``, ``evaluation.flops``, ...); this package stays light.
+"""
+
+DEFAULT_METHODS = ("vanilla", "random", "uniform", "fastv")
+DEFAULT_RATIOS = (0.5, 0.25, 0.1)

@@ -1,0 +1,62 @@
+"""`explainprune eval`: accuracy, preservation, retention over layers, FLOPs, times and KV cache per
+method and retention ratio; writes report.json, report.md and two plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from explainprune.evaluation import DEFAULT_METHODS, DEFAULT_RATIOS
+
+    p = sub.add_parser(
+        "eval", help="evaluate pruning methods x retention ratios on a task",
+        description="Run every method at every retention ratio on the task's samples (vanilla once, as the "
+        "baseline) and report accuracy, preservation vs vanilla (%), average retention over LLM layers, "
+        "FLOPs (Appendix D), prefill / decode time and KV-cache size. Writes report.json, report.md and "
+        "preservation_vs_{retention,flops}.png to --out.",
+        epilog="example: explainprune eval --model demo --methods vanilla learned fastv random "
+        "--compressor runs/compressor --limit 100 --out runs/eval")
+    p.add_argument("--model", default="demo", help="checkpoint directory, hub id, or 'demo' (default)")
+    p.add_argument("--task", default="digits", help="'digits' (default) or a manifest .jsonl / directory")
+    p.add_argument("--split", default="test", help="digits split (default test)")
+    p.add_argument("--seed", type=int, default=0, help="digits question seed (default 0)")
+    p.add_argument("--limit", type=int, help="number of samples (digits default 200; manifest: all)")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                   help="registry names, options as name:key=value,... e.g. fastv:layer=4 "
+                   f"(default: {' '.join(DEFAULT_METHODS)})")
+    p.add_argument("--ratios", nargs="+", type=float, default=list(DEFAULT_RATIOS),
+                   help="retention ratios (default 0.5 0.25 0.1)")
+    p.add_argument("--compressor", help="trained compressor directory, given to 'learned'")
+    p.add_argument("--fastv-layer", type=int, help="K for 'fastv' (default 2)")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="answer length cap (default 8)")
+    p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the aggregate results as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from explainprune.evaluation.runner import EvalConfig, evaluate
+    from explainprune.evaluation.tasks import TaskConfig
+
+    options: dict[str, dict] = {}
+    if args.compressor:
+        options["learned"] = {"compressor": args.compressor}
+    if args.fastv_layer is not None:
+        options["fastv"] = {"layer": args.fastv_layer}
+    config = EvalConfig(methods=tuple(args.methods), ratios=tuple(args.ratios), max_new_tokens=args.max_new_tokens,
+                        method_options=options, progress=not args.no_progress)
+    task = TaskConfig(name=args.task, split=args.split, seed=args.seed, limit=args.limit)
+    report, paths = evaluate(args.model, task, config, out=args.out, plots=not args.no_plots)
+    if args.json:
+        data = report.to_json()
+        print(json.dumps({"results": data["results"], "files": {k: str(v) for k, v in paths.items()}}, indent=1))
+    else:
+        print(report.to_markdown())
+        print("files written:")
+        for path in paths.values():
+            print(f"  {path}")
+    return 0

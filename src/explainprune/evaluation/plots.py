@@ -1,0 +1,60 @@
+"""Trade-off plots of a Report (Figure 3 style): preservation vs average retention over layers, and
+preservation vs FLOPs; one line per method, vanilla as a star. matplotlib is imported only here, lazily."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from explainprune.evaluation.report import VANILLA, Report
+
+AXES = {
+    "retention": ("average_retention", 100.0, "average retention ratio over LLM layers (%)"),
+    "flops": ("flops", 1.0, "FLOPs of the LLM's visual part + overhead"),
+}
+
+
+def series(report: Report, x: str) -> dict[str, list[tuple[float, float]]]:
+    """method -> [(x, preservation %)] sorted by x; ``x`` is "retention" or "flops"."""
+    attr, scale, _ = AXES[x]
+    out: dict[str, list[tuple[float, float]]] = {}
+    for r in report.results:
+        if r.preservation is None:
+            continue
+        out.setdefault(r.method, []).append((scale * getattr(r, attr), r.preservation))
+    return {m: sorted(pts) for m, pts in out.items()}
+
+
+def plot_tradeoff(report: Report, x: str, path: str | Path) -> Path:
+    """One PNG: preservation (%) against ``x`` ("retention" or "flops")."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, _, label = AXES[x]
+    fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=120)
+    for method, pts in series(report, x).items():
+        xs, ys = zip(*pts)
+        if method == VANILLA:
+            ax.plot(xs, ys, "k*", markersize=12, label=method)
+        else:
+            ax.plot(xs, ys, "o-", label=method)
+    if x == "flops":
+        ax.set_xscale("log")
+    ax.set_xlabel(label)
+    ax.set_ylabel("performance preservation (%)")
+    ax.set_title(f"{Path(report.model).name}: {report.task.get('task', '')}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_tradeoffs(report: Report, directory: str | Path) -> dict[str, Any]:
+    """Both plots into ``directory``: preservation_vs_retention.png and preservation_vs_flops.png."""
+    d = Path(directory)
+    return {f"plot_{x}": plot_tradeoff(report, x, d / f"preservation_vs_{x}.png") for x in AXES}

@@ -1,0 +1,221 @@
+"""Evaluation results as dataclasses: per-sample records, per (method, ratio) aggregates, and the Report
+with ``to_json`` / ``to_markdown`` / ``save`` (report.json, report.md and the plots)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+VANILLA = "vanilla"
+
+
+@dataclass
+class SampleRecord:
+    """One (sample, method, ratio) run. Times in seconds; FLOPs as exact integers (Appendix D)."""
+
+    id: str
+    kind: str
+    method: str
+    ratio: float
+    question: str
+    reference: str
+    prediction: str
+    correct: bool
+    n_visual: int
+    kept: int
+    layer: int
+    average_retention: float
+    flops_llm: int
+    flops_overhead: int
+    prefill_s: float
+    decode_s: float
+    total_s: float
+    new_tokens: int
+    kv_bytes: int
+
+    @property
+    def flops(self) -> int:
+        return self.flops_llm + self.flops_overhead
+
+
+@dataclass
+class MethodResult:
+    """Aggregate of one (method, ratio) over the samples.
+
+    accuracy: share of exact (normalised) matches; preservation: accuracy / vanilla accuracy * 100;
+    avg_preservation: mean over kinds of the per-kind preservation (the paper's "Avg. (%)" with kinds as
+    benchmarks); average_retention: mean over samples of the mean-over-layers kept share (Figure 3);
+    flops: mean Eq. 4 (+ Eq. 5-6 overhead); times and KV-cache bytes are per-sample means.
+    """
+
+    method: str
+    ratio: float
+    layer: int
+    n: int
+    accuracy: float
+    accuracy_by_kind: dict[str, float]
+    preservation: float | None
+    avg_preservation: float | None
+    average_retention: float
+    effective_ratio: float
+    flops: float
+    flops_overhead: float
+    prefill_s: float
+    decode_s: float
+    decode_per_token_s: float
+    total_s: float
+    kv_bytes: float
+
+
+def _mean(xs: list[float]) -> float:
+    return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return None if not b or math.isnan(b) else 100.0 * a / b
+
+
+def aggregate(records: list[SampleRecord]) -> list[MethodResult]:
+    """Group records by (method, ratio), in first-seen order; preservation against the ``vanilla`` rows."""
+    groups: dict[tuple[str, float], list[SampleRecord]] = defaultdict(list)
+    for r in records:
+        groups[(r.method, r.ratio)].append(r)
+    base = next((g for (m, _), g in groups.items() if m == VANILLA), [])
+    base_acc = _mean([float(r.correct) for r in base])
+    base_kind = _by_kind(base)
+    out = []
+    for (method, ratio), rows in groups.items():
+        acc = _mean([float(r.correct) for r in rows])
+        kinds = _by_kind(rows)
+        per_kind = [_ratio(kinds[k], base_kind[k]) for k in kinds if k in base_kind]
+        per_kind = [p for p in per_kind if p is not None]
+        new = sum(max(r.new_tokens - 1, 0) for r in rows)
+        out.append(MethodResult(
+            method=method, ratio=ratio, layer=rows[0].layer, n=len(rows), accuracy=acc, accuracy_by_kind=kinds,
+            preservation=_ratio(acc, base_acc), avg_preservation=_mean(per_kind) if per_kind else None,
+            average_retention=_mean([r.average_retention for r in rows]),
+            effective_ratio=_mean([r.kept / r.n_visual for r in rows]),
+            flops=_mean([float(r.flops) for r in rows]), flops_overhead=_mean([float(r.flops_overhead) for r in rows]),
+            prefill_s=_mean([r.prefill_s for r in rows]), decode_s=_mean([r.decode_s for r in rows]),
+            decode_per_token_s=sum(r.decode_s for r in rows) / new if new else float("nan"),
+            total_s=_mean([r.total_s for r in rows]), kv_bytes=_mean([float(r.kv_bytes) for r in rows])))
+    return out
+
+
+def _by_kind(rows: list[SampleRecord]) -> dict[str, float]:
+    kinds: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        kinds[r.kind].append(float(r.correct))
+    return {k: _mean(v) for k, v in sorted(kinds.items())}
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _unit(x: float, units: tuple[tuple[float, str], ...]) -> tuple[float, str]:
+    for scale, unit in units:
+        if x >= scale:
+            return scale, unit
+    return units[-1]
+
+
+FLOPS_UNITS = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"), (1.0, "1"))
+BYTE_UNITS = ((2.0**30, "GiB"), (2.0**20, "MiB"), (2.0**10, "KiB"), (1.0, "B"))
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+@dataclass
+class Report:
+    """Everything one ``explainprune eval`` measured: setup, aggregates and every per-sample answer."""
+
+    model: str
+    task: dict[str, Any]
+    config: dict[str, Any]
+    shape: dict[str, Any]
+    environment: dict[str, Any]
+    results: list[MethodResult]
+    samples: list[SampleRecord] = field(repr=False, default_factory=list)
+
+    @classmethod
+    def from_records(cls, records: list[SampleRecord], **meta: Any) -> Report:
+        return cls(results=aggregate(records), samples=records, **meta)
+
+    def result(self, method: str, ratio: float | None = None) -> MethodResult:
+        for r in self.results:
+            if r.method == method and (ratio is None or math.isclose(r.ratio, ratio)):
+                return r
+        raise KeyError(f"no result for {method!r} at ratio {ratio}; have "
+                       f"{[(r.method, r.ratio) for r in self.results]}")
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON data (NaN written as null)."""
+        return _clean({"model": self.model, "task": self.task, "config": self.config, "shape": self.shape,
+                       "environment": self.environment, "results": [asdict(r) for r in self.results],
+                       "samples": [asdict(s) for s in self.samples]})
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Report:
+        return cls(model=data["model"], task=data["task"], config=data["config"], shape=data["shape"],
+                   environment=data["environment"], results=[MethodResult(**r) for r in data["results"]],
+                   samples=[SampleRecord(**s) for s in data["samples"]])
+
+    def accuracy_table(self) -> str:
+        """Tables 1-3 shape: accuracy (%) per kind, overall, and Avg. (%) preservation."""
+        kinds = sorted({k for r in self.results for k in r.accuracy_by_kind})
+        head = ["Method", "Retention", *kinds, "Acc.", "Preservation (%)", "Avg. (%)"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in self.results:
+            cells = [r.method, f"{100 * r.ratio:g}%"]
+            cells += [_pct(100 * r.accuracy_by_kind[k]) if k in r.accuracy_by_kind else "–" for k in kinds]
+            cells += [_pct(100 * r.accuracy), _pct(r.preservation), _pct(r.avg_preservation)]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def efficiency_table(self) -> str:
+        """Tables 7-8 shape, plus measured times and the KV cache after prefill."""
+        scale, unit = _unit(max((r.flops for r in self.results), default=0.0), FLOPS_UNITS)
+        bscale, bunit = _unit(max((r.kv_bytes for r in self.results), default=0.0), BYTE_UNITS)
+        head = ["Method", "Retention", "Avg. retention over layers", f"FLOPs ({unit})", "Prefill (ms)",
+                "Decode (ms/token)", f"KV cache ({bunit})", "Preservation (%)"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in self.results:
+            cells = [r.method, f"{100 * r.ratio:g}%", f"{100 * r.average_retention:.1f}%",
+                     f"{r.flops / scale:.3f}", f"{1e3 * r.prefill_s:.1f}", _pct(1e3 * r.decode_per_token_s, 2),
+                     f"{r.kv_bytes / bscale:.1f}", _pct(r.preservation)]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        n = max((r.n for r in self.results), default=0)
+        task = ", ".join(f"{k}={v}" for k, v in self.task.items())
+        return (f"# explainprune evaluation\n\nmodel: `{self.model}`  \ntask: {task}  \nsamples: {n}\n\n"
+                f"## Accuracy\n\n{self.accuracy_table()}\n\n## Efficiency\n\n{self.efficiency_table()}\n\n"
+                "FLOPs: Appendix D, Eq. 4 per layer with that layer's visual tokens (+ Eq. 5-6 for the "
+                "compressor); times are per-sample means measured on this machine.\n")
+
+    def save(self, directory: str | Path, plots: bool = True) -> dict[str, Path]:
+        """Write report.json, report.md and (with matplotlib) the two trade-off plots; returns the paths."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        paths = {"json": d / "report.json", "markdown": d / "report.md"}
+        paths["json"].write_text(json.dumps(self.to_json(), indent=1, allow_nan=False))
+        paths["markdown"].write_text(self.to_markdown())
+        if plots:
+            from explainprune.evaluation.plots import plot_tradeoffs
+
+            paths.update(plot_tradeoffs(self, d))
+        return paths

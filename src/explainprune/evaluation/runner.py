@@ -1,0 +1,228 @@
+"""The evaluation runner behind ``explainprune eval``: task x method x retention ratio -> Report.
+
+Methods come from the pruner registry by name (``"fastv"``, or with options ``"fastv:layer=4"``), so any
+registered pruner just works. Every sample is prepared once and run by every (method, ratio); vanilla
+(all tokens) always runs once, as the preservation baseline. Per run it measures, without changing
+generation: prefill and decode time (forward hooks on the model: the first forward of ``generate`` is the
+prefill), the KV-cache bytes right after prefill (the actual cache tensors), and accounts the FLOPs of
+Appendix D from the pruner's declared ``layer`` and the kept count (plus Eq. 5-6 when the pruner carries a
+``compressor``).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from explainprune.evaluation import DEFAULT_METHODS, DEFAULT_RATIOS
+from explainprune.evaluation.flops import LLMShape, account, compressor_channels
+from explainprune.evaluation.report import VANILLA, Report, SampleRecord
+from explainprune.evaluation.tasks import TaskConfig, load_task, sample_kind
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Options of one evaluation.
+
+    methods:        registry names, optionally with options: "fastv:layer=4", "random:seed=1"
+    ratios:         retention ratios (vanilla runs once at 1.0 whatever these are)
+    method_options: name -> options given to every spec of that name (e.g. {"learned": {"compressor": p}})
+    """
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    ratios: tuple[float, ...] = DEFAULT_RATIOS
+    max_new_tokens: int = 8
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    progress: bool = True
+    warmup: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["method_options"] = {k: {a: str(b) for a, b in v.items()} for k, v in self.method_options.items()}
+        return d
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """"fastv:layer=4,x=y" -> ("fastv", {"layer": 4, "x": "y"}); values parsed as JSON when they are."""
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"method option {item!r} in {spec!r} must be key=value")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return name.strip(), options
+
+
+def build_pruners(config: EvalConfig) -> list[tuple[str, Any]]:
+    """(label, pruner) for vanilla first, then every other spec in order (unknown names fail early)."""
+    from explainprune.pruning import get_pruner
+
+    specs = [VANILLA] + [m for m in config.methods if m != VANILLA]
+    out = []
+    for spec in dict.fromkeys(specs):
+        name, options = parse_method(spec)
+        out.append((spec, get_pruner(name, **{**config.method_options.get(name, {}), **options})))
+    return out
+
+
+# -- measurement -------------------------------------------------------------------------------------------
+def cache_bytes(cache: Any) -> int:
+    """Bytes held by a KV cache's key and value tensors (DynamicCache ``layers``, legacy lists or tuples)."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "layers"):
+        tensors = [t for lay in cache.layers for t in (getattr(lay, "keys", None), getattr(lay, "values", None))]
+    elif hasattr(cache, "key_cache"):
+        tensors = [*cache.key_cache, *cache.value_cache]
+    else:
+        tensors = [t for pair in cache for t in pair]
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+@dataclass
+class Meter:
+    """Forward timings of the LAST generation in a block: ``calls[0]`` is its prefill, the rest decode
+    steps; ``kv_bytes`` the cache right after that prefill. Forwards before it (a pruner scoring with the
+    model, e.g. the oracle's own generation) are counted in ``earlier_s``."""
+
+    calls: list[float] = field(default_factory=list)
+    kv_bytes: int = 0
+    earlier_s: float = 0.0
+
+    @property
+    def prefill_s(self) -> float:
+        return self.calls[0] if self.calls else 0.0
+
+    @property
+    def decode_s(self) -> float:
+        return float(sum(self.calls[1:]))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _new_tokens(kwargs: dict[str, Any]) -> int:
+    for key in ("inputs_embeds", "input_ids"):
+        value = kwargs.get(key)
+        if torch.is_tensor(value):
+            return int(value.shape[1])
+    return 0
+
+
+@contextmanager
+def measure(model: torch.nn.Module) -> Iterator[Meter]:
+    """Time every forward of ``model``; a forward over more than one new token starts a new generation
+    (its prefill), whose KV cache is measured. Hooks removed on exit."""
+    meter = Meter()
+    device = next(model.parameters()).device
+    start: list[float] = []
+
+    def before(module, args, kwargs):
+        _sync(device)
+        if _new_tokens(kwargs) > 1:  # a prefill: what came before was not this generation
+            meter.earlier_s += sum(meter.calls)
+            meter.calls.clear()
+        start.append(time.perf_counter())
+
+    def after(module, args, kwargs, output):
+        _sync(device)
+        meter.calls.append(time.perf_counter() - start.pop())
+        if len(meter.calls) == 1:
+            meter.kv_bytes = cache_bytes(getattr(output, "past_key_values", None))
+
+    handles = [model.register_forward_pre_hook(before, with_kwargs=True),
+               model.register_forward_hook(after, with_kwargs=True)]
+    try:
+        yield meter
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def normalize(text: str) -> str:
+    """Answers are compared after stripping and lower-casing (and trailing punctuation, as labelling)."""
+    from explainprune.labels import normalize_answer
+
+    return normalize_answer(text)
+
+
+def run_one(vlm: Any, pruner: Any, label: str, prompt: Any, sample: Any, ratio: float, shape: LLMShape,
+            max_new_tokens: int) -> SampleRecord:
+    """Generate with ``pruner`` at ``ratio`` and measure it (see the module docstring)."""
+    with measure(vlm.model) as meter:
+        t0 = time.perf_counter()
+        out = pruner.generate(vlm, prompt, ratio, max_new_tokens=max_new_tokens)
+        total = time.perf_counter() - t0
+    layer = int(getattr(pruner, "layer", 0))
+    n_visual, kept = prompt.num_visual, int(out.visual_tokens)
+    acc = account(shape, n_visual, layer=layer, kept=kept,
+                  compressor=compressor_channels(getattr(pruner, "compressor", None)))
+    return SampleRecord(
+        id=str(sample.id), kind=sample_kind(sample), method=label, ratio=float(ratio), question=sample.question,
+        reference=str(sample.answer), prediction=out.text, correct=normalize(out.text) == normalize(sample.answer),
+        n_visual=n_visual, kept=kept, layer=layer, average_retention=acc.average_retention, flops_llm=acc.llm,
+        flops_overhead=acc.attention + acc.conv, prefill_s=meter.prefill_s, decode_s=meter.decode_s,
+        total_s=total, new_tokens=len(out.token_ids), kv_bytes=meter.kv_bytes)
+
+
+def _prepare(vlm: Any, sample: Any) -> Any:
+    return vlm.prepare(images=sample.images, video=sample.video, question=sample.question)
+
+
+def run_eval(vlm: Any, samples: Any, config: EvalConfig | None = None, *, model_name: str = "",
+             task_info: dict[str, Any] | None = None) -> Report:
+    """Evaluate ``vlm`` on ``samples`` (indexable LabelSamples) with every method x ratio of ``config``."""
+    from tqdm.auto import tqdm
+
+    config = config or EvalConfig()
+    for r in config.ratios:
+        if not 0.0 < float(r) <= 1.0:
+            raise ValueError(f"ratios must be in (0, 1]; got {r}")
+    if len(samples) == 0:
+        raise ValueError("the task has no samples")
+    pruners = build_pruners(config)
+    shape = LLMShape.from_config(vlm.text_config)
+    if config.warmup:  # one untimed short run, so the first timed sample pays no one-off costs
+        vlm.generate(_prepare(vlm, samples[0]), max_new_tokens=2)
+    records: list[SampleRecord] = []
+    bar = tqdm(range(len(samples)), desc="eval", unit="sample", disable=not config.progress)
+    for i in bar:
+        sample = samples[i]
+        prompt = _prepare(vlm, sample)
+        for label, pruner in pruners:
+            for ratio in ((1.0,) if label == VANILLA else config.ratios):
+                records.append(run_one(vlm, pruner, label, prompt, sample, float(ratio), shape,
+                                       config.max_new_tokens))
+        base = [r.correct for r in records if r.method == VANILLA]
+        bar.set_postfix(vanilla_acc=f"{sum(base) / len(base):.2f}")
+    environment = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(vlm.device),
+                   "machine": platform.machine(), "python": platform.python_version()}
+    return Report.from_records(records, model=model_name, task=task_info or {}, config=config.to_json(),
+                               shape=asdict(shape), environment=environment)
+
+
+def evaluate(model: str, task: TaskConfig | None = None, config: EvalConfig | None = None,
+             out: str | None = None, plots: bool = True, vlm: Any = None) -> tuple[Report, dict[str, Any]]:
+    """Load ``model`` (path or "demo"), run ``task`` and, with ``out``, write the report files there."""
+    task, config = task or TaskConfig(), config or EvalConfig()
+    if vlm is None:
+        from explainprune.models import load
+
+        vlm = load(model)
+    samples = load_task(task)
+    report = run_eval(vlm, samples, config, model_name=str(model), task_info=samples.describe())
+    paths = report.save(out, plots=plots) if out else {}
+    return report, paths
