@@ -99,7 +99,8 @@ def test_label_content_and_skips(tmp_path):
     rep = label(FakeVLM(), SyntheticSource(10), tmp_path, LabelConfig(shard_size=3), labeler=lab, progress=False)
     wrong = _expected_wrong(10)
     assert rep.complete and rep.shards_written == 4 and lab.calls == 10
-    assert rep.totals == {"samples": 10, "labeled": 10 - len(wrong), "skipped_wrong": len(wrong)}
+    assert rep.totals == {"samples": 10, "labeled": 10 - len(wrong), "skipped_wrong": len(wrong),
+                          "wrong": len(wrong)}
     index = read_index(tmp_path)
     assert index["fingerprint"] == FP and len(index["shards"]) == 4
     t = read_table(tmp_path).to_pydict()
@@ -244,6 +245,10 @@ def test_default_labeler_on_a_tiny_model(tmp_path, load_tiny, image):
     lab = default_labeler(max_new_tokens=3)
     rep = label(vlm, One(), tmp_path, LabelConfig(max_new_tokens=3), labeler=lab, progress=False)
     assert rep.totals["labeled"] + rep.totals["skipped_wrong"] == 2 and rep.totals["skipped_wrong"] >= 1
+    # --keep-wrong stores the wrongly answered sample too (R_v of the model's own answer), flagged
+    rep = label(vlm, One(), tmp_path / "all", LabelConfig(max_new_tokens=3, keep_wrong=True), progress=False)
+    assert rep.totals["labeled"] == 2 and rep.totals["skipped_wrong"] == 0 and rep.totals["wrong"] >= 1
+    assert read_table(tmp_path / "all").column("correct").to_pylist()[1] is False
     if rep.totals["labeled"]:
         r = load_records(tmp_path)[0]
         assert r.attention.shape == (vlm.text_config.num_attention_heads, prompt.num_visual)

@@ -79,6 +79,7 @@ class LabelConfig:
     rule: str = "grad"
     clamp: bool = True
     max_new_tokens: int = 8
+    keep_wrong: bool = False  # also store wrongly answered samples (R_v of the model's own answer)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,19 +116,22 @@ def answers_match(prediction: str, reference: str | Sequence[str]) -> bool:
     return any(normalize_answer(prediction) == normalize_answer(r) for r in refs)
 
 
-def default_labeler(rule: str = "grad", clamp: bool = True, max_new_tokens: int = 8) -> Labeler:
-    """Greedy answer; if it matches the reference, R_v (Eq. 1, for the answer tokens) and A_v^0."""
+def default_labeler(rule: str = "grad", clamp: bool = True, max_new_tokens: int = 8,
+                    keep_wrong: bool = False) -> Labeler:
+    """Greedy answer; if it matches the reference (or ``keep_wrong``), R_v (Eq. 1, for the answer tokens)
+    and A_v^0."""
     from explainprune.attention import first_layer_attention
     from explainprune.relevance import relevance
 
     def labeler(vlm: Any, prompt: Any, sample: LabelSample) -> LabelOutput:
         gen = vlm.generate(prompt, max_new_tokens=max_new_tokens)
         ids = [t for t in gen.token_ids if t not in vlm.eos_token_ids]
-        if not ids or not answers_match(gen.text, sample.answer):
+        correct = bool(ids) and answers_match(gen.text, sample.answer)
+        if not ids or not (correct or keep_wrong):
             return LabelOutput(gen.text, ids, False)
         rel = relevance(vlm, prompt, answer=ids, rule=rule, clamp=clamp)
         att = first_layer_attention(vlm, prompt)
-        return LabelOutput(gen.text, ids, True, att.detach().float().cpu(), rel.scores.detach().float().cpu())
+        return LabelOutput(gen.text, ids, correct, att.detach().float().cpu(), rel.scores.detach().float().cpu())
 
     return labeler
 
@@ -143,7 +147,7 @@ def region_indices(region: Sequence[Sequence[int]] | None, visual_grid: Tensor) 
 # -- storage ---------------------------------------------------------------------------------------------
 SCHEMA = pa.schema([
     ("id", pa.string()), ("index", pa.int64()), ("task", pa.string()), ("kind", pa.string()),
-    ("question", pa.string()), ("reference", pa.string()), ("answer", pa.string()),
+    ("question", pa.string()), ("reference", pa.string()), ("answer", pa.string()), ("correct", pa.bool_()),
     ("answer_ids", pa.list_(pa.int64())), ("num_heads", pa.int32()), ("num_visual", pa.int32()),
     ("grid_shape", pa.list_(pa.int32())), ("visual_grid", pa.list_(pa.list_(pa.int32()))),
     ("attention", pa.list_(pa.list_(pa.float32()))), ("relevance", pa.list_(pa.float32())),
@@ -239,7 +243,7 @@ def _row(index: int, sample: LabelSample, prompt: Any, res: LabelOutput, task: s
         raise ValueError(f"sample {sample.id}: the labeler returned attention {shapes[0]} and relevance "
                          f"{shapes[1]} for {n} visual tokens")
     return {"id": sample.id, "index": index, "task": task, "kind": str(sample.meta.get("kind", "")),
-            "question": sample.question, "reference": sample.answer, "answer": res.answer,
+            "question": sample.question, "reference": sample.answer, "answer": res.answer, "correct": res.correct,
             "answer_ids": [int(t) for t in res.answer_ids], "num_heads": int(att.shape[0]), "num_visual": n,
             "grid_shape": list(prompt.grid_shape), "visual_grid": prompt.visual_grid.tolist(),
             "attention": att.float().tolist(), "relevance": rel.float().tolist(),
@@ -255,14 +259,14 @@ def finalize(out: str | Path) -> dict[str, Any] | None:
     paths = [shard_path(out, s) for s in range(n_shards)]
     if not all(p.is_file() for p in paths):
         return None
-    shards, labeled, skipped = [], 0, 0
+    shards, labeled, skipped, wrong = [], 0, 0, 0
     for p in paths:
         m = shard_meta(p)
         shards.append({"file": str(p.relative_to(out)), "rows": m["labeled"], "skipped": len(m["skipped"]),
                        "start": m["start"], "stop": m["stop"]})
-        labeled, skipped = labeled + m["labeled"], skipped + len(m["skipped"])
-    index = {**record, "shards": shards,
-             "counts": {"samples": record["samples"], "labeled": labeled, "skipped_wrong": skipped}}
+        labeled, skipped, wrong = labeled + m["labeled"], skipped + len(m["skipped"]), wrong + m["wrong"]
+    index = {**record, "shards": shards, "counts": {"samples": record["samples"], "labeled": labeled,
+                                                    "skipped_wrong": skipped, "wrong": wrong}}
     write_json_atomic(out / "index.json", index)
     return index
 
@@ -285,7 +289,7 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
     fingerprint = vlm.fingerprint()
     _check_run(out, _run_record(source, config, fingerprint))
     if labeler is None:
-        labeler = default_labeler(config.rule, config.clamp, config.max_new_tokens)
+        labeler = default_labeler(config.rule, config.clamp, config.max_new_tokens, config.keep_wrong)
     task = str(source.describe().get("task", "custom"))
     model = json.dumps(fingerprint, sort_keys=True)
     n, size = len(source), config.shard_size
@@ -296,20 +300,21 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
     bar = tqdm(total=total_mine, unit="sample", disable=not progress or rank != 0,
                desc=f"label {out.name}" + (f" (rank 0 of {world})" if world > 1 else ""))
     for s in todo:
-        rows, wrong = [], []
+        rows, wrong, n_wrong = [], [], 0
         start, stop = s * size, min(n, (s + 1) * size)
         for i in range(start, stop):
             sample = source[i]
             prompt = vlm.prepare(images=sample.images, video=sample.video, question=sample.question)
             res = labeler(vlm, prompt, sample)
-            if res.correct:
+            if res.correct or (config.keep_wrong and res.attention is not None):
                 rows.append(_row(i, sample, prompt, res, task, model))
             else:
                 wrong.append(sample.id)
+            n_wrong += not res.correct
             bar.update(1)
             bar.set_postfix(skipped=skipped + len(wrong), refresh=False)
         write_shard(shard_path(out, s), rows, {"shard": s, "start": start, "stop": stop, "labeled": len(rows),
-                                               "skipped": wrong})
+                                               "skipped": wrong, "wrong": n_wrong})
         labeled, skipped = labeled + len(rows), skipped + len(wrong)
     bar.close()
     if group:

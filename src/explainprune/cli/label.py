@@ -35,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rule", default="grad", choices=["grad", "mean"], help="relevance rule (default grad)")
     p.add_argument("--no-clamp", action="store_true", help="Eq. 1 as printed (no positive part)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default 8)")
+    p.add_argument("--keep-wrong", action="store_true",
+                   help="also store wrongly answered samples (flagged correct=false; R_v of the model's own "
+                   "answer). The paper keeps only correct ones (Appendix B)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--json", action="store_true", help="print the final numbers as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     source = make_source(args)
     vlm = explainprune.load(args.model, device=args.device)
     config = LabelConfig(shard_size=args.shard_size, rule=args.rule, clamp=not args.no_clamp,
-                         max_new_tokens=args.max_new_tokens)
+                         max_new_tokens=args.max_new_tokens, keep_wrong=args.keep_wrong)
     rep = label(vlm, source, args.out, config, progress=not args.no_progress)
     if args.json:
         print(json.dumps(rep.to_json(), indent=1))
@@ -70,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
         t = rep.totals
         if rep.complete and t:
             print(f"{args.out}: {t['labeled']} samples labelled, {t['skipped_wrong']} skipped (wrong answer) "
-                  f"of {t['samples']}; this run: {rep.shards_written} shards in {rep.seconds:.1f} s, "
-                  f"{rep.shards_reused} reused")
+                  f"of {t['samples']} ({t['wrong']} answered wrongly); this run: {rep.shards_written} shards in "
+                  f"{rep.seconds:.1f} s, {rep.shards_reused} reused")
         else:
             print(f"{args.out}: rank 0 done ({rep.labeled} labelled, {rep.skipped_wrong} skipped); "
                   "other ranks still running")
