@@ -1,0 +1,147 @@
+"""The evaluation runner: every number of a record recomputed by hand on a tiny Qwen2-VL, the meter's
+prefill / KV-cache attribution, the CLI end to end, method specs and task adapters."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import explainprune.pruning.fastv  # noqa: F401  (registers "fastv" until pruning/__init__ imports it)
+from explainprune import get_pruner
+from explainprune.cli.main import main
+from explainprune.evaluation.flops import LLMShape
+from explainprune.evaluation.runner import EvalConfig, parse_method, run_eval, run_one
+from explainprune.evaluation.tasks import TaskConfig, load_task, sample_kind
+from explainprune.labels import ManifestSource
+from explainprune.pruning.base import Pruner
+from explainprune.testing import random_image
+
+MAX_NEW = 4
+
+
+@pytest.fixture(scope="module")
+def qwen(load_tiny):
+    return load_tiny("qwen2_vl")
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory, qwen):
+    """Two images and a video whose reference answers are the vanilla model's own (upper-cased, padded)."""
+    d = tmp_path_factory.mktemp("manifest")
+    rows = []
+    for i in range(3):
+        if i < 2:
+            random_image(i).save(d / f"img{i}.png")
+            media, rec = {"images": random_image(i)}, {"image": f"img{i}.png", "kind": "image"}
+        else:
+            frames = [random_image(20 + k, (112, 112)) for k in range(4)]
+            for k, f in enumerate(frames):
+                f.save(d / f"f{k}.png")
+            media, rec = {"video": frames}, {"video": [f"f{k}.png" for k in range(4)], "kind": "video"}
+        question = "what digit is in row 1 column 2 ?"
+        text = qwen.generate(qwen.prepare(question=question, **media), max_new_tokens=MAX_NEW).text
+        rows.append({"id": f"s{i}", "question": question, "answer": f"  {text.upper()} ", **rec})
+    path = d / "manifest.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def per_token_kv_bytes(vlm) -> int:
+    t = vlm.text_config
+    return 2 * t.num_key_value_heads * (t.hidden_size // t.num_attention_heads) * 4  # K and V, float32
+
+
+def test_records_recomputed_by_hand(qwen, manifest):
+    samples = ManifestSource(manifest)
+    config = EvalConfig(methods=("vanilla", "random", "fastv:layer=1"), ratios=(0.5, 0.25),
+                        max_new_tokens=MAX_NEW, progress=False)
+    report = run_eval(qwen, samples, config, model_name="tiny")
+    assert len(report.samples) == 3 * (1 + 2 + 2)
+    d, m, n_layers = 64, 128, 2
+    for r in report.samples:
+        s = samples[int(r.id[1:])]
+        p = qwen.prepare(images=s.images, video=s.video, question=s.question)
+        n_v, text_len = p.num_visual, p.length - p.num_visual
+        name, options = parse_method(r.method)
+        kept = n_v if name == "vanilla" else math.ceil(r.ratio * n_v)
+        layer = options.get("layer", 0)
+        assert (r.n_visual, r.kept, r.layer, r.kind) == (n_v, kept, layer, "video" if r.id == "s2" else "image")
+        expected = get_pruner(name, **options).generate(qwen, p, r.ratio, max_new_tokens=MAX_NEW)
+        assert r.prediction == expected.text and r.new_tokens == len(expected.token_ids)
+        assert r.correct == (r.prediction == s.answer.strip().lower())
+        per_layer = [n_v] * layer + [kept] * (n_layers - layer)
+        assert r.flops_llm == sum(4 * n * d * d + 2 * n * n * d + 3 * n * d * m for n in per_layer)
+        assert r.flops_overhead == 0
+        assert r.average_retention == pytest.approx(sum(per_layer) / (n_layers * n_v))
+        cache_tokens = sum(text_len + n for n in per_layer)  # each layer's KV cache after prefill
+        assert r.kv_bytes == cache_tokens * per_token_kv_bytes(qwen)
+        assert r.prefill_s > 0 and r.total_s >= r.prefill_s + r.decode_s
+        assert (r.decode_s > 0) == (r.new_tokens > 1)
+    vanilla = report.result("vanilla")
+    assert vanilla.accuracy == 1.0 and vanilla.preservation == 100.0 and vanilla.n == 3
+    fastv = report.result("fastv:layer=1", 0.25)
+    assert fastv.preservation == pytest.approx(100 * fastv.accuracy)
+    assert fastv.layer == 1 and 0.25 < fastv.average_retention < 1.0
+
+
+@dataclass
+class ForwardFirst(Pruner):
+    """A pruner that runs the whole model (with a cache) to score, like the oracle does."""
+
+    def score(self, vlm, prompt):
+        vlm.forward(prompt.inputs_embeds, prompt.position_ids, prompt.attention_mask, use_cache=True)
+        return torch.arange(prompt.num_visual, dtype=torch.float)
+
+
+def test_meter_attributes_the_last_generation(qwen):
+    p = qwen.prepare(images=random_image(5), question="how many 7 are there ?")
+    sample = type("S", (), {"id": "x", "question": p.question, "answer": "7", "video": None, "meta": {}})()
+    shape = LLMShape.from_config(qwen.text_config)
+    rec = run_one(qwen, ForwardFirst(), "forward-first", p, sample, 0.25, shape, 3)
+    kept_len = p.length - p.num_visual + math.ceil(0.25 * p.num_visual)
+    assert rec.kv_bytes == 2 * kept_len * per_token_kv_bytes(qwen)  # the pruned generation's cache
+    assert rec.kind == "image" and rec.layer == 0
+
+
+def test_eval_cli_end_to_end(tiny_dirs, manifest, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = main(["eval", "--model", str(tiny_dirs("qwen2_vl")), "--task", str(manifest), "--methods", "vanilla",
+                 "uniform", "fastv", "--fastv-layer", "1", "--ratios", "0.5", "--max-new-tokens", str(MAX_NEW),
+                 "--out", str(out), "--json", "--no-progress"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [(r["method"], r["ratio"], r["layer"]) for r in printed["results"]] == [
+        ("vanilla", 1.0, 0), ("uniform", 0.5, 0), ("fastv", 0.5, 1)]
+    assert printed["results"][0]["accuracy"] == 1.0
+    data = json.loads((out / "report.json").read_text())
+    assert len(data["samples"]) == 9 and data["task"]["task"] == "manifest"
+    assert {"prediction", "reference", "correct"} <= set(data["samples"][0])
+    assert "## Efficiency" in (out / "report.md").read_text()
+    assert (out / "preservation_vs_retention.png").is_file() and (out / "preservation_vs_flops.png").is_file()
+
+
+def test_method_specs_and_errors(qwen, manifest):
+    assert parse_method("fastv:layer=4") == ("fastv", {"layer": 4})
+    assert parse_method("random:seed=1,x=abc") == ("random", {"seed": 1, "x": "abc"})
+    with pytest.raises(ValueError, match="key=value"):
+        parse_method("fastv:4")
+    samples = ManifestSource(manifest)
+    with pytest.raises(ValueError, match="did you mean 'fastv'"):
+        run_eval(qwen, samples, EvalConfig(methods=("fastvv",), progress=False))
+    with pytest.raises(ValueError, match=r"ratios must be in \(0, 1\]"):
+        run_eval(qwen, samples, EvalConfig(ratios=(1.5,), progress=False))
+    with pytest.raises(FileNotFoundError, match="unknown task"):
+        load_task(TaskConfig(name="nope.jsonl"))
+
+
+def test_digits_task_adapter():
+    pytest.importorskip("explainprune.tasks.digits")
+    task = load_task(TaskConfig(limit=4, options={"kinds": ("rowcol", "video")}))
+    assert len(task) == 4 and task.describe()["split"] == "test"
+    kinds = [sample_kind(task[i]) for i in range(4)]
+    assert kinds == ["rowcol", "video", "rowcol", "video"]
+    assert task[1].video is not None and task[0].images is not None
