@@ -200,12 +200,28 @@ class LabelRecord:
     region: list[int] | None
 
 
+def _flat(column: pa.ChunkedArray, depth: int) -> Any:
+    """Values of a (nested) list column as one numpy array (no Python lists: fast for large sets)."""
+    arr = column.combine_chunks()
+    for _ in range(depth):
+        arr = arr.flatten()
+    return arr.to_numpy(zero_copy_only=False).copy()
+
+
 def load_records(out: str | Path) -> list[LabelRecord]:
-    t = read_table(out).to_pydict()
-    return [LabelRecord(t["id"][i], t["kind"][i], torch.tensor(t["attention"][i], dtype=torch.float32),
-                        torch.tensor(t["relevance"][i], dtype=torch.float32),
-                        torch.tensor(t["visual_grid"][i], dtype=torch.long).reshape(-1, 3), t["region"][i])
-            for i in range(len(t["id"]))]
+    """Every stored sample as tensors, in source order."""
+    import numpy as np
+
+    t = read_table(out)
+    heads, nv = t.column("num_heads").to_numpy(), t.column("num_visual").to_numpy()
+    att = torch.from_numpy(np.ascontiguousarray(_flat(t.column("attention"), 2), dtype=np.float32))
+    rel = torch.from_numpy(np.ascontiguousarray(_flat(t.column("relevance"), 1), dtype=np.float32))
+    grid = torch.from_numpy(np.ascontiguousarray(_flat(t.column("visual_grid"), 2), dtype=np.int64))
+    att_parts = att.split((heads * nv).tolist())
+    rel_parts, grid_parts = rel.split(nv.tolist()), grid.split((3 * nv).tolist())
+    ids, kinds, regions = (t.column(c).to_pylist() for c in ("id", "kind", "region"))
+    return [LabelRecord(ids[i], kinds[i], att_parts[i].reshape(int(heads[i]), int(nv[i])), rel_parts[i],
+                        grid_parts[i].reshape(-1, 3), regions[i]) for i in range(t.num_rows)]
 
 
 # -- the run ---------------------------------------------------------------------------------------------
