@@ -148,7 +148,7 @@ def _fold(v: Tensor, cam: Tensor) -> Tensor:
 
 def relevance(vlm: VLM, prompt: Prompt, answer: str | list[int] | Tensor | None = None, rule: str = "grad",
               clamp: bool = True, keep_maps: bool = False, max_new_tokens: int = 16,
-              batch_bytes: int = 256 * 2**20) -> RelevanceResult:
+              batch_bytes: int = 64 * 2**20) -> RelevanceResult:
     """R_v (Eq. 1, Section 3.2) of ``prompt``'s visual tokens for ``answer``.
 
     answer: a string, token ids, or None (generate greedily, up to ``max_new_tokens``).
