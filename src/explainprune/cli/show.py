@@ -1,0 +1,92 @@
+"""`explainprune show`: a picture of R_v (Eq. 1) over an image or video and the pruning it implies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "show", help="draw the relevance of each visual token (Eq. 1) and the kept/pruned tokens",
+        description="Answer QUESTION about an image or video (or explain --answer), compute each visual "
+        "token's relevance R_v to that answer (Eq. 1 of the paper) and write a PNG like the paper's Figure 2: "
+        "the relevance heatmap over the picture (each frame of a video) and the picture with the pruned "
+        "tokens whitened at --ratio. With --compressor (or --compare PRUNER) a second row shows the "
+        "predicted scores.",
+        epilog="example: explainprune show --model demo --image digits.png --question 'what digit is in row 2, "
+        "column 3?' --ratio 0.25 --out fig.png")
+    p.add_argument("--model", required=True, help="checkpoint directory, hub id, or 'demo'")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image file (repeat for several images)")
+    p.add_argument("--video", metavar="FILE_OR_DIR",
+                   help="a video file (decoded with PyAV) or a directory of frame images (sorted by name)")
+    p.add_argument("--frames", type=int, default=8, help="frames sampled evenly from a video file (default 8)")
+    p.add_argument("--question", required=True, help="the instruction / question about the picture")
+    p.add_argument("--answer", help="the answer to explain (default: the model's own greedy answer)")
+    p.add_argument("--ratio", type=float, default=0.25, help="share of visual tokens kept (default 0.25)")
+    p.add_argument("--rule", default="grad", choices=("grad", "mean"),
+                   help="grad: Eq. 1, gradient-weighted heads (default); mean: plain head mean (Table 4)")
+    p.add_argument("--no-clamp", action="store_true",
+                   help="Eq. 1 as printed (keep negative A*grad terms); default keeps the positive part")
+    p.add_argument("--compressor", metavar="DIR", help="a trained compressor f_θ: adds a predicted-relevance row")
+    p.add_argument("--compare", metavar="PRUNER", help="a registered pruner whose scores form the second row")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="length limit of the generated answer")
+    p.add_argument("--out", default="relevance.png", help="PNG to write (default relevance.png)")
+    p.add_argument("--json", action="store_true", help="print the numbers (answer, scores, kept) as JSON")
+    p.set_defaults(func=run)
+
+
+def read_frames(path: str | Path, count: int = 8) -> list:
+    """Frames of a video: the images of a directory (sorted), or ``count`` frames spread over a file."""
+    from PIL import Image
+
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        return [Image.open(f).convert("RGB") for f in files]
+    if not path.is_file():
+        raise FileNotFoundError(f"no video at {path}")
+    import av
+
+    with av.open(str(path)) as container:
+        frames = [f.to_image() for f in container.decode(video=0)]
+    if not frames:
+        raise ValueError(f"{path} has no video frames")
+    count = max(1, min(count, len(frames)))
+    return [frames[i * len(frames) // count] for i in range(count)]
+
+
+def run(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from explainprune.models import load
+    from explainprune.visualize import show
+
+    if not args.image and not args.video:
+        raise ValueError("give --image FILE and/or --video FILE_OR_DIR")
+    for f in args.image:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"no image at {f}")
+    images = [Image.open(f).convert("RGB") for f in args.image] or None
+    video = read_frames(args.video, args.frames) if args.video else None
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    vlm = load(args.model)
+    print("generating and explaining the answer (Eq. 1) ...", file=sys.stderr, flush=True)
+    result = show(vlm, args.question, images=images, video=video, answer=args.answer, ratio=args.ratio,
+                  out=args.out, rule=args.rule, clamp=not args.no_clamp, compressor=args.compressor,
+                  compare=args.compare, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        pic = result.picture
+        print(f"answer: {result.relevance.answer!r}")
+        print(f"kept {len(result.keep)} of {len(result.relevance.scores)} visual tokens (ratio {args.ratio})")
+        print(f"wrote {pic.path} ({pic.width}x{pic.height})")
+    return 0
