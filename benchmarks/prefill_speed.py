@@ -149,7 +149,9 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.25)
     p.add_argument("--fastv-layer", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on an oversubscribed 2-core machine each parallel op of a "
+                   "2-thread run can stall for milliseconds waiting for a descheduled thread)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     result = run(args)

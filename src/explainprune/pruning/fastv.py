@@ -39,10 +39,11 @@ def last_token_attention(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, head_di
                          scaling: float) -> Tensor:
     """Softmax attention row of the last token over all L tokens, per head.
 
-    q: q_proj output [B, L, H*hd]; k: k_proj output [B, L, H_kv*hd]; cos/sin [B, L, hd] at the original
-    positions. Returns Tensor[B, H, L] (float32; causal: the last token sees every position).
+    q: q_proj output [B, L or 1, H*hd] (only its last row is used); k: k_proj output [B, L, H_kv*hd];
+    cos/sin [B, L, hd] at the original positions. Returns Tensor[B, H, L] (float32; causal: the last
+    token sees every position).
     """
-    b, n, _ = q.shape
+    b, n, _ = k.shape
     q_last = q[:, -1:].view(b, 1, -1, head_dim).transpose(1, 2)           # [B, H, 1, hd]
     keys = k.view(b, n, -1, head_dim).transpose(1, 2)                       # [B, Hkv, L, hd]
     q_last = rotate(q_last, cos[:, -1:], sin[:, -1:])
@@ -111,10 +112,10 @@ def fastv_hooks(vlm: VLM, prompt: Prompt, ratio: float, layer: int, *,
     attn = layers[layer - 1].self_attn
     handles = []
 
-    def capture(name: str):
+    def capture(name: str, last_only: bool):
         def hook(module, args, output):
             if output.shape[1] == full_len and full_len > 1:
-                captured[name] = output.detach()
+                captured[name] = (output[:, -1:] if last_only else output).detach()
         return hook
 
     def capture_rope(module, args, kwargs):
@@ -133,6 +134,7 @@ def fastv_hooks(vlm: VLM, prompt: Prompt, ratio: float, layer: int, *,
         if prefill and module is layers[layer]:
             cos, sin = captured["rope"]
             att = last_token_attention(captured["q"], captured["k"], cos, sin, attn.head_dim, attn.scaling)
+            captured.clear()
             state.scores = att.mean(1)[0, prompt.visual_pos.to(att.device)].cpu()   # [N_v]
             if scores_only:
                 raise _Stop
@@ -147,8 +149,8 @@ def fastv_hooks(vlm: VLM, prompt: Prompt, ratio: float, layer: int, *,
         return args, _slice_kwargs(kwargs, state.rows, full_len, prefill)
 
     try:
-        handles.append(attn.q_proj.register_forward_hook(capture("q")))
-        handles.append(attn.k_proj.register_forward_hook(capture("k")))
+        handles.append(attn.q_proj.register_forward_hook(capture("q", last_only=True)))
+        handles.append(attn.k_proj.register_forward_hook(capture("k", last_only=False)))
         handles.append(attn.register_forward_pre_hook(capture_rope, with_kwargs=True))
         for i, decoder_layer in enumerate(layers):
             if i >= layer:
