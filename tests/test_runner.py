@@ -145,3 +145,18 @@ def test_digits_task_adapter():
     kinds = [sample_kind(task[i]) for i in range(4)]
     assert kinds == ["rowcol", "video", "rowcol", "video"]
     assert task[1].video is not None and task[0].images is not None
+
+
+def test_learned_overhead_is_accounted(qwen):
+    from explainprune.compressor import Compressor
+    from explainprune.evaluation.flops import attention_flops, conv_flops
+    from explainprune.pruning.learned import Learned
+
+    p = qwen.prepare(images=random_image(6), question="what digit is in row 2 column 3 ?")
+    sample = type("S", (), {"id": "y", "question": p.question, "answer": "7", "video": None, "meta": {}})()
+    heads = qwen.text_config.num_attention_heads
+    pruner = Learned(compressor=Compressor(in_channels=heads))
+    rec = run_one(qwen, pruner, "learned", p, sample, 0.25, LLMShape.from_config(qwen.text_config), 3)
+    n = p.num_visual
+    assert rec.flops_overhead == attention_flops(n, 64) + conv_flops(n, heads, (32, 64, 128, 256, 512), 3)
+    assert rec.kept == math.ceil(0.25 * n) and rec.average_retention == pytest.approx(rec.kept / n)
