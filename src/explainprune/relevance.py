@@ -141,9 +141,55 @@ def _run_layer(layer: Any, hidden: Tensor, args: tuple, kwargs: dict) -> tuple[T
     return (out[0] if isinstance(out, tuple) else out), seen[0]
 
 
-def _fold(v: Tensor, cam: Tensor) -> Tensor:
-    """One step of the reverse fold: v + v E_h(cam). v [T, n], cam [T or 1, H, n, n] -> [T, n]."""
-    return v + torch.matmul(v[:, None, None, :], cam).squeeze(2).mean(1)
+def _fold(v: Tensor, attn: Tensor, grad: Tensor | None = None, clamp: bool = True) -> Tensor:
+    """One step of the reverse fold, v <- v + v M_l (Eq. 1), one head at a time (temporaries n x n).
+
+    v [T, n] rows; attn A^l [H, n, n]; grad ∇A^l per row [T, H, n, n] (rule "grad") or None ("mean").
+    M_l = E_h(A ⊙ ∇A) (positive part first when ``clamp``) or E_h(A).
+    """
+    acc = torch.zeros_like(v)
+    for h in range(attn.shape[0]):
+        a = attn[h].float()
+        if grad is None:
+            acc += v @ a
+            continue
+        cam = grad[:, h].float() * a  # [T, n, n]
+        if clamp:
+            cam.clamp_(min=0)
+        acc += torch.bmm(v[:, None, :], cam)[:, 0]
+    return v + acc / attn.shape[0]
+
+
+def _sweep_layer(out: Tensor, hidden: Tensor, attn: Tensor, grads: Tensor, v: Tensor, clamp: bool,
+                 batch_bytes: int) -> Tensor:
+    """Backpropagate every answer token's output gradient through one recomputed layer; fold its rows.
+
+    out [1, n, D] = layer(hidden); attn A^l [1, H, n, n] (in the graph); grads [T, 1, n, D] = d logit_t /
+    d out; v [T, n] is folded in place. Returns d logit_t / d hidden, [T, 1, n, D]. One token at a time,
+    ∇A^l is consumed by a tensor hook as backward produces it (never returned, so it is freed once the
+    softmax backward has used it); tokens whose ∇A^l fit ``batch_bytes`` together go through one batched
+    vector-Jacobian product (``is_grads_batched``) instead.
+    """
+    t_count = grads.shape[0]
+    chunk = max(1, min(t_count, batch_bytes // max(1, attn.numel() * attn.element_size())))
+    a = attn.detach()[0]
+    below = torch.empty_like(grads)
+    for c0 in range(0, t_count, chunk):
+        c1 = min(t_count, c0 + chunk)
+        keep_graph = c1 < t_count
+        if c1 - c0 == 1:
+            def fold(g: Tensor, t: int = c0) -> None:
+                v[t:t + 1] = _fold(v[t:t + 1], a, g, clamp)
+
+            with hooks(attn.register_hook(fold)):
+                (below[c0],) = torch.autograd.grad(out, hidden, grads[c0], retain_graph=keep_graph)
+        else:
+            g_h, g_a = torch.autograd.grad(out, (hidden, attn), grads[c0:c1], retain_graph=keep_graph,
+                                           is_grads_batched=True)
+            below[c0:c1] = g_h
+            v[c0:c1] = _fold(v[c0:c1], a, g_a[:, 0], clamp)
+            del g_a
+    return below
 
 
 def relevance(vlm: VLM, prompt: Prompt, answer: str | list[int] | Tensor | None = None, rule: str = "grad",
@@ -153,8 +199,9 @@ def relevance(vlm: VLM, prompt: Prompt, answer: str | list[int] | Tensor | None 
 
     answer: a string, token ids, or None (generate greedily, up to ``max_new_tokens``).
     rule: "grad" (E_h(A ⊙ ∇A), the paper) or "mean" (E_h(A), Table 4). clamp: positive part of A ⊙ ∇A
-    before the head mean (True) or Eq. 1 as printed (False). batch_bytes bounds the memory of the
-    answer tokens' attention gradients backpropagated together (a batched vector-Jacobian product).
+    before the head mean (True) or Eq. 1 as printed (False). batch_bytes: answer tokens whose attention
+    gradients fit in it together are backpropagated as one batched vector-Jacobian product; larger
+    inputs go one token at a time (each ∇A^l consumed by a hook, the lowest memory).
     Returns a RelevanceResult with ``scores`` Tensor[N_v] (float32, on CPU).
     """
     check_rule(rule)
@@ -179,32 +226,14 @@ def relevance(vlm: VLM, prompt: Prompt, answer: str | list[int] | Tensor | None 
             if rule == "mean":
                 with torch.no_grad():
                     _, attn = _run_layer(layer, hidden, args, kwargs)
-                    v = _fold(v, attn.float())
-                del attn
-                continue
-            hidden = hidden.detach().requires_grad_(True)
-            with torch.enable_grad():
-                out, attn = _run_layer(layer, hidden, args, kwargs)
-            per_token = max(1, attn.numel() * attn.element_size())
-            chunk = max(1, min(t_count, batch_bytes // per_token))
-            below = torch.empty_like(grads)
-            for c0 in range(0, t_count, chunk):
-                c1 = min(t_count, c0 + chunk)
-                last = c1 == t_count
-                if c1 - c0 == 1:
-                    g_h, g_a = torch.autograd.grad(out, (hidden, attn), grads[c0], retain_graph=not last)
-                    g_h, g_a = g_h[None], g_a[None]
-                else:
-                    g_h, g_a = torch.autograd.grad(out, (hidden, attn), grads[c0:c1], retain_graph=not last,
-                                                   is_grads_batched=True)
-                below[c0:c1] = g_h
-                cam = g_a[:, 0].float().mul_(attn.detach()[0].float())  # A ⊙ ∇A, [c, H, n, n], in place
-                if clamp:
-                    cam.clamp_(min=0)
-                v[c0:c1] = _fold(v[c0:c1], cam)
-                del g_a, cam
-            grads = below
-            del out, attn, hidden
+                    v = _fold(v, attn[0])
+            else:
+                hidden = hidden.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    out, attn = _run_layer(layer, hidden, args, kwargs)
+                grads = _sweep_layer(out, hidden, attn, grads, v, clamp, batch_bytes)
+                del out
+            del attn, hidden, args, kwargs
     maps = v.detach().cpu()
     token_scores = maps[:, prompt.visual_pos]
     return RelevanceResult(scores=token_scores.mean(0), token_scores=token_scores, answer_ids=ids,
