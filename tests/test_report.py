@@ -64,8 +64,9 @@ def test_markdown_json_roundtrip_and_files(tmp_path):
     md = report.to_markdown()
     assert "| Method | Retention | image | video | Acc. | Preservation (%) | Avg. (%) |" in md
     assert "| fastv | 50% | 50.0 | 50.0 | 50.0 | 66.7 | 75.0 |" in md
-    assert "| Avg. retention over layers | FLOPs (K) | Prefill (ms) | Decode (ms/token) | KV cache (KiB) |" in md
-    assert "| fastv | 50% | 75.0% | 10.005 | 500.0 | 100.00 | 2.0 | 66.7 |" in md
+    assert ("| Avg. retention over layers | FLOPs (K) | Scoring (ms) | Prefill (ms) | Decode (ms/token) | "
+            "KV cache (KiB) |") in md
+    assert "| fastv | 50% | 75.0% | 10.005 | 0.0 | 500.0 | 100.00 | 2.0 | 66.7 |" in md
     again = Report.from_json(json.loads(json.dumps(report.to_json())))
     assert again.to_markdown() == md and len(again.samples) == 12
     assert report.result("learned", 0.5).accuracy == 0.5

@@ -14,7 +14,7 @@ import explainprune.pruning.fastv  # noqa: F401  (registers "fastv" until prunin
 from explainprune import get_pruner
 from explainprune.cli.main import main
 from explainprune.evaluation.flops import LLMShape
-from explainprune.evaluation.runner import EvalConfig, parse_method, run_eval, run_one
+from explainprune.evaluation.runner import EvalConfig, parse_method, run_eval, run_one, shared_scores
 from explainprune.evaluation.tasks import TaskConfig, load_task, sample_kind
 from explainprune.labels import ManifestSource
 from explainprune.pruning.base import Pruner
@@ -160,3 +160,24 @@ def test_learned_overhead_is_accounted(qwen):
     n = p.num_visual
     assert rec.flops_overhead == attention_flops(n, 64) + conv_flops(n, heads, (32, 64, 128, 256, 512), 3)
     assert rec.kept == math.ceil(0.25 * n) and rec.average_retention == pytest.approx(rec.kept / n)
+
+
+@dataclass
+class Counting(Pruner):
+    calls: int = 0
+
+    def score(self, vlm, prompt):
+        self.calls += 1
+        return torch.arange(prompt.num_visual, dtype=torch.float)
+
+
+def test_scores_shared_across_ratios(qwen):
+    p = qwen.prepare(images=random_image(7), question="how many 7 are there ?")
+    sample = type("S", (), {"id": "z", "question": p.question, "answer": "7", "video": None, "meta": {}})()
+    shape, pruner = LLMShape.from_config(qwen.text_config), Counting()
+    with shared_scores(pruner) as timing:
+        recs = [run_one(qwen, pruner, "counting", p, sample, r, shape, 2, timing) for r in (0.5, 0.25, 0.1)]
+    assert pruner.calls == 1 and "score" not in vars(pruner)
+    assert [r.kept for r in recs] == [math.ceil(f * p.num_visual) for f in (0.5, 0.25, 0.1)]
+    assert recs[0].score_s == recs[2].score_s == timing.seconds > 0
+    assert all(r.total_s >= r.score_s + r.prefill_s + r.decode_s for r in recs)

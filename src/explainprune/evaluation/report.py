@@ -36,6 +36,7 @@ class SampleRecord:
     total_s: float
     new_tokens: int
     kv_bytes: int
+    score_s: float = 0.0  # the pruner's score() on this prompt (run once, shared by the ratios)
 
     @property
     def flops(self) -> int:
@@ -69,6 +70,7 @@ class MethodResult:
     decode_per_token_s: float
     total_s: float
     kv_bytes: float
+    score_s: float = 0.0
 
 
 def _mean(xs: list[float]) -> float:
@@ -102,7 +104,8 @@ def aggregate(records: list[SampleRecord]) -> list[MethodResult]:
             flops=_mean([float(r.flops) for r in rows]), flops_overhead=_mean([float(r.flops_overhead) for r in rows]),
             prefill_s=_mean([r.prefill_s for r in rows]), decode_s=_mean([r.decode_s for r in rows]),
             decode_per_token_s=sum(r.decode_s for r in rows) / new if new else float("nan"),
-            total_s=_mean([r.total_s for r in rows]), kv_bytes=_mean([float(r.kv_bytes) for r in rows])))
+            total_s=_mean([r.total_s for r in rows]), kv_bytes=_mean([float(r.kv_bytes) for r in rows]),
+            score_s=_mean([r.score_s for r in rows])))
     return out
 
 
@@ -186,15 +189,16 @@ class Report:
         return "\n".join(lines)
 
     def efficiency_table(self) -> str:
-        """Tables 7-8 shape, plus measured times and the KV cache after prefill."""
+        """Tables 7-8 shape, plus measured times (scoring before the LLM, prefill, decode) and the KV cache."""
         scale, unit = _unit(max((r.flops for r in self.results), default=0.0), FLOPS_UNITS)
         bscale, bunit = _unit(max((r.kv_bytes for r in self.results), default=0.0), BYTE_UNITS)
-        head = ["Method", "Retention", "Avg. retention over layers", f"FLOPs ({unit})", "Prefill (ms)",
-                "Decode (ms/token)", f"KV cache ({bunit})", "Preservation (%)"]
+        head = ["Method", "Retention", "Avg. retention over layers", f"FLOPs ({unit})", "Scoring (ms)",
+                "Prefill (ms)", "Decode (ms/token)", f"KV cache ({bunit})", "Preservation (%)"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.results:
             cells = [r.method, f"{100 * r.ratio:g}%", f"{100 * r.average_retention:.1f}%",
-                     f"{r.flops / scale:.3f}", f"{1e3 * r.prefill_s:.1f}", _pct(1e3 * r.decode_per_token_s, 2),
+                     f"{r.flops / scale:.3f}", f"{1e3 * r.score_s:.1f}", f"{1e3 * r.prefill_s:.1f}",
+                     _pct(1e3 * r.decode_per_token_s, 2),
                      f"{r.kv_bytes / bscale:.1f}", _pct(r.preservation)]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)

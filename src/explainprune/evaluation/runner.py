@@ -6,7 +6,8 @@ registered pruner just works. Every sample is prepared once and run by every (me
 generation: prefill and decode time (forward hooks on the model: the first forward of ``generate`` is the
 prefill), the KV-cache bytes right after prefill (the actual cache tensors), and accounts the FLOPs of
 Appendix D from the pruner's declared ``layer`` and the kept count (plus Eq. 5-6 when the pruner carries a
-``compressor``).
+``compressor``). A pruner's ``score`` runs once per sample and is shared by its ratios (its time is
+still counted in every record's ``score_s`` and ``total_s``).
 """
 
 from __future__ import annotations
@@ -159,13 +160,49 @@ def normalize(text: str) -> str:
     return normalize_answer(text)
 
 
+@dataclass
+class ScoreTiming:
+    """Seconds ``score`` took on the prompt (once), and how much of it the latest call spent."""
+
+    seconds: float = 0.0
+    spent_now: float = 0.0
+
+
+@contextmanager
+def shared_scores(pruner: Any) -> Iterator[ScoreTiming]:
+    """Within the block ``pruner.score`` runs once per prompt and is reused for every ratio (scores do not
+    depend on the ratio). Wraps the instance, not the class; restored on exit."""
+    original = pruner.score
+    memo: dict[int, Any] = {}
+    timing = ScoreTiming()
+
+    def score(vlm: Any, prompt: Any) -> Any:
+        timing.spent_now = 0.0
+        if id(prompt) not in memo:
+            t0 = time.perf_counter()
+            memo[id(prompt)] = (prompt, original(vlm, prompt))  # the prompt is held: its id stays unique
+            timing.spent_now = timing.seconds = time.perf_counter() - t0
+        return memo[id(prompt)][1]
+
+    object.__setattr__(pruner, "score", score)
+    try:
+        yield timing
+    finally:
+        object.__delattr__(pruner, "score")
+
+
 def run_one(vlm: Any, pruner: Any, label: str, prompt: Any, sample: Any, ratio: float, shape: LLMShape,
-            max_new_tokens: int) -> SampleRecord:
-    """Generate with ``pruner`` at ``ratio`` and measure it (see the module docstring)."""
+            max_new_tokens: int, scores: ScoreTiming | None = None) -> SampleRecord:
+    """Generate with ``pruner`` at ``ratio`` and measure it (see the module docstring). With ``scores``
+    (from ``shared_scores``) the scoring time is counted in full for every ratio, reused or not."""
     with measure(vlm.model) as meter:
         t0 = time.perf_counter()
         out = pruner.generate(vlm, prompt, ratio, max_new_tokens=max_new_tokens)
         total = time.perf_counter() - t0
+    score_s = 0.0
+    if scores is not None:
+        score_s = scores.seconds
+        total += scores.seconds - scores.spent_now
     layer = int(getattr(pruner, "layer", 0))
     n_visual, kept = prompt.num_visual, int(out.visual_tokens)
     acc = account(shape, n_visual, layer=layer, kept=kept,
@@ -175,7 +212,7 @@ def run_one(vlm: Any, pruner: Any, label: str, prompt: Any, sample: Any, ratio: 
         reference=str(sample.answer), prediction=out.text, correct=normalize(out.text) == normalize(sample.answer),
         n_visual=n_visual, kept=kept, layer=layer, average_retention=acc.average_retention, flops_llm=acc.llm,
         flops_overhead=acc.attention + acc.conv, prefill_s=meter.prefill_s, decode_s=meter.decode_s,
-        total_s=total, new_tokens=len(out.token_ids), kv_bytes=meter.kv_bytes)
+        total_s=total, new_tokens=len(out.token_ids), kv_bytes=meter.kv_bytes, score_s=score_s)
 
 
 def _prepare(vlm: Any, sample: Any) -> Any:
@@ -203,9 +240,10 @@ def run_eval(vlm: Any, samples: Any, config: EvalConfig | None = None, *, model_
         sample = samples[i]
         prompt = _prepare(vlm, sample)
         for label, pruner in pruners:
-            for ratio in ((1.0,) if label == VANILLA else config.ratios):
-                records.append(run_one(vlm, pruner, label, prompt, sample, float(ratio), shape,
-                                       config.max_new_tokens))
+            with shared_scores(pruner) as scores:
+                for ratio in ((1.0,) if label == VANILLA else config.ratios):
+                    records.append(run_one(vlm, pruner, label, prompt, sample, float(ratio), shape,
+                                           config.max_new_tokens, scores))
         base = [r.correct for r in records if r.method == VANILLA]
         bar.set_postfix(vanilla_acc=f"{sum(base) / len(base):.2f}")
     environment = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(vlm.device),
