@@ -131,3 +131,22 @@ def test_hooks_removed_after_errors(deep):
         FastV(layer=2).generate(vlm, p, 0.0)
     FastV(layer=2).keep(vlm, p, 0.5)
     assert counts() == before
+
+
+@pytest.mark.parametrize("fam", ["qwen2_vl", "llava"])  # one M-RoPE and one 1-D family
+def test_eager_attention_slices_the_4d_masks(deep, fam):
+    """Eager attention gets materialised 4-D masks (sdpa gets None here): their rows and columns are sliced."""
+    vlm, eager = deep(fam)
+    p = vlm.prepare(images=random_image(3), question=QUESTION)
+    seen = []
+    hook = eager.language_model.layers[3].self_attn.register_forward_pre_hook(  # sees the sliced inputs
+        lambda m, a, k: seen.append(tuple(k["attention_mask"].shape)), with_kwargs=True)
+    try:
+        out = FastV(layer=2).generate(eager, p, 0.25, max_new_tokens=4, output_logits=True)
+    finally:
+        hook.remove()
+    _, keep, ref = reference(eager, p, 2, 0.25, len(out.token_ids))
+    assert out.keep.tolist() == keep.tolist()
+    torch.testing.assert_close(out.logits, ref, atol=1e-4, rtol=0)
+    kept_len = p.length - p.num_visual + len(keep)
+    assert seen[0] == (1, 1, kept_len, kept_len) and seen[1] == (1, 1, 1, kept_len + 1)
