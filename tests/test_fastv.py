@@ -150,3 +150,18 @@ def test_eager_attention_slices_the_4d_masks(deep, fam):
     torch.testing.assert_close(out.logits, ref, atol=1e-4, rtol=0)
     kept_len = p.length - p.num_visual + len(keep)
     assert seen[0] == (1, 1, kept_len, kept_len) and seen[1] == (1, 1, 1, kept_len + 1)
+
+
+@pytest.mark.parametrize("fam", ["qwen2_vl", "llava_onevision"])
+def test_ragged_batch_equals_one_by_one(deep, fam, frames):
+    """Left-padded prompts of different lengths, re-padded after layer K, equal FastV on each alone."""
+    vlm, _ = deep(fam)
+    prompts = [vlm.prepare(images=random_image(4, (56, 84)), question=QUESTION),
+               vlm.prepare(video=frames, question="in frame 2 what digit is in row 1 column 2 ?"),
+               vlm.prepare(images=random_image(5), question="how many 7 are there ?")]
+    assert len({p.length for p in prompts}) == 3
+    batch = FastV(layer=2).generate(vlm, prompts, 0.25, max_new_tokens=5, output_logits=True)
+    for p, b in zip(prompts, batch):
+        alone = FastV(layer=2).generate(vlm, p, 0.25, max_new_tokens=5, output_logits=True)
+        assert b.keep.tolist() == alone.keep.tolist() and b.token_ids == alone.token_ids
+        torch.testing.assert_close(b.logits, alone.logits, atol=1e-4, rtol=0)

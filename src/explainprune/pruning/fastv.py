@@ -9,9 +9,10 @@ patched; every hook is removed on exit, also after an exception), so the unchang
 prefill and decode:
   - ``q_proj`` / ``k_proj`` of layer K-1 record their outputs during prefill (no extra projection);
   - layer K's pre-hook scores and selects, then drops the pruned rows of the hidden states;
-  - every layer >= K gets its rotary embeddings, position ids and 4-D mask sliced to the kept tokens
-    (kept tokens keep their ORIGINAL positions); during decode only the mask's key columns are sliced.
-Batch size 1.
+  - every layer >= K gets its rotary embeddings and position ids gathered at the kept tokens (which keep
+    their ORIGINAL positions) and, when masks are needed (padding, or eager attention), its own
+    additive mask over the kept rows and the pruned KV cache.
+A list of prompts runs as one left-padded batch; each keeps its own count and is re-padded at layer K.
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def last_token_attention(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, head_dim: int,
-                         scaling: float) -> Tensor:
+                         scaling: float, keys_valid: Tensor | None = None) -> Tensor:
     """Softmax attention row of the last token over all L tokens, per head.
 
     q: q_proj output [B, L or 1, H*hd] (only its last row is used); k: k_proj output [B, L, H_kv*hd];
-    cos/sin [B, L, hd] at the original positions. Returns Tensor[B, H, L] (float32; causal: the last
-    token sees every position).
+    cos/sin [B, L, hd] at the original positions; keys_valid BoolTensor[B, L] (False on left padding).
+    Returns Tensor[B, H, L] (float32; causal: the last token sees every position).
     """
     b, n, _ = k.shape
     q_last = q[:, -1:].view(b, 1, -1, head_dim).transpose(1, 2)           # [B, H, 1, hd]
@@ -49,23 +50,28 @@ def last_token_attention(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, head_di
     q_last = rotate(q_last, cos[:, -1:], sin[:, -1:])
     keys = rotate(keys, cos, sin)
     keys = keys.repeat_interleave(q_last.shape[1] // keys.shape[1], dim=1)  # GQA: share kv heads
-    logits = (q_last.float() @ keys.float().transpose(-1, -2)).squeeze(2) * scaling
+    logits = (q_last.float() @ keys.float().transpose(-1, -2)).squeeze(2) * scaling  # [B, H, L]
+    if keys_valid is not None:
+        logits = logits.masked_fill(~keys_valid[:, None, :], float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 
 @dataclass
 class FastVState:
-    """What happened during one FastV prefill.
+    """What happened during one FastV prefill of a (left-padded) batch; lists hold one entry per prompt.
 
-    scores       Tensor[N_v]  mean-over-heads attention of the last token at layer K-1
-    keep         LongTensor[k] sorted kept visual indices (into 0..N_v-1)
-    rows         LongTensor[L_kept] sequence indices surviving from layer K on
-    layer_tokens list[int]    sequence length each decoder layer processed in prefill
+    scores       [Tensor[N_v]]    mean-over-heads attention of the last token at layer K-1
+    keep         [LongTensor[k]]  sorted kept visual indices (into 0..N_v-1)
+    index        LongTensor[B, L'] batch rows feeding layers >= K (left-padded; pads repeat a kept row)
+    valid        BoolTensor[B, L'] False on that padding
+    layer_tokens list[int]        sequence length each decoder layer processed in prefill (padded batch)
     """
 
-    scores: Tensor | None = None
-    keep: Tensor | None = None
-    rows: Tensor | None = None
+    scores: list[Tensor] = field(default_factory=list)
+    keep: list[Tensor] = field(default_factory=list)
+    index: Tensor | None = None
+    valid: Tensor | None = None
+    steps: int = 0
     layer_tokens: list[int] = field(default_factory=list)
 
 
@@ -73,40 +79,56 @@ class _Stop(Exception):
     """Raised by the layer-K hook when only the scores are wanted (no layer >= K runs)."""
 
 
-def _slice_kwargs(kwargs: dict[str, Any], rows: Tensor, full_len: int, prefill: bool) -> dict[str, Any]:
-    """Restrict a decoder layer's keyword inputs to the kept tokens (rows) of a length-``full_len`` prompt."""
+def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x [B or 1, L, ...] -> [B, L', ...]: per batch row b, the rows ``index[b]``."""
+    index = index.to(x.device)
+    x = x.expand(index.shape[0], *x.shape[1:])
+    return torch.gather(x, 1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+
+
+def _additive_mask(valid: Tensor, queries: int, dtype: torch.dtype) -> Tensor:
+    """[B, 1, q, kv] additive mask: causal over the last ``queries`` positions, padding (valid False) hidden."""
+    kv = valid.shape[1]
+    causal = torch.ones(queries, kv, dtype=torch.bool, device=valid.device).tril(kv - queries)
+    allowed = causal[None, None] & valid[:, None, None, :]
+    return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _restrict(kwargs: dict[str, Any], state: FastVState, full_len: int, prefill: bool,
+              dtype: torch.dtype) -> dict[str, Any]:
+    """A layer >= K's keyword inputs restricted to the kept rows (prefill) and to the pruned KV cache."""
     out = dict(kwargs)
-    pe = kwargs.get("position_embeddings")
-    if prefill and pe is not None:
-        out["position_embeddings"] = tuple(t.index_select(-2, rows.to(t.device)) for t in pe)
-    pos = kwargs.get("position_ids")
-    if prefill and torch.is_tensor(pos) and pos.shape[-1] == full_len:
-        out["position_ids"] = pos.index_select(-1, rows.to(pos.device))
-    mask = kwargs.get("attention_mask")
-    if torch.is_tensor(mask) and mask.dim() == 4:
-        cols = torch.cat([rows, torch.arange(full_len, mask.shape[-1])]).to(mask.device)
-        mask = mask.index_select(-1, cols)
-        if prefill:
-            mask = mask.index_select(-2, rows.to(mask.device))
-        out["attention_mask"] = mask
+    if prefill:
+        out["position_embeddings"] = tuple(_gather_rows(t, state.index) for t in kwargs["position_embeddings"])
+        pos = kwargs.get("position_ids")
+        if torch.is_tensor(pos) and pos.dim() == 2 and pos.shape[-1] == full_len:
+            out["position_ids"] = _gather_rows(pos, state.index)
+    padded = not bool(state.valid.all())
+    if torch.is_tensor(kwargs.get("attention_mask")) or padded:
+        new = torch.ones(state.valid.shape[0], 0 if prefill else state.steps, dtype=torch.bool)
+        valid = torch.cat([state.valid, new.to(state.valid.device)], 1)
+        out["attention_mask"] = _additive_mask(valid, state.valid.shape[1] if prefill else 1, dtype)
     return out
 
 
 @contextmanager
-def fastv_hooks(vlm: VLM, prompt: Prompt, ratio: float, layer: int, *,
+def fastv_hooks(vlm: VLM, prompts: Prompt | list[Prompt], ratio: float, layer: int, *,
                 scores_only: bool = False) -> Iterator[FastVState]:
-    """Hooks that make the next forward / generate on ``prompt`` (batch 1, unpadded) run FastV.
+    """Hooks that make the next forward / generate on ``prompts`` (one, or a list left-padded as
+    ``VLM.generate`` pads it) run FastV.
 
     With ``scores_only`` the prefill stops at layer K (raise caught by the caller, see ``FastV.score``).
     Yields the FastVState filled during prefill. All hooks are removed on exit.
     """
+    prompts = [prompts] if isinstance(prompts, Prompt) else list(prompts)
     layers = vlm.language_model.layers
     n_layers = len(layers)
     if not 1 <= layer < n_layers:
         raise ValueError(f"fastv layer must be in 1..{n_layers - 1} for a {n_layers}-layer LLM; got {layer}")
-    if prompt.num_visual == 0:
+    if any(p.num_visual == 0 for p in prompts):
         raise ValueError("the prompt has no visual tokens: nothing to prune (give an image or a video)")
-    full_len = prompt.length
+    full_len = max(p.length for p in prompts)
+    pads = [full_len - p.length for p in prompts]
     state = FastVState()
     captured: dict[str, Any] = {}
     attn = layers[layer - 1].self_attn
@@ -128,25 +150,38 @@ def fastv_hooks(vlm: VLM, prompt: Prompt, ratio: float, layer: int, *,
             hidden = args[0] if args else kwargs["hidden_states"]
             state.layer_tokens.append(int(hidden.shape[1]))
 
+    def choose(device: torch.device) -> None:
+        """Scores from layer K-1's captured q/k, then the kept rows of every prompt, left-padded."""
+        cos, sin = captured["rope"]
+        keys_valid = torch.arange(full_len)[None] >= torch.tensor(pads)[:, None]  # [B, L]
+        att = last_token_attention(captured["q"], captured["k"], cos, sin, attn.head_dim, attn.scaling,
+                                   keys_valid.to(device)).mean(1).cpu()     # [B, L]
+        captured.clear()
+        rows = []
+        for b, (p, pad) in enumerate(zip(prompts, pads)):
+            state.scores.append(att[b, pad + p.visual_pos])
+            if not scores_only:
+                state.keep.append(select(state.scores[-1], ratio, p.num_visual))
+                rows.append(pad + p.kept_positions(state.keep[-1]))
+        if scores_only:
+            raise _Stop
+        longest = max(len(r) for r in rows)
+        state.index = torch.stack([torch.cat([r[:1].repeat(longest - len(r)), r]) for r in rows])
+        state.valid = torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]
+
     def prune(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         prefill = kwargs["position_embeddings"][0].shape[-2] == full_len and full_len > 1
-        if prefill and module is layers[layer]:
-            cos, sin = captured["rope"]
-            att = last_token_attention(captured["q"], captured["k"], cos, sin, attn.head_dim, attn.scaling)
-            captured.clear()
-            state.scores = att.mean(1)[0, prompt.visual_pos.to(att.device)].cpu()   # [N_v]
-            if scores_only:
-                raise _Stop
-            state.keep = select(state.scores, ratio, prompt.num_visual)
-            state.rows = prompt.kept_positions(state.keep)
-            hidden = hidden.index_select(1, state.rows.to(hidden.device))
-            args = (hidden, *args[1:]) if args else args
-            if not args:
-                kwargs = {**kwargs, "hidden_states": hidden}
-        if state.rows is None:
+        if module is layers[layer]:
+            if prefill:
+                choose(hidden.device)
+                hidden = _gather_rows(hidden, state.index)
+                args, kwargs = ((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden})
+            elif state.index is not None:
+                state.steps += 1
+        if state.index is None:
             return None
-        return args, _slice_kwargs(kwargs, state.rows, full_len, prefill)
+        return args, _restrict(kwargs, state, full_len, prefill, hidden.dtype)
 
     try:
         handles.append(attn.q_proj.register_forward_hook(capture("q", last_only=True)))
@@ -155,7 +190,7 @@ def fastv_hooks(vlm: VLM, prompt: Prompt, ratio: float, layer: int, *,
         for i, decoder_layer in enumerate(layers):
             if i >= layer:
                 handles.append(decoder_layer.register_forward_pre_hook(prune, with_kwargs=True))
-        for decoder_layer in layers:  # registered last: counts the (already sliced) input
+        for decoder_layer in layers:  # registered last: counts the (already restricted) input
             handles.append(decoder_layer.register_forward_pre_hook(count, with_kwargs=True))
         yield state
     finally:
@@ -165,7 +200,8 @@ def fastv_hooks(vlm: VLM, prompt: Prompt, ratio: float, layer: int, *,
 
 @dataclass
 class FastVResult(GenerationResult):
-    """A GenerationResult plus what FastV kept: ``visual_tokens`` counts the visual tokens of layers >= K."""
+    """A GenerationResult plus what FastV kept: ``visual_tokens`` counts the visual tokens of layers >= K,
+    ``layer_tokens`` the prompt tokens each layer processes."""
 
     keep: Tensor | None = field(default=None, repr=False)
     layer_tokens: list[int] = field(default_factory=list)
@@ -191,15 +227,25 @@ class FastV(Pruner):
                             prompt.attention_mask.to(dev), use_cache=False)
             except _Stop:
                 pass
-        return state.scores
+        return state.scores[0]
 
-    def generate(self, vlm: VLM, prompt: Prompt, ratio: float, max_new_tokens: int = 16,
-                 **kwargs: Any) -> FastVResult:
-        """Greedy generation with FastV pruning at layer K (prefill and the KV cache of layers >= K)."""
-        select(torch.ones(max(prompt.num_visual, 1)), ratio)  # validates the ratio before any work
-        with fastv_hooks(vlm, prompt, ratio, self.layer) as state:
-            out = vlm.generate(prompt, keep=None, max_new_tokens=max_new_tokens, **kwargs)
-        kept = len(state.keep)
-        return FastVResult(text=out.text, token_ids=out.token_ids,
-                           prompt_tokens=out.prompt_tokens - prompt.num_visual + kept, visual_tokens=kept,
-                           logits=out.logits, keep=state.keep, layer_tokens=state.layer_tokens)
+    def generate(self, vlm: VLM, prompt: Prompt | list[Prompt], ratio: float, max_new_tokens: int = 16,
+                 **kwargs: Any) -> FastVResult | list[FastVResult]:
+        """Greedy generation with FastV pruning at layer K (prefill and the KV cache of layers >= K).
+
+        A list of prompts runs as one left-padded batch (ragged after pruning: re-padded at layer K).
+        """
+        select(torch.ones(1), ratio)  # validates the ratio before any work
+        single = isinstance(prompt, Prompt)
+        prompts = [prompt] if single else list(prompt)
+        with fastv_hooks(vlm, prompts, ratio, self.layer) as state:
+            outs = vlm.generate(prompts, max_new_tokens=max_new_tokens, **kwargs)
+        n_layers = len(vlm.language_model.layers)
+        results = []
+        for p, out, keep in zip(prompts, outs, state.keep):
+            kept_len = p.length - p.num_visual + len(keep)
+            results.append(FastVResult(
+                text=out.text, token_ids=out.token_ids, prompt_tokens=kept_len, visual_tokens=len(keep),
+                logits=out.logits, keep=keep,
+                layer_tokens=[p.length] * self.layer + [kept_len] * (n_layers - self.layer)))
+        return results[0] if single else results
