@@ -57,7 +57,7 @@ def prompt(vlm, image):
 @pytest.mark.parametrize("rule,clamp", [("grad", True), ("grad", False), ("mean", True)])
 def test_engine_equals_literal_eq1(vlm, prompt, rule, clamp):
     ids = answer_ids(vlm, prompt, None, max_new_tokens=3)
-    res = relevance(vlm, prompt, ids, rule=rule, clamp=clamp, batch_bytes=1)  # one token at a time (hooks)
+    res = relevance(vlm, prompt, ids, rule=rule, clamp=clamp)  # default: one token at a time (hooks)
     ref = literal_relevance(vlm, prompt, ids, rule, clamp)
     assert res.token_scores.shape == ref.shape == (len(ids), prompt.num_visual)
     torch.testing.assert_close(res.token_scores, ref, rtol=1e-4, atol=1e-6)
@@ -69,7 +69,7 @@ def test_batched_and_looped_backward_agree(vlm, prompt):
     """The batched vector-Jacobian path (small inputs) equals the per-token hook path."""
     ids = [5, 6, 7, 8]
     batched = relevance(vlm, prompt, ids, batch_bytes=2**40)
-    looped = relevance(vlm, prompt, ids, batch_bytes=1)
+    looped = relevance(vlm, prompt, ids)
     torch.testing.assert_close(batched.token_scores, looped.token_scores, rtol=1e-5, atol=1e-7)
 
 

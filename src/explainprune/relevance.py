@@ -194,14 +194,15 @@ def _sweep_layer(out: Tensor, hidden: Tensor, attn: Tensor, grads: Tensor, v: Te
 
 def relevance(vlm: VLM, prompt: Prompt, answer: str | list[int] | Tensor | None = None, rule: str = "grad",
               clamp: bool = True, keep_maps: bool = False, max_new_tokens: int = 16,
-              batch_bytes: int = 64 * 2**20) -> RelevanceResult:
+              batch_bytes: int = 0) -> RelevanceResult:
     """R_v (Eq. 1, Section 3.2) of ``prompt``'s visual tokens for ``answer``.
 
     answer: a string, token ids, or None (generate greedily, up to ``max_new_tokens``).
     rule: "grad" (E_h(A ⊙ ∇A), the paper) or "mean" (E_h(A), Table 4). clamp: positive part of A ⊙ ∇A
-    before the head mean (True) or Eq. 1 as printed (False). batch_bytes: answer tokens whose attention
-    gradients fit in it together are backpropagated as one batched vector-Jacobian product; larger
-    inputs go one token at a time (each ∇A^l consumed by a hook, the lowest memory).
+    before the head mean (True) or Eq. 1 as printed (False). Answer tokens are backpropagated one at a
+    time through each recomputed layer, reusing its graph (each ∇A^l consumed by a hook: the lowest
+    memory, and on CPU the fastest); tokens whose ∇A^l fit in ``batch_bytes`` together (0 = never, the
+    default) go through one batched vector-Jacobian product instead.
     Returns a RelevanceResult with ``scores`` Tensor[N_v] (float32, on CPU).
     """
     check_rule(rule)
