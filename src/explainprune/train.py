@@ -196,8 +196,11 @@ class TrainResult:
         return asdict(self)
 
     def to_markdown(self) -> str:
-        names = [k for k in self.metrics if k.startswith("recall@")] + ["kl", "region_mass"]
-        rows = [("f_θ (learned)", self.metrics)] + list(self.baselines.items())
+        recalls = sorted((k for k in self.metrics if k.startswith("recall@")), key=lambda k: -float(k[7:]))
+        names = recalls + ["kl", "region_mass"]
+        order = ["uniform", "random", "attention"]
+        rows = [("f_θ (learned)", self.metrics)] + sorted(self.baselines.items(), key=lambda kv: (
+            order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
         lines = ["| ranking | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for label, m in rows:
             lines.append(f"| {label} | " + " | ".join(f"{m[k]:.4f}" if k in m else "–" for k in names) + " |")
