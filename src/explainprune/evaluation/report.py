@@ -212,13 +212,22 @@ class Report:
                 "compressor); times are per-sample means measured on this machine.\n")
 
     def save(self, directory: str | Path, plots: bool = True) -> dict[str, Path]:
-        """Write report.json, report.md and (with matplotlib) the two trade-off plots; returns the paths."""
+        """Write report.json, report.md and the two trade-off plots (skipped with a warning when matplotlib
+        is not installed); returns the paths."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         paths = {"json": d / "report.json", "markdown": d / "report.md"}
         paths["json"].write_text(json.dumps(self.to_json(), indent=1, allow_nan=False))
         paths["markdown"].write_text(self.to_markdown())
         if plots:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                import warnings
+
+                warnings.warn("matplotlib is not installed: no plots (pip install 'explainprune[plot]')",
+                              stacklevel=2)
+                return paths
             from explainprune.evaluation.plots import plot_tradeoffs
 
             paths.update(plot_tradeoffs(self, d))
