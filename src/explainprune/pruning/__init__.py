@@ -1,6 +1,7 @@
 """Pruning methods, as siblings in one registry (``get_pruner``) sharing one ``select``."""
 
-from explainprune.pruning import baselines  # noqa: F401  (registers vanilla, random, uniform)
+# importing a method's module registers it
+from explainprune.pruning import baselines, fastv, learned, oracle  # noqa: F401
 from explainprune.pruning.base import Pruner, available, get_pruner, register, select
 
 __all__ = ["Pruner", "available", "get_pruner", "register", "select"]
