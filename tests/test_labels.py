@@ -126,12 +126,14 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         label(FakeVLM(), SyntheticSource(10), out, cfg, labeler=synthetic_labeler(crash_after=7), progress=False)
     assert not (out / "index.json").exists()
+    (out / "shards" / ".00002.parquet.tmp-999").write_bytes(b"half a file")  # killed while writing
     assert sorted(p.name for p in (out / "shards").glob("*.parquet")) == ["00000.parquet", "00001.parquet"]
     again = synthetic_labeler()
     rep = label(FakeVLM(), SyntheticSource(10), out, cfg, labeler=again, progress=False)
     assert again.calls == 4 and rep.shards_reused == 2 and rep.complete  # only the unfinished shards
     assert read_table(out).equals(read_table(ref))
     assert read_index(out) == read_index(ref)
+    assert not list(out.rglob(".*tmp*"))
     for p in (ref / "shards").glob("*.parquet"):
         assert p.read_bytes() == (out / "shards" / p.name).read_bytes()
     # a finished dataset: rerunning does nothing

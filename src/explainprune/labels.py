@@ -316,6 +316,8 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
     bar = tqdm(total=total_mine, unit="sample", disable=not progress or rank != 0,
                desc=f"label {out.name}" + (f" (rank 0 of {world})" if world > 1 else ""))
     for s in todo:
+        for stale in shard_path(out, s).parent.glob(f".{shard_path(out, s).name}.tmp-*"):
+            stale.unlink(missing_ok=True)  # a temp file left by a killed run (this shard is ours)
         rows, wrong, n_wrong = [], [], 0
         start, stop = s * size, min(n, (s + 1) * size)
         for i in range(start, stop):
