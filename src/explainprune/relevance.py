@@ -10,10 +10,11 @@ y_t is read, at the visual columns. That row is
 so a row vector v = e_p folded v <- v + v M_l from the LAST layer down to the first gives it exactly:
 no n x n matrix R is ever built, and layer l is needed only when backward reaches it. The engine
 therefore runs one no-grad forward that stores each decoder layer's input, then walks down the layers:
-recompute layer l with eager attention (A^l captured by a hook), backpropagate the answer tokens'
-output gradients through that one layer (batched with ``is_grads_batched`` while they fit a memory
-budget), fold each token's row with A^l ⊙ ∇A^l, pass the input gradients on and free the layer. Peak
-memory is one layer's attention and its gradient, independent of the number of layers.
+recompute layer l with eager attention (A^l captured by a hook), backpropagate each answer token's
+output gradient through that one layer (reusing its graph; optionally batched with
+``is_grads_batched``), fold each token's row with A^l ⊙ ∇A^l as the gradient appears, pass the input
+gradients on and free the layer. Peak memory is about four of one layer's attention maps, independent
+of the number of layers (docs/relevance.md has the measurements).
 """
 
 from __future__ import annotations
