@@ -302,3 +302,31 @@ def accuracy(vlm: Any, task: DigitsTask, n: int | None = None, max_new_tokens: i
     per_kind = {k: float(np.mean(v)) for k, v in hits.items()}
     return {"per_kind": per_kind, "n": {k: len(v) for k, v in hits.items()},
             "mean": float(np.mean([x for v in hits.values() for x in v]))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m explainprune.tasks.digits {eval,export}``: accuracy of a checkpoint, or a manifest."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="digits benchmark: evaluate a checkpoint or export a manifest")
+    p.add_argument("command", choices=["eval", "export"])
+    p.add_argument("--model", default="src/explainprune/assets/demo", help="checkpoint directory (eval)")
+    p.add_argument("--dir", default="runs/digits_manifest", help="output directory (export)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=400)
+    p.add_argument("--grid", type=int, default=4)
+    p.add_argument("--frames", type=int, default=4)
+    p.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS))
+    a = p.parse_args(argv)
+    task = DigitsTask(a.split, seed=a.seed, n=a.n, grid=a.grid, frames=a.frames, kinds=a.kinds)
+    if a.command == "export":
+        print(task.export(a.dir))
+        return
+    from explainprune.models.qwen2_vl import Qwen2VL
+
+    print(json.dumps(accuracy(Qwen2VL.from_pretrained(a.model), task), indent=1))
+
+
+if __name__ == "__main__":
+    main()

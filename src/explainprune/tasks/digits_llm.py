@@ -139,21 +139,38 @@ def encode(model: Any, tok: Any, kind: str, questions: list[str], answers: list[
     in_region = torch.zeros_like(is_vis)
     if region is not None:
         in_region[is_vis] = region.flatten()
+    keys = torch.tensor([_key_positions(tok, r) for r in rows])
     mask = torch.ones_like(input_ids)
     frames = n_vis // (side_tokens * side_tokens)
     thw = torch.tensor([[frames, side_tokens * 2, side_tokens * 2]] * len(rows))
     grid_kw = {"video_grid_thw": thw} if video else {"image_grid_thw": thw}
     pos, _ = inner.get_rope_index(input_ids, mm_token_type_ids=is_vis.long() * (2 if video else 1),
                                   attention_mask=mask, **grid_kw)
-    return {"embeds": embeds, "pos": pos, "mask": mask, "targets": input_ids[:, -2:], "region": in_region}
+    return {"embeds": embeds, "pos": pos, "mask": mask, "targets": input_ids[:, -2:], "region": in_region,
+            "keys": keys}
+
+
+def _key_positions(tok: Any, ids: list[int]) -> list[int]:
+    """Positions of the words that say where to look: (row number, column number, frame number), or the
+    colour word / the counted digit repeated for the other kinds."""
+    def after(word: str) -> int | None:
+        wid = tok.convert_tokens_to_ids(word)
+        return ids.index(wid) + 1 if wid in ids else None
+
+    row, col, frame = after("row"), after("column"), after("frame")
+    if row is not None:
+        return [row, col, frame if frame is not None else row]
+    one = after("many") if after("many") is not None else after("the")
+    return [one, one, one]
 
 
 def answer_loss(model: Any, batch: dict[str, torch.Tensor], attn_weight: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on the answer token and ``<|im_end|>``; returns (loss, answer-token correct [B]).
 
-    With ``attn_weight`` > 0, adds -log(attention mass on the region) of the query that predicts the
-    answer, for the first half of the heads in every layer but the first (auxiliary supervision).
+    With ``attn_weight`` > 0, adds auxiliary attention supervision of the query that predicts the answer:
+    in layer 0, heads 0-2 should attend to the question's key words (row, column, frame number; colour
+    word; counted digit); in later layers, the first half of the heads should attend to the region.
     """
     out = model.model.language_model(inputs_embeds=batch["embeds"], position_ids=batch["pos"],
                                      attention_mask=batch["mask"], output_attentions=attn_weight > 0)
@@ -165,6 +182,9 @@ def answer_loss(model: Any, batch: dict[str, torch.Tensor], attn_weight: float =
         for a in out.attentions[1:]:
             mass = (a[:, : a.shape[1] // 2, -3, :] * region).sum(-1)
             terms.append(-torch.log(mass + 1e-4).mean())
+        a0 = out.attentions[0][:, :3, -3, :]  # [B, 3, L]
+        gathered = a0.gather(-1, batch["keys"][:, :, None]).squeeze(-1)
+        terms.append(-torch.log(gathered + 1e-4).mean())
         loss = loss + attn_weight * torch.stack(terms).mean()
     return loss, logits[:, 0].argmax(-1) == batch["targets"][:, 0]
 
@@ -218,10 +238,12 @@ def stage2(model: Any, tok: Any, cfg: Any, work: Path, gen: dd.BoardMaker, resum
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg.s2_steps, cfg.s2_lr, warmup=200)
         opt.zero_grad(set_to_none=True)
-        for kind in cfg.kinds:
-            q, a, f, reg = draw_questions(kind, train_banks, cfg.s2_batch, rng)
+        kinds = [k for k in cfg.kinds if k != "video" or step >= cfg.s2_video_from * cfg.s2_steps]
+        for kind in kinds:
+            n = cfg.s2_video_batch if kind == "video" else cfg.s2_batch
+            q, a, f, reg = draw_questions(kind, train_banks, n, rng)
             loss, ok = answer_loss(model, encode(model, tok, kind, q, a, f, side, reg), cfg.s2_attn)
-            (loss / len(cfg.kinds)).backward()
+            (loss / len(kinds)).backward()
             log.setdefault(kind, []).append(float(ok.float().mean()))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

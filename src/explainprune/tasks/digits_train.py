@@ -50,15 +50,17 @@ class TrainConfig:
     s1_steps: int = 1500
     s1_batch: int = 32
     s1_lr: float = 2e-3
-    bank_images: int = 12000
-    bank_frames: int = 3000
-    s2_steps: int = 3000
-    s2_batch: int = 32
+    bank_images: int = 4000
+    bank_frames: int = 1000
+    s2_steps: int = 1000
+    s2_batch: int = 16
     s2_lr: float = 1e-3
     s2_attn: float = 0.5
+    s2_video_batch: int = 8
+    s2_video_from: float = 0.3
     kinds: tuple[str, ...] = ("rowcol", "colour", "count", "video")
     threads: int = 2
-    log_every: int = 50
+    log_every: int = 25
     ckpt_every: int = 250
 
 
@@ -112,6 +114,7 @@ class MatmulPatchEmbed:
 
     def __enter__(self) -> MatmulPatchEmbed:
         pe = self.pe
+        self.prev = pe.__dict__.get("forward")
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             w = pe.proj.weight
@@ -121,7 +124,10 @@ class MatmulPatchEmbed:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        del self.pe.forward
+        if self.prev is None:
+            self.pe.__dict__.pop("forward", None)
+        else:
+            self.pe.forward = self.prev
 
 
 def vision_tokens(visual: nn.Module, pixels: torch.Tensor, n_images: int, side: int) -> torch.Tensor:

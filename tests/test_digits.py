@@ -1,0 +1,122 @@
+"""The digits benchmark task: determinism, disjoint splits, regions, manifest round trip, shipped model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from explainprune.tasks.digits import DigitsTask, cell_tokens, load_manifest, split_indices
+
+DEMO = Path(__file__).resolve().parents[1] / "src" / "explainprune" / "assets" / "demo"
+
+
+def _pixels(im) -> np.ndarray:
+    return np.asarray(im, dtype=np.int16)
+
+
+def test_deterministic_by_seed():
+    a, b = DigitsTask("test", seed=3, n=8), DigitsTask("test", seed=3, n=8)
+    for i in range(8):
+        sa, sb = a.sample(i), b.sample(i)
+        assert (sa.question, sa.answer, sa.region) == (sb.question, sb.answer, sb.region)
+        frames_a = [sa.image] if sa.image is not None else sa.video
+        frames_b = [sb.image] if sb.image is not None else sb.video
+        assert all(np.array_equal(_pixels(x), _pixels(y)) for x, y in zip(frames_a, frames_b))
+    other = DigitsTask("test", seed=4, n=8)
+    assert [other.sample(i).question for i in range(8)] != [a.sample(i).question for i in range(8)]
+
+
+def test_splits_use_disjoint_source_digits():
+    train, test = set(split_indices("train")), set(split_indices("test"))
+    assert not train & test
+    assert len(train) + len(test) == 1797
+    task = DigitsTask("test", n=4)
+    assert set(task.pool.tolist()) == test
+
+
+def test_rowcol_region_is_the_asked_cell():
+    task = DigitsTask("test", seed=1, n=12, kinds=("rowcol",))
+    for i in range(12):
+        s = task.sample(i)
+        words = s.question.split()
+        r, c = int(words[words.index("row") + 1]) - 1, int(words[words.index("column") + 1]) - 1
+        assert s.answer == str(s.digits[0][r][c])
+        assert s.region == [(0, 2 * r + i, 2 * c + j) for i in range(2) for j in range(2)]
+        mask = s.region_mask()
+        assert mask.shape == (1, 8, 8) and mask.sum() == 4 and mask[0, 2 * r, 2 * c]
+        assert s.image.size == (224, 224)
+
+
+def test_count_and_colour_answers_match_the_board():
+    task = DigitsTask("test", seed=2, n=20, kinds=("count", "colour"))
+    for i in range(20):
+        s = task.sample(i)
+        board = np.array(s.digits[0])
+        if s.kind == "count":
+            d = int(s.question.split()[2])
+            assert int(s.answer) == int((board == d).sum()) >= 1
+            cells = [(r, c) for r, c in np.argwhere(board == d)]
+            assert sorted(s.region) == sorted(t for r, c in cells for t in cell_tokens(0, int(r), int(c), 56))
+        else:
+            colour = s.question.split()[5]
+            r, c = s.marks[colour]
+            assert s.answer == str(board[r, c]) and s.region == cell_tokens(0, r, c, 56)
+
+
+def test_video_frames_pair_up_with_temporal_tokens():
+    task = DigitsTask("test", seed=0, n=4, frames=3, kinds=("video",))
+    s = task.sample(0)
+    assert len(s.video) == 6 and s.grid_tokens == (3, 8, 8)
+    assert all(np.array_equal(_pixels(s.video[2 * f]), _pixels(s.video[2 * f + 1])) for f in range(3))
+    f = int(s.question.split()[2]) - 1
+    words = s.question.split()
+    r, c = int(words[words.index("row") + 1]) - 1, int(words[words.index("column") + 1]) - 1
+    assert s.answer == str(s.digits[f][r][c]) and {t[0] for t in s.region} == {f}
+
+
+def test_grid_and_cell_are_parameters():
+    s = DigitsTask("test", n=1, grid=6, cell=84, kinds=("rowcol",)).sample(0)
+    assert s.image.size == (504, 504) and s.grid_tokens == (1, 18, 18) and len(s.region) == 9
+
+
+def test_manifest_round_trip(tmp_path):
+    task = DigitsTask("test", seed=5, n=4)
+    path = task.export(tmp_path, n=4)
+    back = load_manifest(path)
+    assert len(back) == 4
+    for i, s in enumerate(back):
+        orig = task.sample(i)
+        assert (s.id, s.kind, s.question, s.answer, s.region) == (orig.id, orig.kind, orig.question,
+                                                                  orig.answer, orig.region)
+        a = [orig.image] if orig.image is not None else orig.video
+        b = [s.image] if s.image is not None else s.video
+        assert all(np.array_equal(_pixels(x), _pixels(y)) for x, y in zip(a, b))
+
+
+def test_training_renderer_matches_the_image_processor():
+    from transformers import Qwen2VLImageProcessorPil
+
+    from explainprune.tasks.digits import to_pil
+    from explainprune.tasks.digits_data import BoardMaker
+
+    maker = BoardMaker.for_split("test", 4, 56, 4, strong=False)
+    rng = np.random.default_rng(0)
+    imgs = maker.render(maker.boards(rng, 2), rng)
+    proc = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 1024)
+    ref = proc(images=[to_pil(im) for im in imgs], return_tensors="np")["pixel_values"]
+    assert np.allclose(maker.pixels(imgs), ref, atol=1e-5)
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="no shipped demo model")
+def test_shipped_demo_model_answers_test_questions():
+    from explainprune.models.qwen2_vl import Qwen2VL
+
+    vlm = Qwen2VL.from_pretrained(DEMO)
+    task = DigitsTask("test", seed=0, n=10, kinds=("rowcol",))
+    correct = 0
+    for i in range(10):
+        s = task.sample(i)
+        correct += vlm.generate(vlm.prepare(question=s.question, **s.media()), max_new_tokens=3).text == s.answer
+    assert correct >= 7
