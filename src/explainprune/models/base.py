@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 
@@ -180,6 +182,14 @@ class VLM:
         return {"model_type": self.config.model_type, "num_hidden_layers": t.num_hidden_layers,
                 "num_attention_heads": t.num_attention_heads, "hidden_size": t.hidden_size}
 
+    def _render_media(self, num_images: int, video: bool, question: str) -> str:
+        """The chat-templated user turn: ``num_images`` images, then the video if any, then the question."""
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
+        if video:
+            content.append({"type": "video"})
+        content.append({"type": "text", "text": question})
+        return self._render(content)
+
     def _render(self, content: list[dict[str, Any]]) -> str:
         messages = [{"role": "user", "content": content}]
         return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
@@ -257,6 +267,33 @@ class VLM:
         """One language-model forward on prepared (possibly pruned) inputs; returns the model output."""
         return self.model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
                           **kwargs)
+
+
+def to_pil(x: Any) -> Image.Image:
+    """An RGB PIL image from a PIL image or an array (HWC or CHW; uint8, or floats in [0, 1] or [0, 255])."""
+    if isinstance(x, Image.Image):
+        return x.convert("RGB")
+    arr = np.asarray(x)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(1, 2, 0)
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr.squeeze() if arr.shape[-1] == 1 else arr).convert("RGB")
+
+
+def as_images(images: Any) -> list[Image.Image]:
+    """None, one image, or a list/tuple of images -> a list of RGB PIL images."""
+    if images is None:
+        return []
+    return [to_pil(im) for im in (images if isinstance(images, (list, tuple)) else [images])]
+
+
+def expand_placeholders(text: str, token: str, counts: list[int]) -> str:
+    """Replace the i-th ``token`` placeholder in ``text`` by ``counts[i]`` copies (as the processors do)."""
+    parts = text.split(token)
+    if len(parts) - 1 != len(counts):
+        raise ValueError(f"the chat template produced {len(parts) - 1} {token} placeholders for {len(counts)} inputs")
+    return "".join(p + token * n for p, n in zip(parts, counts)) + parts[-1]
 
 
 def _cut_at_eos(ids: list[int], eos: list[int]) -> list[int]:

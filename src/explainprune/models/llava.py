@@ -9,9 +9,8 @@ from typing import Any
 
 import torch
 
-from explainprune.models.base import VLM, Prompt
+from explainprune.models.base import VLM, Prompt, as_images, expand_placeholders
 from explainprune.models.llava_onevision import _grid
-from explainprune.models.qwen2_vl import _expand, _to_pil
 
 
 class Llava(VLM):
@@ -36,12 +35,8 @@ class Llava(VLM):
     @torch.no_grad()
     def prepare(self, images: Any = None, video: Any = None, question: str = "", **kwargs: Any) -> Prompt:
         """Build the Prompt for ``images`` (one or a list) and/or ``video`` (frames, one image each)."""
-        images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
-        frames = list(video) if video is not None else []
-        pictures = [_to_pil(im) for im in images + frames]
-        content: list[dict[str, Any]] = [{"type": "image"} for _ in pictures]
-        content.append({"type": "text", "text": question})
-        text = self._render(content)
+        pictures = as_images(images) + as_images(list(video) if video is not None else None)
+        text = self._render_media(len(pictures), False, question)
         inner, dev = self.model.model, self.device
         inputs: dict[str, Any] = {}
         feats = []
@@ -52,7 +47,7 @@ class Llava(VLM):
             feats = list(inner.get_image_features(
                 out["pixel_values"].to(dev), vision_feature_layer=c.vision_feature_layer,
                 vision_feature_select_strategy=c.vision_feature_select_strategy).pooler_output)
-            text = _expand(text, "<image>", [len(f) for f in feats])
+            text = expand_placeholders(text, "<image>", [len(f) for f in feats])
         input_ids, instruction = self._tokenize(text, question)
         mask = torch.ones_like(input_ids)
         inputs.update(input_ids=input_ids, attention_mask=mask)

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from explainprune.models.base import VLM, Prompt
-from explainprune.models.qwen2_vl import _expand, _to_pil
+from explainprune.models.base import VLM, Prompt, as_images, expand_placeholders, to_pil
 
 
 def frame_pixels(frames: list[Any], processor: Any, size: int) -> Tensor:
@@ -27,7 +26,7 @@ def frame_pixels(frames: list[Any], processor: Any, size: int) -> Tensor:
         raise ValueError("video must hold at least one frame")
     out = []
     for frame in frames:
-        img = np.asarray(_to_pil(frame), dtype=np.float32).transpose(2, 0, 1)
+        img = np.asarray(to_pil(frame), dtype=np.float32).transpose(2, 0, 1)
         img = processor.resize(img, size=SizeDict(height=size, width=size), resample=processor.resample)
         img = processor.rescale(img, processor.rescale_factor)
         img = processor.normalize(img, processor.image_mean, processor.image_std)
@@ -71,13 +70,8 @@ class LlavaOnevision(VLM):
     @torch.no_grad()
     def prepare(self, images: Any = None, video: Any = None, question: str = "", **kwargs: Any) -> Prompt:
         """Build the Prompt for ``images`` (one or a list) and/or ``video`` (a list of frames)."""
-        images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
-        images = [_to_pil(im) for im in images]
-        content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
-        if video is not None:
-            content.append({"type": "video"})
-        content.append({"type": "text", "text": question})
-        text = self._render(content)
+        images = as_images(images)
+        text = self._render_media(len(images), video is not None, question)
         inner, dev = self.model.model, self.device
         inputs: dict[str, Any] = {}
         feats: list[Tensor] = []
@@ -90,7 +84,7 @@ class LlavaOnevision(VLM):
                 out["pixel_values"].to(dev), out["image_sizes"], vision_aspect_ratio=self.config.vision_aspect_ratio,
                 batch_num_images=inputs["batch_num_images"], **self._feature_kwargs()).pooler_output
             image_feats = list(image_feats)
-            text = _expand(text, "<image>", [len(f) for f in image_feats])
+            text = expand_placeholders(text, "<image>", [len(f) for f in image_feats])
             feats += image_feats
             frame0 = 0
             for i, f in enumerate(image_feats):
@@ -102,7 +96,7 @@ class LlavaOnevision(VLM):
             pix = frame_pixels(list(video), self.image_processor, size)
             inputs["pixel_values_videos"] = pix
             video_feats = inner.get_video_features(pix.to(dev), **self._feature_kwargs()).pooler_output[0]
-            text = _expand(text, "<video>", [len(video_feats)])
+            text = expand_placeholders(text, "<video>", [len(video_feats)])
             feats.append(video_feats)
             side = math.ceil(size // self.config.vision_config.patch_size / 2)
             frame0 = int(grids[-1][:, 0].max()) + 1 if grids else 0

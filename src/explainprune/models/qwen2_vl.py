@@ -11,21 +11,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
-from explainprune.models.base import VLM, Prompt
-
-
-def _to_pil(x: Any) -> Image.Image:
-    if isinstance(x, Image.Image):
-        return x.convert("RGB")
-    arr = np.asarray(x)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
-        arr = arr.transpose(1, 2, 0)
-    if arr.dtype != np.uint8:
-        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-    return Image.fromarray(arr.squeeze() if arr.shape[-1] == 1 else arr).convert("RGB")
+from explainprune.models.base import VLM, Prompt, as_images, expand_placeholders, to_pil
 
 
 def video_pixels(frames: list[Any], processor: Any) -> tuple[Tensor, Tensor]:
@@ -43,7 +31,7 @@ def video_pixels(frames: list[Any], processor: Any) -> tuple[Tensor, Tensor]:
     size = SizeDict(**processor.size) if isinstance(processor.size, dict) else processor.size
     arrays = []
     for frame in frames:
-        img = np.asarray(_to_pil(frame), dtype=np.float32).transpose(2, 0, 1)
+        img = np.asarray(to_pil(frame), dtype=np.float32).transpose(2, 0, 1)
         img = processor.resize(img, size=size, resample=processor.resample, factor=ps * ms)
         img = processor.rescale(img, processor.rescale_factor)
         img = processor.normalize(img, processor.image_mean, processor.image_std)
@@ -90,13 +78,8 @@ class Qwen2VL(VLM):
     @torch.no_grad()
     def prepare(self, images: Any = None, video: Any = None, question: str = "", **kwargs: Any) -> Prompt:
         """Build the Prompt for ``images`` (one or a list) and/or ``video`` (a list of frames)."""
-        images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
-        images = [_to_pil(im) for im in images]
-        content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
-        if video is not None:
-            content.append({"type": "video"})
-        content.append({"type": "text", "text": question})
-        text = self._render(content)
+        images = as_images(images)
+        text = self._render_media(len(images), video is not None, question)
 
         inputs: dict[str, Any] = {}
         image_tok, video_tok = "<|image_pad|>", "<|video_pad|>"
@@ -104,14 +87,14 @@ class Qwen2VL(VLM):
         if images:
             out = self.image_processor(images=images, return_tensors="pt")
             inputs["pixel_values"], inputs["image_grid_thw"] = out["pixel_values"], out["image_grid_thw"]
-            text = _expand(text, image_tok, [int(g.prod()) // self.merge**2 for g in out["image_grid_thw"]])
+            text = expand_placeholders(text, image_tok, [int(g.prod()) // self.merge**2 for g in out["image_grid_thw"]])
             grids += [(1, g) for g in out["image_grid_thw"]]
         if video is not None:
             pix, thw = video_pixels(list(video), self.image_processor)
             inputs["pixel_values_videos"], inputs["video_grid_thw"] = pix, thw
             if self.config.model_type == "qwen2_5_vl":
                 inputs["second_per_grid_ts"] = torch.tensor([float(kwargs.get("seconds_per_grid", 1.0))])
-            text = _expand(text, video_tok, [int(thw[0].prod()) // self.merge**2])
+            text = expand_placeholders(text, video_tok, [int(thw[0].prod()) // self.merge**2])
             grids.append((2, thw[0]))
 
         input_ids, instruction = self._tokenize(text, question)
@@ -156,10 +139,3 @@ class Qwen2VL(VLM):
             frame0 += t
         return torch.cat(out) if out else torch.zeros(0, 3, dtype=torch.long)
 
-
-def _expand(text: str, token: str, counts: list[int]) -> str:
-    """Replace the i-th ``token`` placeholder by ``counts[i]`` copies (as the processors do)."""
-    parts = text.split(token)
-    if len(parts) - 1 != len(counts):
-        raise ValueError(f"the chat template produced {len(parts) - 1} {token} placeholders for {len(counts)} inputs")
-    return "".join(p + token * n for p, n in zip(parts, counts)) + parts[-1]
