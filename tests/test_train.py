@@ -177,7 +177,8 @@ def test_cli_label_then_train(tmp_path, tiny_dirs, load_tiny, capsys):
     assert main(argv) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["epochs"] == 2 and res["train_samples"] == 2 and res["val_samples"] == 1
-    assert set(res["baselines"]) == {"uniform", "random", "attention"} and "region_mass" in res["metrics"]
+    assert set(res["baselines"]) == {"uniform", "random", "attention", "target"}
+    assert "region_mass" in res["metrics"] and res["baselines"]["target"]["kl"] == 0.0
     f = Compressor.from_pretrained(tmp_path / "run" / "compressor")
     f.check_compatible(vlm)
     assert main(["train", "--labels", str(tmp_path / "nolabels"), "--out", str(tmp_path / "x")]) == 2

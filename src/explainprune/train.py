@@ -145,7 +145,8 @@ def predict(model: Compressor, records: list[LabelRecord], batch_size: int = 128
 
 def baseline_metrics(records: list[LabelRecord], targets: list[Tensor], ratios: tuple[float, ...] = RATIOS,
                      seed: int = 0) -> dict[str, dict[str, float]]:
-    """The same metrics for the uniform pruner, a seeded random ranking and raw head-mean A_v^0."""
+    """The same metrics for the uniform pruner, a seeded random ranking, raw head-mean A_v^0, and the
+    target R_v* itself (its region mass is the ceiling f_θ aims at)."""
     g = torch.Generator().manual_seed(seed)
     uniform_p = [torch.full((len(r.relevance),), 1.0 / len(r.relevance)) for r in records]
     return {
@@ -154,6 +155,7 @@ def baseline_metrics(records: list[LabelRecord], targets: list[Tensor], ratios: 
         "random": score_metrics([torch.rand(len(r.relevance), generator=g) for r in records], None, records,
                                 targets, ratios),
         "attention": score_metrics([r.attention.mean(0) for r in records], None, records, targets, ratios),
+        "target": score_metrics([r.relevance for r in records], targets, records, targets, ratios),
     }
 
 
@@ -198,7 +200,7 @@ class TrainResult:
     def to_markdown(self) -> str:
         recalls = sorted((k for k in self.metrics if k.startswith("recall@")), key=lambda k: -float(k[7:]))
         names = recalls + ["kl", "region_mass"]
-        order = ["uniform", "random", "attention"]
+        order = ["uniform", "random", "attention", "target"]
         rows = [("f_θ (learned)", self.metrics)] + sorted(self.baselines.items(), key=lambda kv: (
             order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
         lines = ["| ranking | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
