@@ -147,3 +147,25 @@ def test_oracle_keeps_top_relevance(vlm, prompt):
     assert set(keep.tolist()) == set(torch.topk(expected, k).indices.tolist())
     with pytest.raises(ValueError, match="accepted"):
         get_pruner("oracle", rule="max")
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_engine_holds_one_layer_attention_at_a_time(vlm, prompt):
+    """Whenever a layer's attention map is computed, every earlier map is already freed."""
+    import weakref
+
+    seen, overlaps = [], []
+
+    def watch(module, args, out):
+        overlaps.append(sum(ref() is not None for ref in seen))
+        seen.append(weakref.ref(out[1]))
+
+    handles = [layer.self_attn.register_forward_hook(watch) for layer in vlm.language_model.layers]
+    try:
+        relevance(vlm, prompt, [5, 6, 7])
+    finally:
+        for h in handles:
+            h.remove()
+    layers = len(vlm.language_model.layers)
+    assert len(seen) == 2 * layers  # the recording forward, then one recompute per layer
+    assert overlaps == [0] * (2 * layers)
