@@ -83,3 +83,15 @@ def test_cli_show_errors(tiny_dirs, family, tmp_path, capsys):
     assert "--image" in capsys.readouterr().err
     assert main(["show", "--model", str(tiny_dirs(family)), "--image", str(tmp_path / "no.png"),
                  "--question", "q"]) == 2
+
+
+def test_pictures_as_the_model_sees_them(load_tiny, family, vlm):
+    from explainprune.testing import random_image
+    from explainprune.visualize import as_seen
+
+    wide = random_image(0, (112, 168))  # height 112, width 168
+    clip = load_tiny("llava").image_processor  # resize shortest edge to 112, centre crop 112 x 112
+    crop = as_seen(wide, clip)
+    assert crop.size == (112, 112)
+    assert np.array_equal(np.asarray(crop), np.asarray(wide)[:, 28:140])
+    assert as_seen(wide, vlm.image_processor) is wide  # Qwen sees the whole (resized) picture

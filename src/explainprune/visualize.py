@@ -28,12 +28,39 @@ class Picture:
     height: int
 
 
-def frame_pictures(prompt: Prompt) -> list[Any]:
+def _size(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+
+def as_seen(picture: Any, processor: Any = None) -> Any:
+    """The part of ``picture`` the model sees: the centre crop when the processor crops (CLIP/LLaVA-1.5)."""
+    if picture is None or not getattr(processor, "do_center_crop", False) or not hasattr(picture, "crop"):
+        return picture
+    size, crop = processor.size, processor.crop_size
+    w, h = picture.size
+    short = _size(size, "shortest_edge")
+    if short:
+        sx = sy = short / min(w, h)
+    elif _size(size, "height") and _size(size, "width"):
+        sx, sy = _size(size, "width") / w, _size(size, "height") / h
+    else:
+        return picture
+    keep_w, keep_h = min(w, _size(crop, "width") / sx), min(h, _size(crop, "height") / sy)
+    left, top = (w - keep_w) / 2, (h - keep_h) / 2
+    return picture.crop((round(left), round(top), round(left + keep_w), round(top + keep_h)))
+
+
+def frame_pictures(prompt: Prompt, processor: Any = None) -> list[Any]:
     """The image shown under each grid frame of ``prompt.visual_grid`` (None where it cannot be told).
 
     Images come first in the sequence, then the video; an image may span several grid frames (views), a
-    video's grid frames are spread evenly over its frames (Qwen's temporal patches pair frames).
+    video's grid frames are spread evenly over its frames (Qwen's temporal patches pair frames). With
+    the model's image ``processor``, a centre-cropping processor's crop is applied (``as_seen``).
     """
+    return [as_seen(p, processor) for p in _frame_pictures(prompt)]
+
+
+def _frame_pictures(prompt: Prompt) -> list[Any]:
     frames_total = int(prompt.visual_grid[:, 0].max()) + 1 if prompt.num_visual else 0
     images = [m for m in prompt.media if not isinstance(m, (list, tuple))]
     video = [f for m in prompt.media if isinstance(m, (list, tuple)) for f in m]
@@ -79,13 +106,14 @@ def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
 def relevance_figure(prompt: Prompt, scores: Tensor, ratio: float = 0.25, out: str | Path = "relevance.png", *,
                      predicted: Tensor | Callable[[Prompt], Tensor] | None = None,
                      labels: tuple[str, str] = ("R_v (Eq. 1)", "predicted"), title: str = "",
-                     max_frames: int = 8, panel: float = 2.4, dpi: int = 100) -> Picture:
+                     max_frames: int = 8, panel: float = 2.4, dpi: int = 100, processor: Any = None) -> Picture:
     """Write a PNG: per score row, the heatmap over each image/frame and the kept tokens at ``ratio``.
 
     scores: Tensor[N_v] (e.g. ``relevance(...).scores``). predicted: an optional second row, Tensor[N_v]
     or a callable ``prompt -> Tensor[N_v]`` (a compressor's or any pruner's scores). Pruned tokens are
     whitened, as in Figure 2. Layout: one image -> a row of [heatmap, kept] per score row; several
     frames -> a heatmap row and a kept row per score row, one column per frame (at most ``max_frames``).
+    processor: the model's image processor, to show what a centre-cropping one keeps (LLaVA-1.5).
     """
     from matplotlib.figure import Figure
 
@@ -97,7 +125,7 @@ def relevance_figure(prompt: Prompt, scores: Tensor, ratio: float = 0.25, out: s
     for label, s in rows_of_scores:
         if s.numel() != n:
             raise ValueError(f"{label} has {s.numel()} scores but the prompt has {n} visual tokens")
-    pictures = frame_pictures(prompt)
+    pictures = frame_pictures(prompt, processor)
     frames = list(range(len(pictures)))
     if len(frames) > max_frames:
         frames = [frames[i * len(frames) // max_frames] for i in range(max_frames)]
@@ -209,6 +237,7 @@ def show(vlm: Any, question: str, images: Any = None, video: Any = None, *, answ
         predicted, label = get_pruner(compare).score(vlm, prompt).float().flatten(), compare
     title = f"Q: {question}\nA: {res.answer}"
     picture = relevance_figure(prompt, res.scores, ratio, out, predicted=predicted,
-                               labels=(f"R_v (Eq. 1, {rule})", label), title=title)
+                               labels=(f"R_v (Eq. 1, {rule})", label), title=title,
+                               processor=getattr(vlm, "image_processor", None))
     return ShowResult(picture=picture, relevance=res, keep=select(res.scores, ratio, prompt.num_visual),
                       predicted=predicted, predicted_label=label)
