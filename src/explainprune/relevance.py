@@ -195,7 +195,7 @@ def _sweep_layer(out: Tensor, hidden: Tensor, attn: Tensor, grads: Tensor, v: Te
 
 def relevance(vlm: VLM, prompt: Prompt, answer: str | list[int] | Tensor | None = None, rule: str = "grad",
               clamp: bool = True, keep_maps: bool = False, max_new_tokens: int = 16,
-              batch_bytes: int = 0) -> RelevanceResult:
+              batch_bytes: int = 0, progress: bool = False) -> RelevanceResult:
     """R_v (Eq. 1, Section 3.2) of ``prompt``'s visual tokens for ``answer``.
 
     answer: a string, token ids, or None (generate greedily, up to ``max_new_tokens``).
@@ -204,7 +204,8 @@ def relevance(vlm: VLM, prompt: Prompt, answer: str | list[int] | Tensor | None 
     time through each recomputed layer, reusing its graph (each ∇A^l consumed by a hook: the lowest
     memory, and on CPU the fastest); tokens whose ∇A^l fit in ``batch_bytes`` together (0 = never, the
     default) go through one batched vector-Jacobian product instead.
-    Returns a RelevanceResult with ``scores`` Tensor[N_v] (float32, on CPU).
+    progress: a progress bar over the layers (stderr). Returns a RelevanceResult with ``scores``
+    Tensor[N_v] (float32, on CPU).
     """
     check_rule(rule)
     if prompt.num_visual == 0:
@@ -221,7 +222,12 @@ def relevance(vlm: VLM, prompt: Prompt, answer: str | list[int] | Tensor | None 
         inputs, final = _record(vlm, embeds, pos, mask)
         if rule == "grad":
             grads = _output_grads(vlm, final, rows, ids)  # [T, 1, n, D]: d logit_t / d h_L
-        for layer_index in reversed(range(len(lm.layers))):
+        sweep = reversed(range(len(lm.layers)))
+        if progress:
+            from tqdm.auto import tqdm
+
+            sweep = tqdm(sweep, total=len(lm.layers), desc="relevance, last layer to first", unit="layer")
+        for layer_index in sweep:
             args, kwargs = inputs.pop()
             hidden = args[0] if args else kwargs["hidden_states"]
             layer = lm.layers[layer_index]

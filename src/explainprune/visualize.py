@@ -202,7 +202,8 @@ class ShowResult:
 
 def show(vlm: Any, question: str, images: Any = None, video: Any = None, *, answer: Any = None,
          ratio: float = 0.25, out: str | Path = "relevance.png", rule: str = "grad", clamp: bool = True,
-         compressor: Any = None, compare: str | None = None, max_new_tokens: int = 16) -> ShowResult:
+         compressor: Any = None, compare: str | None = None, max_new_tokens: int = 16,
+         progress: bool = False) -> ShowResult:
     """Explain ``vlm``'s answer to ``question`` about ``images`` / ``video`` (frames) and draw it.
 
     vlm: a loaded VLM or a name/path for ``explainprune.load``. The second row, when asked, is a
@@ -219,7 +220,8 @@ def show(vlm: Any, question: str, images: Any = None, video: Any = None, *, answ
     prompt = vlm.prepare(images=images, video=video, question=question)
     if prompt.num_visual == 0:
         raise ValueError("give an image or a video to explain")
-    res = relevance(vlm, prompt, answer, rule=rule, clamp=clamp, max_new_tokens=max_new_tokens)
+    res = relevance(vlm, prompt, answer, rule=rule, clamp=clamp, max_new_tokens=max_new_tokens,
+                    progress=progress)
     predicted, label = None, ""
     if compressor is not None:
         if isinstance(compressor, (str, Path)):

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     print("generating and explaining the answer (Eq. 1) ...", file=sys.stderr, flush=True)
     result = show(vlm, args.question, images=images, video=video, answer=args.answer, ratio=args.ratio,
                   out=args.out, rule=args.rule, clamp=not args.no_clamp, compressor=args.compressor,
-                  compare=args.compare, max_new_tokens=args.max_new_tokens)
+                  compare=args.compare, max_new_tokens=args.max_new_tokens, progress=True)
     if args.json:
         print(json.dumps(result.to_json()))
     else:
