@@ -8,7 +8,7 @@ import torch
 import explainprune
 from explainprune.testing import FAMILIES, build_tiny, random_image
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread is fastest and robust on a busy machine
 
 
 @pytest.fixture(scope="session")

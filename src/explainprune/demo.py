@@ -1,0 +1,145 @@
+"""The end-to-end demo (what ``make demo`` runs): label -> train f_θ -> evaluate -> pictures.
+
+On the shipped demo model: labels (A_v^0, R_v) on the digits train split, the compressor trained on
+them, vanilla / oracle / learned / FastV / random at the retention ratios on the test split (images and
+videos), the report files, a few relevance pictures, and the table printed at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+METHODS = ("vanilla", "oracle", "learned", "fastv", "random")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of the demo. ``quick()`` gives the `--quick` variant."""
+
+    model: str = "demo"
+    out: str = "runs/demo"
+    label_samples: int = 1200
+    epochs: int = 60
+    eval_samples: int = 200
+    pictures: int = 4
+    ratios: tuple[float, ...] = (0.5, 0.25, 0.1)
+    methods: tuple[str, ...] = METHODS
+    fastv_layer: int = 2
+    seed: int = 0
+    threads: int = 1  # the demo model's matrices are small: one thread is fastest, and robust on a busy machine
+    progress: bool = True
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> DemoConfig:
+        return cls(**{"label_samples": 300, "epochs": 30, "eval_samples": 60, "pictures": 2, **overrides})
+
+
+@dataclass
+class DemoResult:
+    """What the demo wrote and measured."""
+
+    report: Any
+    files: dict[str, Path]
+    seconds: dict[str, float]
+    train: Any
+    labels: Any
+
+    def to_json(self) -> dict[str, Any]:
+        return {"files": {k: str(v) for k, v in self.files.items()}, "seconds": self.seconds,
+                "train": self.train.to_json(), "labels": self.labels.to_json(),
+                "report": self.report.to_json()}
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
+    """Run the whole pipeline; resumes where an earlier run with the same ``out`` stopped."""
+    import torch
+
+    import explainprune
+    from explainprune.evaluation.runner import EvalConfig, evaluate
+    from explainprune.evaluation.tasks import TaskConfig
+    from explainprune.labels import DigitsSource, LabelConfig, label
+    from explainprune.train import TrainConfig, train
+
+    torch.set_num_threads(config.threads)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    vlm = explainprune.load(config.model)
+    _say(f"loaded {config.model} ({vlm.config.model_type}, {vlm.text_config.num_hidden_layers} LLM layers)")
+
+    _say(f"1/4 labels: A_v^0 and R_v (Eq. 1) on {config.label_samples} digits train samples -> {out / 'labels'}")
+    t = time.perf_counter()
+    source = DigitsSource(split="train", seed=config.seed, n=config.label_samples)
+    labels = label(vlm, source, out / "labels", LabelConfig(), progress=config.progress)
+    seconds["labels"] = time.perf_counter() - t
+    totals = labels.totals or {}
+    _say(f"   {totals.get('labeled')} labelled, {totals.get('skipped_wrong')} skipped (answered wrongly)")
+
+    _say(f"2/4 training the compressor f_θ for {config.epochs} epochs -> {out / 'compressor'}")
+    t = time.perf_counter()
+    resume = (out / "compressor" / "checkpoint.json").is_file()
+    trained = train(out / "labels", out / "compressor", TrainConfig(epochs=config.epochs, seed=config.seed),
+                    resume=resume, progress=config.progress)
+    seconds["train"] = time.perf_counter() - t
+    _say("   validation:\n" + trained.to_markdown())
+
+    _say(f"3/4 evaluating {', '.join(config.methods)} at {config.ratios} on {config.eval_samples} test samples")
+    t = time.perf_counter()
+    compressor = out / "compressor" / "compressor"
+    eval_config = EvalConfig(methods=config.methods, ratios=config.ratios, progress=config.progress,
+                             method_options={"learned": {"compressor": str(compressor)},
+                                             "fastv": {"layer": config.fastv_layer}})
+    task = TaskConfig(name="digits", split="test", seed=config.seed, limit=config.eval_samples)
+    report, files = evaluate(config.model, task, eval_config, out=str(out / "eval"), vlm=vlm)
+    seconds["eval"] = time.perf_counter() - t
+
+    _say(f"4/4 relevance pictures -> {out / 'pictures'}")
+    t = time.perf_counter()
+    files = {**files, **_pictures(vlm, config, compressor, out / "pictures")}
+    seconds["pictures"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t0
+    return DemoResult(report=report, files=dict(files), seconds=seconds, train=trained, labels=labels)
+
+
+def _pictures(vlm: Any, config: DemoConfig, compressor: Path, folder: Path) -> dict[str, Path]:
+    """Figure-2 style pictures (R_v and f_θ's prediction, kept tokens at 25%) for a few test samples."""
+    from explainprune.compressor import Compressor
+    from explainprune.labels import DigitsSource
+    from explainprune.pruning import get_pruner
+    from explainprune.relevance import relevance
+    from explainprune.visualize import relevance_figure
+
+    folder.mkdir(parents=True, exist_ok=True)
+    learned = get_pruner("learned", compressor=Compressor.from_pretrained(compressor))
+    source = DigitsSource(split="test", seed=config.seed + 1, n=max(config.pictures, 1))
+    written = {}
+    for i in range(config.pictures):
+        sample = source[i]
+        prompt = vlm.prepare(images=sample.images, video=sample.video, question=sample.question)
+        rel = relevance(vlm, prompt)
+        path = folder / f"sample{i}_{(sample.meta or {}).get('kind', 'image')}.png"
+        relevance_figure(prompt, rel.scores, ratio=0.25, out=path, predicted=learned.score(vlm, prompt),
+                         labels=("R_v (Eq. 1)", "f_θ(A_v^0)"),
+                         title=f"{sample.question}  answer: {rel.answer} (reference {sample.answer})")
+        written[f"picture{i}"] = path
+    return written
+
+
+def summary(result: DemoResult) -> str:
+    """The table and the files, as printed at the end of the demo."""
+    lines = [result.report.to_markdown(), "", "time (s): " + ", ".join(
+        f"{k} {v:.0f}" for k, v in result.seconds.items()), "", "files written:"]
+    lines += [f"  {path}" for path in result.files.values()]
+    return "\n".join(lines)
+
+
+def config_json(config: DemoConfig) -> dict[str, Any]:
+    return {**asdict(config), "ratios": list(config.ratios), "methods": list(config.methods)}
