@@ -18,6 +18,7 @@ from explainprune.evaluation.localization import (
     measure,
     pointing_hit,
     region_mass,
+    wilson_interval,
 )
 from explainprune.labels import DigitsSource, LabelSample
 from explainprune.models.base import Prompt
@@ -50,6 +51,16 @@ def test_chance_and_mean_ci():
     assert all(math.isnan(v) for v in mean_ci([]))
 
 
+def test_wilson_interval():
+    lo, hi = wilson_interval(0.0, 40)  # 0 hits in 40: still up to ~8.8%
+    assert lo == 0.0 and hi == pytest.approx(3.8416 / 43.8416, abs=1e-4)
+    lo, hi = wilson_interval(1.0, 40)
+    assert hi == 1.0 and lo == pytest.approx(1 - 3.8416 / 43.8416, abs=1e-4)
+    lo, hi = wilson_interval(0.5, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    assert all(math.isnan(v) for v in wilson_interval(0.5, 0))
+
+
 @pytest.mark.parametrize("scores, region, match", [
     ([0.1, 0.2], [], "empty"),
     ([0.1, 0.2], [2], "0..1"),
@@ -78,10 +89,14 @@ def test_report_summary_per_kind_and_overall():
     assert list(summ) == ["img", "vid", "all"]
     assert summ["img"]["used"] == 2 and summ["img"]["skipped"] == {"wrong answer": 3, "no region": 0}
     assert summ["all"]["used"] == 3 and summ["all"]["skipped"]["wrong answer"] == 3
-    assert summ["img"]["mass"]["x"][0] == pytest.approx(0.75) and summ["img"]["hit"]["y"][0] == 0.5
-    assert summ["vid"]["chance"][0] == 0.125 and math.isnan(summ["vid"]["chance"][1])
-    assert summ["all"]["chance"][0] == pytest.approx((0.25 + 0.5 + 0.125) / 3)
-    assert summ["all"]["mass"]["x"][0] == pytest.approx(0.5)
+    assert summ["img"]["mass"]["x"]["mean"] == pytest.approx(0.75) and summ["img"]["hit"]["y"]["mean"] == 0.5
+    assert summ["img"]["mass"]["x"]["ci95"] == pytest.approx(1.96 * math.sqrt(0.125) / math.sqrt(2))
+    assert summ["vid"]["chance"] == 0.125 and math.isnan(summ["vid"]["mass"]["x"]["ci95"])
+    assert summ["all"]["chance"] == pytest.approx((0.25 + 0.5 + 0.125) / 3)
+    assert summ["all"]["num_visual"] == pytest.approx(16 / 3)
+    assert summ["all"]["mass"]["x"]["mean"] == pytest.approx(0.5)
+    h = summ["all"]["hit"]["x"]
+    assert h["mean"] == pytest.approx(2 / 3) and (h["lo"], h["hi"]) == pytest.approx(wilson_interval(2 / 3, 3))
 
 
 def test_report_markdown_and_json():
@@ -89,10 +104,11 @@ def test_report_markdown_and_json():
     md = rep.to_markdown()
     assert "| | img | vid | all |" in md and "| skipped: wrong answer | 3 | 0 | 3 |" in md
     assert "| x | 0.750 ± 0.490 | 0.000 | 0.500 ± 0.566 |" in md
-    assert md.count("chance (region size / N_v)") == 2
+    assert "| y | 0.500 [0.095, 0.905] |" in md and "| N_v (mean) | 4.0 | 8.0 | 5.3 |" in md
+    assert md.count("| chance (region size / N_v) | 0.375 | 0.125 | 0.292 |") == 2
     data = json.loads(json.dumps(rep.to_json()))
     assert data["methods"] == ["x", "y"] and len(data["samples"]) == 3
-    assert data["summary"]["all"]["hit"]["x"][0] == pytest.approx(2 / 3)
+    assert data["summary"]["all"]["hit"]["x"]["mean"] == pytest.approx(2 / 3)
 
 
 # -- the runner ------------------------------------------------------------------------------------------
@@ -153,3 +169,12 @@ def test_default_scorers_on_a_tiny_model(load_tiny):
             assert 0.0 <= s.mass[name] <= 1.0 and 0.0 <= s.hit[name] <= 1.0
     again = measure(vlm, source, default_scorers(fastv_layers=(1,), seed=0), only_correct=False)
     assert again.samples[0].mass == rep.samples[0].mass  # deterministic, random scores included
+
+
+def test_random_scorer_is_fresh_per_sample_and_seeded():
+    """Unlike the ``random`` pruner (seeded by the prompt's tokens), the same prompt gets new draws."""
+    prompt = FakeVLM().prepare((2, 2))
+    rand = default_scorers(fastv_layers=(), seed=3)["random"]
+    first, second = rand(None, prompt, [7]), rand(None, prompt, [7])
+    assert first.shape == (4,) and not torch.equal(first, second)
+    assert torch.equal(default_scorers(fastv_layers=(), seed=3)["random"](None, prompt, [7]), first)

@@ -85,6 +85,18 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return m, 1.96 * sd / math.sqrt(len(v))
 
 
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score 95% interval (lo, hi) of a rate ``p`` observed on ``n`` samples (Wilson, 1927).
+
+    Unlike mean ± 1.96 sd / sqrt(n) it stays informative at 0/n and n/n (0 hits in 40 -> up to 0.088).
+    """
+    if n <= 0 or math.isnan(p):
+        return math.nan, math.nan
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 # -- results ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SampleLocalization:
@@ -116,17 +128,21 @@ class LocalizationReport:
         return list(dict.fromkeys(seen))
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        """kind (and "all") -> used, skipped, chance and per-method mass / hit as (mean, 95% half-width)."""
+        """kind (and "all") -> used, skipped (reason -> count), N_v and chance (means), and per method:
+        mass {"mean", "ci95"} (normal half-width) and hit {"mean", "lo", "hi"} (Wilson 95% interval)."""
         out: dict[str, dict[str, Any]] = {}
         for kind in [*self.kinds(), ALL]:
-            rows = [s for s in self.samples if kind in (ALL, s.kind)]
+            rows = self._rows(kind)
             skips = {r: sum(v.get(r, 0) for k, v in self.skipped.items() if kind in (ALL, k)) for r in REASONS}
-            out[kind] = {
-                "used": len(rows), "skipped": skips,
-                "chance": mean_ci([s.chance for s in rows]),
-                "mass": {m: mean_ci([s.mass[m] for s in rows]) for m in self.methods},
-                "hit": {m: mean_ci([s.hit[m] for s in rows]) for m in self.methods},
-            }
+            mass, hit = {}, {}
+            for m in self.methods:
+                mean, half = mean_ci([s.mass[m] for s in rows])
+                mass[m] = {"mean": mean, "ci95": half}
+                rate = _mean([s.hit[m] for s in rows])
+                lo, hi = wilson_interval(rate, len(rows))
+                hit[m] = {"mean": rate, "lo": lo, "hi": hi}
+            out[kind] = {"used": len(rows), "skipped": skips, "num_visual": _mean([s.num_visual for s in rows]),
+                         "chance": _mean([s.chance for s in rows]), "mass": mass, "hit": hit}
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -134,14 +150,19 @@ class LocalizationReport:
                 "skipped": self.skipped, "samples": [asdict(s) for s in self.samples]}
 
     def to_markdown(self, digits: int = 3) -> str:
+        """Three tables (samples; region mass, mean ± 95% CI; pointing game, rate [Wilson 95%]): kinds as
+        columns, methods as rows, the chance level as the last row."""
         summ = self.summary()
         cols = list(summ)
 
-        def cell(mc: tuple[float, float]) -> str:
-            m, ci = mc
-            if math.isnan(m):
-                return "-"
-            return f"{m:.{digits}f}" + ("" if math.isnan(ci) else f" ± {ci:.{digits}f}")
+        def num(x: float) -> str:
+            return "-" if math.isnan(x) else f"{x:.{digits}f}"
+
+        def mass(d: dict[str, float]) -> str:
+            return num(d["mean"]) + ("" if math.isnan(d["ci95"]) else f" ± {d['ci95']:.{digits}f}")
+
+        def hit(d: dict[str, float]) -> str:
+            return num(d["mean"]) + ("" if math.isnan(d["lo"]) else f" [{num(d['lo'])}, {num(d['hi'])}]")
 
         def table(title: str, rows: list[tuple[str, list[str]]]) -> list[str]:
             head = [f"**{title}**", "", "| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -150,13 +171,15 @@ class LocalizationReport:
         counts = [("used (answered correctly)" if self.info.get("only_correct", True) else "used",
                    [str(summ[c]["used"]) for c in cols])]
         counts += [(f"skipped: {r}", [str(summ[c]["skipped"][r]) for c in cols]) for r in REASONS]
-        counts.append(("N_v (mean)", [f"{_mean([s.num_visual for s in self._rows(c)]):.1f}" for c in cols]))
+        counts.append(("N_v (mean)", [f"{summ[c]['num_visual']:.1f}" for c in cols]))
         lines = table("Samples", counts)
-        for key, title in (("mass", "Region mass: share of max(score, 0) inside the ground-truth region"),
-                           ("hit", "Pointing game: hit rate of the top-scoring token")):
-            rows = [(m, [cell(summ[c][key][m]) for c in cols]) for m in self.methods]
-            rows.append(("chance (region size / N_v)", [cell(summ[c]["chance"]) for c in cols]))
-            lines += table(title + " (mean ± 95% CI)", rows)
+        chance = ("chance (region size / N_v)", [num(summ[c]["chance"]) for c in cols])
+        rows = [(m, [mass(summ[c]["mass"][m]) for c in cols]) for m in self.methods]
+        lines += table("Region mass: share of max(score, 0) inside the ground-truth region (mean ± 95% CI)",
+                       [*rows, chance])
+        rows = [(m, [hit(summ[c]["hit"][m]) for c in cols]) for m in self.methods]
+        lines += table("Pointing game: top-scoring token inside the region (hit rate [Wilson 95% interval])",
+                       [*rows, chance])
         return "\n".join(lines)
 
     def _rows(self, kind: str) -> list[SampleLocalization]:
@@ -170,9 +193,13 @@ def _mean(values: Sequence[float]) -> float:
 # -- runner ----------------------------------------------------------------------------------------------
 def default_scorers(fastv_layers: Sequence[int] = (1, 2), seed: int = 0) -> dict[str, Scorer]:
     """name -> scorer: R_v (Eq. 1, for the given answer), A_v^0 (mean over heads), FastV layer-K score
-    (the last prompt token's attention at layer K-1, mean over heads) for each K, seeded random scores."""
+    (the last prompt token's attention at layer K-1, mean over heads) for each K, and random scores.
+
+    The random scores are fresh uniform draws per call from one generator seeded with ``seed``
+    (reproducible for a fixed sample order). The ``random`` pruner is not used: it seeds by the prompt's
+    token ids, so every image asked the same question gets the same scores, and on digits the question
+    fixes the region for "rowcol" (and "video"), which makes its hits all-or-nothing per question."""
     from explainprune.attention import first_layer_attention
-    from explainprune.pruning.baselines import Random
     from explainprune.pruning.fastv import FastV
     from explainprune.relevance import relevance
 
@@ -183,8 +210,8 @@ def default_scorers(fastv_layers: Sequence[int] = (1, 2), seed: int = 0) -> dict
     for k in fastv_layers:
         fastv = FastV(layer=int(k))
         scorers[f"FastV K={k}"] = lambda vlm, prompt, ids, f=fastv: f.score(vlm, prompt)
-    rand = Random(seed=seed)
-    scorers["random"] = lambda vlm, prompt, ids: rand.score(vlm, prompt)
+    gen = torch.Generator().manual_seed(seed)
+    scorers["random"] = lambda vlm, prompt, ids: torch.rand(prompt.num_visual, generator=gen)
     return scorers
 
 
