@@ -34,7 +34,7 @@ from PIL import Image
 TOKEN_PX = 28  # merged Qwen2-VL token: patch 14 x merge 2
 COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0)}
 KINDS = ("rowcol", "colour", "count", "video")
-DEFAULT_KINDS = KINDS
+DEFAULT_KINDS = ("rowcol", "colour", "video")  # "count" is available, but the demo model fails it (docs/digits.md)
 SPLIT_SEED, TEST_FRACTION = 0, 0.2
 WORDS = [
     "user", "assistant", "system", "what", "digit", "is", "in", "row", "column", "frame", "the", "how",

@@ -146,8 +146,9 @@ def encode(model: Any, tok: Any, kind: str, questions: list[str], answers: list[
     grid_kw = {"video_grid_thw": thw} if video else {"image_grid_thw": thw}
     pos, _ = inner.get_rope_index(input_ids, mm_token_type_ids=is_vis.long() * (2 if video else 1),
                                   attention_mask=mask, **grid_kw)
+    sink = int((input_ids[0] == cfg.vision_start_token_id).nonzero()[0])
     return {"embeds": embeds, "pos": pos, "mask": mask, "targets": input_ids[:, -2:], "region": in_region,
-            "keys": keys}
+            "keys": keys, "sink": sink}
 
 
 def _key_positions(tok: Any, ids: list[int]) -> list[int]:
@@ -164,8 +165,8 @@ def _key_positions(tok: Any, ids: list[int]) -> list[int]:
     return [one, one, one]
 
 
-def answer_loss(model: Any, batch: dict[str, torch.Tensor], attn_weight: float = 0.0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_loss(model: Any, batch: dict[str, torch.Tensor], attn_weight: float = 0.0,
+                count_sink: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on the answer token and ``<|im_end|>``; returns (loss, answer-token correct [B]).
 
     With ``attn_weight`` > 0, adds auxiliary attention supervision of the query that predicts the answer:
@@ -180,6 +181,12 @@ def answer_loss(model: Any, batch: dict[str, torch.Tensor], attn_weight: float =
         region = batch["region"][:, None, :].float()
         terms = []
         for a in out.attentions[1:]:
+            if count_sink > 0:  # target: uniform on the region plus a sink worth `count_sink` tokens
+                target = region.clone()
+                target[:, :, batch["sink"]] = count_sink
+                target = target / target.sum(-1, keepdim=True)
+                terms.append(-(target * torch.log(a[:, : a.shape[1] // 2, -3, :] + 1e-4)).sum(-1).mean())
+                continue
             mass = (a[:, : a.shape[1] // 2, -3, :] * region).sum(-1)
             terms.append(-torch.log(mass + 1e-4).mean())
         a0 = out.attentions[0][:, :3, -3, :]  # [B, 3, L]
@@ -242,7 +249,8 @@ def stage2(model: Any, tok: Any, cfg: Any, work: Path, gen: dd.BoardMaker, resum
         for kind in kinds:
             n = cfg.s2_video_batch if kind == "video" else cfg.s2_batch
             q, a, f, reg = draw_questions(kind, train_banks, n, rng)
-            loss, ok = answer_loss(model, encode(model, tok, kind, q, a, f, side, reg), cfg.s2_attn)
+            sink = cfg.s2_count_sink if kind == "count" else 0.0
+            loss, ok = answer_loss(model, encode(model, tok, kind, q, a, f, side, reg), cfg.s2_attn, sink)
             (loss / len(kinds)).backward()
             log.setdefault(kind, []).append(float(ok.float().mean()))
         torch.nn.utils.clip_grad_norm_(params, 1.0)

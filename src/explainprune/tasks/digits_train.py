@@ -58,6 +58,7 @@ class TrainConfig:
     s2_attn: float = 0.5
     s2_video_batch: int = 8
     s2_video_from: float = 0.3
+    s2_count_sink: float = 0.0
     kinds: tuple[str, ...] = ("rowcol", "colour", "count", "video")
     threads: int = 2
     log_every: int = 25
