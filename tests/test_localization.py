@@ -17,6 +17,7 @@ from explainprune.evaluation.localization import (
     mean_ci,
     measure,
     pointing_hit,
+    region_auc,
     region_mass,
     wilson_interval,
 )
@@ -41,6 +42,22 @@ def test_pointing_hit_and_ties():
     assert pointing_hit([-5.0, -1.0, -3.0, -2.0], [1]) == 1.0  # the top score counts, even negative
     assert pointing_hit([1.0, 1.0, 0.0, 0.0], [0]) == 0.5  # tied maxima split
     assert pointing_hit([1.0, 1.0, 1.0, 1.0], [0, 1, 2]) == 0.75
+
+
+def test_region_auc_hand_examples():
+    assert region_auc([0.1, 0.4, -0.2, 0.5], [1, 3]) == 1.0  # both region tokens above both others
+    assert region_auc([0.1, 0.4, -0.2, 0.5], [0, 2]) == 0.0
+    assert region_auc([0.1, 0.4, -0.2, 0.5], [0]) == pytest.approx(1 / 3)  # beats only -0.2
+    assert region_auc([1.0, 1.0, 1.0, 1.0], [0, 1]) == 0.5  # all ties: half
+    assert region_auc([2.0, 1.0, 1.0, 0.0], [1]) == pytest.approx((0 + 0.5 + 1) / 3)
+    with pytest.raises(ValueError, match="every token"):
+        region_auc([0.1, 0.2], [0, 1])
+    g = torch.Generator().manual_seed(0)  # agrees with the pairwise definition on random ties
+    s = torch.randint(0, 5, (40,), generator=g).float()
+    region = [3, 7, 11, 20, 33]
+    others = [j for j in range(40) if j not in region]
+    pairs = [(s[i] > s[j]).item() + 0.5 * (s[i] == s[j]).item() for i in region for j in others]
+    assert region_auc(s, region) == pytest.approx(sum(pairs) / len(pairs))
 
 
 def test_chance_and_mean_ci():
@@ -71,23 +88,23 @@ def test_wilson_interval():
     ([float("nan"), 0.2], [0], "NaN"),
 ])
 def test_metrics_reject_bad_input(scores, region, match):
-    for fn in (region_mass, pointing_hit):
+    for fn in (region_mass, pointing_hit, region_auc):
         with pytest.raises(ValueError, match=match):
             fn(scores, region)
 
 
 # -- the report ------------------------------------------------------------------------------------------
 def _report() -> LocalizationReport:
-    s = [SampleLocalization("a", "img", 4, 1, {"x": 0.5, "y": 0.25}, {"x": 1.0, "y": 0.0}),
-         SampleLocalization("b", "img", 4, 2, {"x": 1.0, "y": 0.5}, {"x": 1.0, "y": 1.0}),
-         SampleLocalization("c", "vid", 8, 1, {"x": 0.0, "y": 0.125}, {"x": 0.0, "y": 0.0})]
+    s = [SampleLocalization("a", "img", 4, 1, {"x": 0.5, "y": 0.25}, {"x": 1.0, "y": 0.0}, {"x": 1.0, "y": 0.5}),
+         SampleLocalization("b", "img", 4, 2, {"x": 1.0, "y": 0.5}, {"x": 1.0, "y": 1.0}, {"x": 0.5, "y": 0.5}),
+         SampleLocalization("c", "vid", 8, 1, {"x": 0.0, "y": 0.125}, {"x": 0.0, "y": 0.0}, {"x": 0.0, "y": 0.5})]
     return LocalizationReport(["x", "y"], s, {"img": {"wrong answer": 3}, "vid": {}})
 
 
 def test_report_summary_per_kind_and_overall():
     summ = _report().summary()
     assert list(summ) == ["img", "vid", "all"]
-    assert summ["img"]["used"] == 2 and summ["img"]["skipped"] == {"wrong answer": 3, "no region": 0}
+    assert summ["img"]["used"] == 2 and summ["img"]["skipped"] == {"wrong answer": 3, "no usable region": 0}
     assert summ["all"]["used"] == 3 and summ["all"]["skipped"]["wrong answer"] == 3
     assert summ["img"]["mass"]["x"]["mean"] == pytest.approx(0.75) and summ["img"]["hit"]["y"]["mean"] == 0.5
     assert summ["img"]["mass"]["x"]["ci95"] == pytest.approx(1.96 * math.sqrt(0.125) / math.sqrt(2))
@@ -95,6 +112,7 @@ def test_report_summary_per_kind_and_overall():
     assert summ["all"]["chance"] == pytest.approx((0.25 + 0.5 + 0.125) / 3)
     assert summ["all"]["num_visual"] == pytest.approx(16 / 3)
     assert summ["all"]["mass"]["x"]["mean"] == pytest.approx(0.5)
+    assert summ["img"]["auc"]["x"]["mean"] == 0.75 and summ["all"]["auc"]["y"] == {"mean": 0.5, "ci95": 0.0}
     h = summ["all"]["hit"]["x"]
     assert h["mean"] == pytest.approx(2 / 3) and (h["lo"], h["hi"]) == pytest.approx(wilson_interval(2 / 3, 3))
 
@@ -106,6 +124,7 @@ def test_report_markdown_and_json():
     assert "| x | 0.750 ± 0.490 | 0.000 | 0.500 ± 0.566 |" in md
     assert "| y | 0.500 [0.095, 0.905] |" in md and "| N_v (mean) | 4.0 | 8.0 | 5.3 |" in md
     assert md.count("| chance (region size / N_v) | 0.375 | 0.125 | 0.292 |") == 2
+    assert "| y | 0.500 ± 0.000 | 0.500 | 0.500 ± 0.000 |" in md and "| chance | 0.500 | 0.500 | 0.500 |" in md
     data = json.loads(json.dumps(rep.to_json()))
     assert data["methods"] == ["x", "y"] and len(data["samples"]) == 3
     assert data["summary"]["all"]["hit"]["x"]["mean"] == pytest.approx(2 / 3)
@@ -146,8 +165,9 @@ def test_measure_skips_wrong_answers_and_missing_regions():
 
     rep = measure(FakeVLM(), samples, {"last": last})
     assert [s.id for s in rep.samples] == ["r0", "r3"] and seen == [[7], [7]]
-    assert rep.skipped == {"k": {"wrong answer": 1}, "m": {"no region": 1}}
+    assert rep.skipped == {"k": {"wrong answer": 1}, "m": {"no usable region": 1}}
     assert rep.samples[0].mass["last"] == 1.0 and rep.samples[0].hit["last"] == 1.0
+    assert rep.samples[0].auc["last"] == 1.0 and rep.samples[1].auc["last"] == 0.75  # (4 wins + 4 ties / 2) / 8
     assert rep.samples[1].region_size == 2 and rep.samples[1].chance == pytest.approx(2 / 6)
     assert rep.info["only_correct"] is True
     rep = measure(FakeVLM(), samples, {"last": last}, only_correct=False)
@@ -166,7 +186,7 @@ def test_default_scorers_on_a_tiny_model(load_tiny):
     for s in rep.samples:
         assert s.num_visual >= 16 and 1 <= s.region_size < s.num_visual
         for name in scorers:
-            assert 0.0 <= s.mass[name] <= 1.0 and 0.0 <= s.hit[name] <= 1.0
+            assert 0.0 <= s.mass[name] <= 1.0 and 0.0 <= s.hit[name] <= 1.0 and 0.0 <= s.auc[name] <= 1.0
     again = measure(vlm, source, default_scorers(fastv_layers=(1,), seed=0), only_correct=False)
     assert again.samples[0].mass == rep.samples[0].mass  # deterministic, random scores included
 

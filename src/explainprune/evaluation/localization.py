@@ -8,6 +8,9 @@ Per sample, for a score s [N_v] and a region G (visual-token indices that hold t
   - pointing game (Zhang et al., 2016, "Top-down neural attention by excitation backprop"): 1 when the
     top-scoring token lies in G, 0 otherwise; tied maxima count as the share of the ties inside G.
   - chance: |G| / N_v, the expected value of both metrics for a score that carries no information.
+  - rank AUC: the probability that a region token outscores a non-region token, ties counting half
+    (the Mann-Whitney U statistic over |G| (N_v - |G|) pairs; chance 0.5). Pruning keeps the top-ranked
+    tokens, so the ranking matters even where the mass is spread thin.
 
 The metric functions are pure. ``measure`` runs scorers (R_v, A_v^0, FastV, random, see
 ``default_scorers``) over a label source with regions (``explainprune.labels.DigitsSource``) and keeps,
@@ -27,7 +30,7 @@ from torch import Tensor
 
 Scorer = Callable[[Any, Any, list[int]], Tensor]  # (vlm, prompt, answer ids) -> Tensor[N_v]
 ALL = "all"
-REASONS = ("wrong answer", "no region")
+REASONS = ("wrong answer", "no usable region")  # the latter: missing, empty, or every visual token
 
 
 # -- metrics (pure) --------------------------------------------------------------------------------------
@@ -73,6 +76,19 @@ def pointing_hit(scores: Tensor | Sequence[float], region: Sequence[int]) -> flo
     return float((top & inside).sum()) / float(top.sum())
 
 
+def region_auc(scores: Tensor | Sequence[float], region: Sequence[int]) -> float:
+    """P(s_i > s_j) + P(s_i = s_j) / 2 for i in ``region``, j outside it (Mann-Whitney U / (|G| |not G|))."""
+    s, idx = _checked(scores, region)
+    inside = torch.zeros(s.numel(), dtype=torch.bool)
+    inside[idx] = True
+    if bool(inside.all()):
+        raise ValueError("the region covers every token: the rank AUC is undefined")
+    others = torch.sort(s[~inside]).values
+    below = torch.searchsorted(others, s[inside], right=False).double()
+    at_or_below = torch.searchsorted(others, s[inside], right=True).double()
+    return float((below + 0.5 * (at_or_below - below)).sum()) / (idx.numel() * others.numel())
+
+
 def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     """(mean, half-width of a normal-approximation 95% interval, 1.96 * sd / sqrt(n)); (nan, nan) if empty."""
     v = [float(x) for x in values]
@@ -100,7 +116,7 @@ def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
 # -- results ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SampleLocalization:
-    """One scored sample: region mass and pointing hit per method."""
+    """One scored sample: region mass, pointing hit and rank AUC per method."""
 
     id: str
     kind: str
@@ -108,6 +124,7 @@ class SampleLocalization:
     region_size: int
     mass: dict[str, float]
     hit: dict[str, float]
+    auc: dict[str, float] = field(default_factory=dict)
 
     @property
     def chance(self) -> float:
@@ -129,20 +146,23 @@ class LocalizationReport:
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """kind (and "all") -> used, skipped (reason -> count), N_v and chance (means), and per method:
-        mass {"mean", "ci95"} (normal half-width) and hit {"mean", "lo", "hi"} (Wilson 95% interval)."""
+        mass and auc {"mean", "ci95"} (normal half-width), hit {"mean", "lo", "hi"} (Wilson 95% interval)."""
         out: dict[str, dict[str, Any]] = {}
         for kind in [*self.kinds(), ALL]:
             rows = self._rows(kind)
             skips = {r: sum(v.get(r, 0) for k, v in self.skipped.items() if kind in (ALL, k)) for r in REASONS}
-            mass, hit = {}, {}
+            mass, hit, auc = {}, {}, {}
             for m in self.methods:
                 mean, half = mean_ci([s.mass[m] for s in rows])
                 mass[m] = {"mean": mean, "ci95": half}
+                mean, half = mean_ci([s.auc[m] for s in rows if m in s.auc])
+                auc[m] = {"mean": mean, "ci95": half}
                 rate = _mean([s.hit[m] for s in rows])
                 lo, hi = wilson_interval(rate, len(rows))
                 hit[m] = {"mean": rate, "lo": lo, "hi": hi}
             out[kind] = {"used": len(rows), "skipped": skips, "num_visual": _mean([s.num_visual for s in rows]),
-                         "chance": _mean([s.chance for s in rows]), "mass": mass, "hit": hit}
+                         "chance": _mean([s.chance for s in rows]), "mass": mass, "hit": hit,
+                         "auc": auc}
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -150,8 +170,8 @@ class LocalizationReport:
                 "skipped": self.skipped, "samples": [asdict(s) for s in self.samples]}
 
     def to_markdown(self, digits: int = 3) -> str:
-        """Three tables (samples; region mass, mean ± 95% CI; pointing game, rate [Wilson 95%]): kinds as
-        columns, methods as rows, the chance level as the last row."""
+        """Four tables (samples; region mass, mean ± 95% CI; pointing game, rate [Wilson 95%]; rank AUC):
+        kinds as columns, methods as rows, the chance level as the last row."""
         summ = self.summary()
         cols = list(summ)
 
@@ -180,6 +200,9 @@ class LocalizationReport:
         rows = [(m, [hit(summ[c]["hit"][m]) for c in cols]) for m in self.methods]
         lines += table("Pointing game: top-scoring token inside the region (hit rate [Wilson 95% interval])",
                        [*rows, chance])
+        rows = [(m, [mass(summ[c]["auc"][m]) for c in cols]) for m in self.methods]
+        lines += table("Rank AUC: P(a region token outscores a non-region token) (mean ± 95% CI)",
+                       [*rows, ("chance", ["0.500"] * len(cols))])
         return "\n".join(lines)
 
     def _rows(self, kind: str) -> list[SampleLocalization]:
@@ -239,8 +262,8 @@ def measure(vlm: Any, source: Any, scorers: dict[str, Scorer] | None = None, *, 
         ids = [t for t in gen.token_ids if t not in vlm.eos_token_ids]
         bucket = report.skipped.setdefault(kind, {})  # also records the order kinds appear in
         reason = None
-        if not region:
-            reason = "no region"
+        if not region or len(region) >= prompt.num_visual:
+            reason = "no usable region"
         elif only_correct and not (ids and answers_match(gen.text, sample.answer)):
             reason = "wrong answer"
         elif not ids:
@@ -252,6 +275,7 @@ def measure(vlm: Any, source: Any, scorers: dict[str, Scorer] | None = None, *, 
         report.samples.append(SampleLocalization(
             id=str(sample.id), kind=kind, num_visual=prompt.num_visual, region_size=len(region),
             mass={n: region_mass(s, region) for n, s in scores.items()},
-            hit={n: pointing_hit(s, region) for n, s in scores.items()}))
+            hit={n: pointing_hit(s, region) for n, s in scores.items()},
+            auc={n: region_auc(s, region) for n, s in scores.items()}))
     report.info["seconds"] = round(time.perf_counter() - start, 2)
     return report
