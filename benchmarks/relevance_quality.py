@@ -7,7 +7,8 @@ For each test sample the model answers greedily; samples it answers correctly ar
 explaining that answer), A_v^0 (first-layer attention, mean over heads: the compressor's input), FastV's
 layer-K score (last prompt token's attention at layer K-1, mean over heads) and seeded random scores.
 Metrics (``explainprune.evaluation.localization``): region mass (share of max(score, 0) inside the
-region) and pointing-game hit rate, per question kind and overall, with the chance level |region| / N_v.
+region), pointing-game hit rate and rank AUC, per question kind and overall, with the chance levels
+(|region| / N_v for the first two, 0.5 for the AUC).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kinds", nargs="+", default=None, help="question kinds (default: the task's default set)")
     p.add_argument("--fastv-layers", type=int, nargs="+", default=[1, 2], metavar="K",
                    help="FastV layers K (scores at layer K-1); each must be in 1..L-1")
+    p.add_argument("--per-head", action="store_true", help="also score each head of A_v^0 on its own")
     p.add_argument("--all-answers", action="store_true", help="also score wrongly answered samples")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON instead of markdown")
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(a.threads)
     import explainprune
-    from explainprune.evaluation.localization import default_scorers, measure
+    from explainprune.evaluation.localization import default_scorers, head_scorers, measure
     from explainprune.labels import DigitsSource
 
     start = time.perf_counter()
@@ -50,7 +52,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--fastv-layers {bad}: K must be in 1..{layers - 1} for this {layers}-layer model")
     options = {"kinds": a.kinds} if a.kinds else {}
     source = DigitsSource(split=a.split, seed=a.seed, n=a.n, **options)
-    report = measure(vlm, source, default_scorers(a.fastv_layers, seed=a.seed),
+    scorers = default_scorers(a.fastv_layers, seed=a.seed)
+    if a.per_head:
+        scorers.update(head_scorers(vlm.text_config.num_attention_heads))
+    report = measure(vlm, source, scorers,
                      only_correct=not a.all_answers, progress=not a.no_progress)
     command = "benchmarks/relevance_quality.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
     report.info.update(model=a.model, split=a.split, n=a.n, seed=a.seed, layers=layers,

@@ -198,3 +198,15 @@ def test_random_scorer_is_fresh_per_sample_and_seeded():
     first, second = rand(None, prompt, [7]), rand(None, prompt, [7])
     assert first.shape == (4,) and not torch.equal(first, second)
     assert torch.equal(default_scorers(fastv_layers=(), seed=3)["random"](None, prompt, [7]), first)
+
+
+def test_head_scorers_slice_first_layer_attention(load_tiny):
+    from explainprune.attention import first_layer_attention
+    from explainprune.evaluation.localization import head_scorers
+
+    vlm = load_tiny("qwen2_vl")
+    prompt = vlm.prepare(images=DigitsSource(split="test", n=1)[0].images, question="what digit")
+    att = first_layer_attention(vlm, prompt)
+    scorers = head_scorers(att.shape[0])
+    assert list(scorers) == [f"A_v^0 head {h}" for h in range(att.shape[0])]
+    assert torch.equal(scorers["A_v^0 head 1"](vlm, prompt, [1]), att[1])

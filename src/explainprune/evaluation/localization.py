@@ -238,6 +238,14 @@ def default_scorers(fastv_layers: Sequence[int] = (1, 2), seed: int = 0) -> dict
     return scorers
 
 
+def head_scorers(num_heads: int) -> dict[str, Scorer]:
+    """name -> scorer for each single head h of A_v^0 (diagnostic: the head mean can hide a head's signal)."""
+    from explainprune.attention import first_layer_attention
+
+    return {f"A_v^0 head {h}": lambda vlm, prompt, ids, h=h: first_layer_attention(vlm, prompt)[h]
+            for h in range(num_heads)}
+
+
 def measure(vlm: Any, source: Any, scorers: dict[str, Scorer] | None = None, *, only_correct: bool = True,
             max_new_tokens: int = 4, progress: bool = False) -> LocalizationReport:
     """Score every sample of ``source`` (``LabelSample``s with ``region``) with each scorer.
