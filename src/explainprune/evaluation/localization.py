@@ -110,7 +110,8 @@ def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
         return math.nan, math.nan
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    return (0.0 if p <= 0 else lo), (1.0 if p >= 1 else hi)  # exact ends despite rounding
 
 
 # -- results ---------------------------------------------------------------------------------------------
