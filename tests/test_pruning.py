@@ -10,6 +10,7 @@ import torch
 from explainprune import get_pruner, select
 from explainprune.pruning import available
 from explainprune.pruning.baselines import spread_order
+from explainprune.testing import random_image
 
 
 def test_select_keeps_sorted_top_ceil():
@@ -60,6 +61,9 @@ def test_random_is_seeded(load_tiny, image):
     a = get_pruner("random", seed=0).keep(vlm, p, 0.25)
     assert torch.equal(a, get_pruner("random", seed=0).keep(vlm, p, 0.25))
     assert not torch.equal(a, get_pruner("random", seed=1).keep(vlm, p, 0.25))
+    other = vlm.prepare(images=random_image(5), question="how many 3 are there ?")  # same tokens, other image
+    assert torch.equal(other.input_ids, p.input_ids)
+    assert not torch.equal(a, get_pruner("random", seed=0).keep(vlm, other, 0.25))
 
 
 def test_spread_order_prefixes_cover_quadrants():

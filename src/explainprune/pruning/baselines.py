@@ -28,12 +28,17 @@ class Vanilla(Pruner):
 @register("random")
 @dataclass
 class Random(Pruner):
-    """Uniformly random scores, seeded by ``seed`` and the prompt's tokens (same prompt, same choice)."""
+    """Uniformly random scores, seeded by ``seed`` and the prompt's content (same prompt, same choice).
+
+    The content is the token ids AND the visual features: two images asked the same question get
+    different draws (the token ids alone are the same for them).
+    """
 
     seed: int = 0
 
     def score(self, vlm: VLM, prompt: Prompt) -> Tensor:
-        digest = zlib.crc32(prompt.input_ids.numpy().tobytes())
+        visual = prompt.inputs_embeds[0, prompt.visual_pos].detach().float().cpu().numpy()
+        digest = zlib.crc32(visual.tobytes(), zlib.crc32(prompt.input_ids.numpy().tobytes()))
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + digest) % (2**63))
         return torch.rand(prompt.num_visual, generator=gen)
 
