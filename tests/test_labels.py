@@ -170,7 +170,8 @@ from test_labels import FakeVLM, SyntheticSource, synthetic_labeler
 from explainprune.labels import LabelConfig, label
 rep = label(FakeVLM(), SyntheticSource(11), sys.argv[1], LabelConfig(shard_size=2), labeler=synthetic_labeler(),
             progress=False)
-print("REPORT", rep.rank, rep.world_size, rep.shards_written, rep.complete)
+with open(f"{{sys.argv[2]}}-{{rep.rank}}.txt", "w") as fh:  # not stdout: the ranks' prints interleave
+    fh.write(f"{{rep.rank}} {{rep.world_size}} {{rep.shards_written}} {{rep.complete}}")
 """
 
 
@@ -180,10 +181,10 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path):
     script.write_text(SCRIPT.format(tests=str(TESTS)))
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "two")],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "two"),
+                           str(tmp_path / "report")], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = sorted(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("REPORT"))
+    reports = [(tmp_path / f"report-{r}.txt").read_text().split() for r in (0, 1)]
     assert reports == [["0", "2", "3", "True"], ["1", "2", "3", "True"]]
     label(FakeVLM(), SyntheticSource(11), tmp_path / "one", LabelConfig(shard_size=2), labeler=synthetic_labeler(),
           progress=False)
