@@ -21,8 +21,8 @@ class DemoConfig:
 
     model: str = "demo"
     out: str = "runs/demo"
-    label_samples: int = 1200
-    epochs: int = 60
+    label_samples: int = 800
+    epochs: int = 30
     eval_samples: int = 200
     pictures: int = 4
     ratios: tuple[float, ...] = (0.5, 0.25, 0.1)
@@ -34,7 +34,7 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
-        return cls(**{"label_samples": 300, "epochs": 30, "eval_samples": 60, "pictures": 2, **overrides})
+        return cls(**{"label_samples": 240, "epochs": 20, "eval_samples": 60, "pictures": 2, **overrides})
 
 
 @dataclass
