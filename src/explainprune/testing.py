@@ -16,6 +16,7 @@ from explainprune.models.offline import (
     LLAVA_SPECIALS,
     QWEN_CHAT_TEMPLATE,
     QWEN_SPECIALS,
+    save_checkpoint_dir,
     word_tokenizer,
 )
 
@@ -73,7 +74,7 @@ def tiny_qwen2_vl(
     config.pad_token_id = ids["<|endoftext|>"]
     model = cls(config).eval()
     proc = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
-    return _save(path, model, tok, proc)
+    return save_checkpoint_dir(model, tok, proc, path)
 
 
 def tiny_llava_onevision(path: str | Path, *, hidden: int = 64, layers: int = 2, heads: int = 4,
@@ -100,7 +101,7 @@ def tiny_llava_onevision(path: str | Path, *, hidden: int = 64, layers: int = 2,
     model = LlavaOnevisionForConditionalGeneration(config).eval()
     proc = LlavaOnevisionImageProcessorPil(size={"height": image_size, "width": image_size},
                                            image_grid_pinpoints=pinpoints)
-    return _save(path, model, tok, proc)
+    return save_checkpoint_dir(model, tok, proc, path)
 
 
 def tiny_llava(path: str | Path, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
@@ -122,18 +123,7 @@ def tiny_llava(path: str | Path, *, hidden: int = 64, layers: int = 2, heads: in
     model = LlavaForConditionalGeneration(config).eval()
     proc = CLIPImageProcessorPil(size={"shortest_edge": image_size},
                                  crop_size={"height": image_size, "width": image_size})
-    return _save(path, model, tok, proc)
-
-
-def _save(path: str | Path, model, tok, image_processor) -> Path:
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    image_processor.save_pretrained(path)
-    return path
+    return save_checkpoint_dir(model, tok, proc, path)
 
 
 def build_tiny(family: str, path: str | Path, **options) -> Path:

@@ -7,6 +7,8 @@ special tokens each model family expects and a small chat template in the family
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -66,3 +68,15 @@ def word_tokenizer(
     )
     fast.chat_template = chat_template
     return fast
+
+
+def save_checkpoint_dir(model: Any, tok: Any, image_processor: Any, path: str | Path) -> Path:
+    """Write a loadable checkpoint directory (weights, tokenizer, chat template, image processor)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    return path

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from explainprune.models.offline import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, word_tokenizer
+from explainprune.models.offline import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, save_checkpoint_dir, word_tokenizer
 from explainprune.tasks import digits_data as dd
 from explainprune.tasks.digits import WORDS
 
@@ -93,18 +93,6 @@ def build_model(cfg: TrainConfig) -> tuple[Any, Any, Any]:
     model.model.language_model.config._attn_implementation = "eager"  # attention weights for supervision
     proc = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 1024)
     return model, tok, proc
-
-
-def save_checkpoint_dir(model: Any, tok: Any, proc: Any, path: str | Path) -> Path:
-    """Write a loadable checkpoint directory (weights, tokenizer, chat template, processor)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    proc.save_pretrained(path)
-    return path
 
 
 class MatmulPatchEmbed:
