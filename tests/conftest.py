@@ -8,7 +8,14 @@ import torch
 import explainprune
 from explainprune.testing import FAMILIES, build_tiny, random_image
 
-torch.set_num_threads(1)  # tiny models: one thread is fastest and robust on a busy machine
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, above all on a shared, loaded machine; a test that changes
+    the thread count (the demo, `train --threads`) does not leak it into the next one."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -14,13 +14,6 @@ from explainprune.train import TrainConfig, topk_recall, train
 pytest.importorskip("explainprune.attention")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _compressor_for(vlm, **extra):
     torch.manual_seed(0)

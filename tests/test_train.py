@@ -102,14 +102,6 @@ def toy_labels(tmp_path_factory):
 SMALL = dict(batch_size=8, val_fraction=0.25, lr=3e-3, channels=(8, 16, 16, 32, 32))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs run faster on one thread, above all on a shared, loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_resume_equals_uninterrupted(toy_labels, tmp_path):
     full = train(toy_labels, tmp_path / "full", TrainConfig(epochs=3, **SMALL), progress=False)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from explainprune.attention import _Stop  # raised by the layer-K hook when only the scores are wanted
 from explainprune.models.base import VLM, GenerationResult, Prompt
 from explainprune.pruning.base import Pruner, register, select
 
@@ -73,10 +74,6 @@ class FastVState:
     valid: Tensor | None = None
     steps: int = 0
     layer_tokens: list[int] = field(default_factory=list)
-
-
-class _Stop(Exception):
-    """Raised by the layer-K hook when only the scores are wanted (no layer >= K runs)."""
 
 
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
