@@ -1,0 +1,60 @@
+"""The grounding fine-tune's loss terms (tasks/digits_ground.py): A_v^0 indexing, the answer row's
+gradient-weighted attention, and the two ranking terms."""
+
+from __future__ import annotations
+
+import torch
+
+from explainprune.tasks.digits_ground import align_loss, answer_cam, follow_loss, visual_attention0
+
+
+def test_visual_attention0_is_head_and_row_mean_over_the_visual_block():
+    b, h, n = 2, 3, 12
+    attn = torch.rand(b, h, n, n)
+    sink, n_vis = 1, 4  # visual tokens at positions 2..5
+    spans = [(7, 9), (7, 10)]
+    got = visual_attention0(attn, sink, spans, n_vis)
+    assert got.shape == (b, n_vis)
+    for i, (s, e) in enumerate(spans):
+        want = torch.stack([attn[i, :, r, 2:6] for r in range(s, e)]).mean((0, 1))
+        assert torch.allclose(got[i], want)
+
+
+def test_answer_cam_is_positive_part_of_attention_times_gradient_at_the_answer_row():
+    torch.manual_seed(0)
+    b, h, n, sink, n_vis = 2, 2, 9, 0, 4
+    logits = [torch.randn(b, h, n, n, requires_grad=True) for _ in range(3)]
+    attns = tuple(x.softmax(-1) for x in logits)
+    weights = [torch.randn(b, h, n, n) for _ in range(3)]
+    logit = sum((a * w).sum((1, 2, 3)) for a, w in zip(attns, weights, strict=True))  # d logit / d A^l = w_l
+    t, raw = answer_cam(attns, logit, sink, n_vis, row=-3, graph=True)
+    vis = slice(1, 1 + n_vis)
+    want = sum((attns[l][:, :, -3, vis] * weights[l][:, :, -3, vis]).clamp(min=0).mean(1) for l in (1, 2))
+    want_raw = sum((attns[l][:, :, -3, vis] * weights[l][:, :, -3, vis]).mean(1) for l in (1, 2))
+    assert torch.allclose(t, want.detach(), atol=1e-6) and not t.requires_grad  # layer 0 is not part of T
+    assert torch.allclose(raw, want_raw, atol=1e-6) and raw.requires_grad
+    t2, none = answer_cam(attns, logit, sink, n_vis)
+    assert none is None and torch.equal(t, t2)
+
+
+def test_align_loss_rewards_the_target_order_and_reports_topk_recall():
+    target = torch.tensor([[8.0, 7, 6, 5, 4, 3, 2, 1]])  # top 25% = tokens 0, 1
+    same = torch.tensor([[0.30, 0.25, 0.15, 0.1, 0.08, 0.06, 0.04, 0.02]])
+    reverse = same.flip(-1)
+    loss_same, rec_same = align_loss(same, target)
+    loss_rev, rec_rev = align_loss(reverse, target)
+    assert rec_same.tolist() == [1.0] and rec_rev.tolist() == [0.0]
+    assert loss_same < loss_rev
+    half = torch.tensor([[0.30, 0.01, 0.25, 0.1, 0.08, 0.06, 0.04, 0.02]])
+    assert align_loss(half, target)[1].tolist() == [0.5]
+
+
+def test_follow_loss_pushes_the_attended_tokens_up_and_the_rest_down():
+    a0 = torch.tensor([[0.05, 0.4, 0.05, 0.3, 0.05, 0.05, 0.05, 0.05]])  # top 25% = tokens 1, 3
+    raw = torch.zeros(1, 8, requires_grad=True)
+    follow_loss(raw, a0).backward()
+    g = raw.grad[0]
+    assert (g[[1, 3]] < 0).all() and (g[[0, 2, 4, 5, 6, 7]] > 0).all()
+    agree = torch.tensor([[0.0, 5, 0, 5, 0, 0, 0, 0]])
+    disagree = torch.tensor([[5.0, 0, 5, 0, 0, 0, 0, 0]])
+    assert follow_loss(agree, a0) < follow_loss(disagree, a0)
