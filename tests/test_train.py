@@ -32,6 +32,14 @@ def test_relevance_target_hand_example():
     torch.testing.assert_close(relevance_target(torch.zeros(4)), torch.full((4,), 0.25))
 
 
+def test_relevance_target_power_flattens_the_kept_values():
+    r = torch.tensor([0.1, 0.4, 0.2, 0.9])  # kept: 0.4, 0.9 -> sqrt: 2/sqrt(10), 3/sqrt(10)
+    torch.testing.assert_close(relevance_target(r, power=0.5), torch.tensor([0.0, 0.4, 0.0, 0.6]))
+    torch.testing.assert_close(relevance_target(r, power=1.0), relevance_target(r))
+    with pytest.raises(ValueError, match="power"):
+        relevance_target(r, power=0.0)
+
+
 def test_kl_hand_example():
     p = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
     q = torch.tensor([[0.25, 0.25, 0.5], [0.5, 0.5, 0.0]])
@@ -110,6 +118,15 @@ def test_resume_equals_uninterrupted(toy_labels, tmp_path):
         train(toy_labels, tmp_path / "part", TrainConfig(epochs=3, **SMALL), progress=False)
     with pytest.raises(ValueError, match="options differ.*lr"):
         train(toy_labels, tmp_path / "part", TrainConfig(epochs=3, **{**SMALL, "lr": 1e-2}), resume=True,
+              progress=False)
+    # a run saved before an option existed resumes as if it had the option's default
+    ptr = json.loads((tmp_path / "part" / "checkpoint.json").read_text())
+    state_file = tmp_path / "part" / ptr["dir"] / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["power"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="options differ.*power"):
+        train(toy_labels, tmp_path / "part", TrainConfig(epochs=3, **{**SMALL, "power": 0.5}), resume=True,
               progress=False)
     resumed = train(toy_labels, tmp_path / "part", TrainConfig(epochs=3, **SMALL), resume=True, progress=False)
     a = Compressor.from_pretrained(tmp_path / "full" / "compressor").state_dict()

@@ -31,16 +31,22 @@ RATIOS = (0.5, 0.25, 0.1)
 
 
 # -- the math ---------------------------------------------------------------------------------------------
-def relevance_target(r: Tensor, drop: float = 0.5) -> Tensor:
+def relevance_target(r: Tensor, drop: float = 0.5, power: float = 1.0) -> Tensor:
     """R_v* (Section 3.3): the bottom ``drop`` share of R_v [N_v] set to 0, then divided by the sum.
 
     Division, not softmax (the paper: softmax of near-equal values is near-uniform). The ``floor(drop*N)``
     smallest entries are zeroed (ties by position); negative values (``clamp=False`` relevance) count as 0.
-    An all-zero result falls back to uniform.
+    An all-zero result falls back to uniform. ``power`` (not in the paper; 1 = the paper) raises the kept
+    values to that power before the division: below 1 it flattens a peaked R_v so that the order of the
+    smaller kept values carries weight in the KL loss (same ranking, same zeros).
     """
+    if not power > 0:
+        raise ValueError(f"power must be > 0; got {power}")
     r = r.detach().float().flatten()
     n = r.numel()
     out = r.clamp(min=0)
+    if power != 1.0:
+        out = out.pow(power)
     k = int(math.floor(drop * n + 1e-9))
     if k:
         out[torch.sort(r, stable=True).indices[:k]] = 0.0
@@ -170,6 +176,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     seed: int = 0
     drop: float = 0.5
+    power: float = 1.0
     average_heads: bool = False
     normalize: str = "mean"
     activation: str = "relu"
@@ -249,8 +256,8 @@ def _check_resume(out: Path, config: TrainConfig, resume: bool) -> bool:
         raise ValueError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
     ptr = json.loads((out / "checkpoint.json").read_text())
     saved = json.loads((out / ptr["dir"] / "state.json").read_text())["config"]
-    mine = config.to_json()
-    diff = sorted(k for k in mine if k != "epochs" and saved.get(k) != mine[k])
+    mine, defaults = config.to_json(), TrainConfig().to_json()
+    diff = sorted(k for k in mine if k != "epochs" and saved.get(k, defaults[k]) != mine[k])
     if diff:
         raise ValueError(f"cannot resume {out}: options differ from the saved run ({', '.join(diff)})")
     return True
@@ -271,7 +278,7 @@ def train(labels: str | Path, out: str | Path, config: TrainConfig = TrainConfig
         raise ValueError(f"{labels} mixes A_v^0 with {sorted(heads)} heads (several models?)")
     resuming = _check_resume(out, config, resume)
     out.mkdir(parents=True, exist_ok=True)
-    targets = [relevance_target(r.relevance, config.drop) for r in records]
+    targets = [relevance_target(r.relevance, config.drop, config.power) for r in records]
     tr, va = split(len(records), config.val_fraction, config.seed)
     val_ids = va or tr
     torch.manual_seed(config.seed)

@@ -24,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3, Adam's default)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="validation share (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="split, init and shuffling seed (default 0)")
+    p.add_argument("--target-power", type=float, default=1.0,
+                   help="raise the kept R_v values to this power before normalising the target R_v* (default 1: "
+                        "the paper); below 1 flattens a peaked R_v so the order of its smaller values is learned")
     p.add_argument("--average-heads", action="store_true", help="average A_v^0 over heads (1 input channel)")
     p.add_argument("--normalize", default="mean", choices=["mean", "none"],
                    help="input scaling: divide each head by its mean over the tokens (default), or none")
@@ -44,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction,
-                         seed=args.seed, average_heads=args.average_heads, normalize=args.normalize)
+                         seed=args.seed, power=args.target_power, average_heads=args.average_heads,
+                         normalize=args.normalize)
     res = train(args.labels, args.out, config, resume=args.resume, progress=not args.no_progress)
     if args.json:
         print(json.dumps(res.to_json(), indent=1))
