@@ -16,8 +16,6 @@ import torch
 from explainprune.labels import (
     LabelConfig,
     LabelOutput,
-    LabelSample,
-    ManifestSource,
     answers_match,
     label,
     load_records,
@@ -26,6 +24,7 @@ from explainprune.labels import (
     region_indices,
 )
 from explainprune.models.base import Prompt
+from explainprune.sources import LabelSample, ManifestSource
 
 FP = {"model_type": "fake", "num_hidden_layers": 2, "num_attention_heads": 3, "hidden_size": 8}
 TESTS = Path(__file__).resolve().parent
@@ -200,7 +199,7 @@ def test_region_indices():
 
 def test_digits_regions_on_a_real_prompt(tmp_path, load_tiny):
     pytest.importorskip("explainprune.tasks.digits")
-    from explainprune.labels import DigitsSource
+    from explainprune.sources import DigitsSource
 
     vlm = load_tiny("qwen2_vl")
     src = DigitsSource(split="train", n=4, seed=3, grid=2, kinds=("rowcol", "video"), frames=2)
@@ -216,14 +215,6 @@ def test_digits_regions_on_a_real_prompt(tmp_path, load_tiny):
     for i in range(2):
         a, b = src[i], man[i]
         assert (a.id, a.question, a.answer, a.region, a.meta) == (b.id, b.question, b.answer, b.region, b.meta)
-
-
-def test_manifest_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        ManifestSource(tmp_path / "none.jsonl")
-    (tmp_path / "m.jsonl").write_text(json.dumps({"question": "q"}) + "\n")
-    with pytest.raises(ValueError, match="m.jsonl:1: needs question, answer"):
-        ManifestSource(tmp_path / "m.jsonl")
 
 
 def test_default_labeler_on_a_tiny_model(tmp_path, load_tiny, image):

@@ -3,7 +3,8 @@
 ``eager_attention`` makes the text decoder (only) return attention maps that stay in the autograd graph,
 reversibly and per instance. ``first_layer_attention`` computes layer 0's instruction -> visual attention
 from layer 0's own modules (input layernorm, q/k projections, the model's rotary embedding and
-``apply_rotary_pos_emb``, causal softmax), without running the rest of the LLM.
+``apply_rotary_pos_emb``, causal softmax), without running the rest of the LLM. ``apply_rope`` is the
+one place RoPE is applied outside the model's forward (here and in FastV's scores).
 """
 
 from __future__ import annotations
@@ -89,6 +90,17 @@ def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def apply_rope(attn: Any, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x`` [B, H, L, hd] rotated with the model's own ``apply_rotary_pos_emb`` (from ``attn``'s module).
+
+    cos/sin [B, L, hd] are the decoder's ``position_embeddings`` at x's positions; the rotary embedding
+    has already folded M-RoPE's (temporal, height, width) sections into them (Qwen2-VL), so every family
+    rotates the same way here as inside its attention.
+    """
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    return rope(x, x, cos, sin)[0]
+
+
 def first_layer_attention(vlm: VLM, prompt: Prompt) -> Tensor:
     """A_v^0 (Section 3.3): layer-0 attention from the instruction tokens to the visual tokens.
 
@@ -106,7 +118,6 @@ def first_layer_attention(vlm: VLM, prompt: Prompt) -> Tensor:
     args, kwargs = layer_inputs(vlm, embeds, prompt.position_ids.to(dev), prompt.attention_mask.to(dev))
     layer = vlm.language_model.layers[0]
     attn = layer.self_attn
-    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     cos, sin = kwargs["position_embeddings"]
     hd = attn.head_dim
 
@@ -117,8 +128,8 @@ def first_layer_attention(vlm: VLM, prompt: Prompt) -> Tensor:
         if hasattr(attn, "q_norm"):  # Qwen3-style q/k norms (not in the supported families; harmless)
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [1, H, N_u, hd], [1, H_kv, end, hd]
-        q, _ = rope(q, q, cos[..., start:end, :], sin[..., start:end, :])
-        k, _ = rope(k, k, cos[..., :end, :], sin[..., :end, :])
+        q = apply_rope(attn, q, cos[..., start:end, :], sin[..., start:end, :])
+        k = apply_rope(attn, k, cos[..., :end, :], sin[..., :end, :])
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA, as repeat_kv
         scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling  # [1, H, N_u, end]
 

@@ -25,33 +25,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from explainprune.attention import _Stop  # raised by the layer-K hook when only the scores are wanted
+from explainprune.attention import _Stop, apply_rope  # _Stop: the layer-K hook's early exit (scores only)
 from explainprune.models.base import VLM, GenerationResult, Prompt
 from explainprune.pruning.base import Pruner, register, select
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding (rotate-half form, as in Llama / Qwen2): x [B, H, L, hd], cos/sin [B, L, hd]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+def last_token_attention(attn: Any, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
+                         keys_valid: Tensor | None = None) -> Tensor:
+    """Softmax attention row of the last token over all L tokens, per head, as ``attn`` computes it.
 
-
-def last_token_attention(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, head_dim: int,
-                         scaling: float, keys_valid: Tensor | None = None) -> Tensor:
-    """Softmax attention row of the last token over all L tokens, per head.
-
+    attn: the layer's self-attention module (head_dim, scaling, and the model's RoPE via ``apply_rope``);
     q: q_proj output [B, L or 1, H*hd] (only its last row is used); k: k_proj output [B, L, H_kv*hd];
     cos/sin [B, L, hd] at the original positions; keys_valid BoolTensor[B, L] (False on left padding).
     Returns Tensor[B, H, L] (float32; causal: the last token sees every position).
     """
     b, n, _ = k.shape
-    q_last = q[:, -1:].view(b, 1, -1, head_dim).transpose(1, 2)           # [B, H, 1, hd]
-    keys = k.view(b, n, -1, head_dim).transpose(1, 2)                       # [B, Hkv, L, hd]
-    q_last = rotate(q_last, cos[:, -1:], sin[:, -1:])
-    keys = rotate(keys, cos, sin)
+    q_last = q[:, -1:].view(b, 1, -1, attn.head_dim).transpose(1, 2)      # [B, H, 1, hd]
+    keys = k.view(b, n, -1, attn.head_dim).transpose(1, 2)                  # [B, Hkv, L, hd]
+    q_last = apply_rope(attn, q_last, cos[:, -1:], sin[:, -1:])
+    keys = apply_rope(attn, keys, cos, sin)
     keys = keys.repeat_interleave(q_last.shape[1] // keys.shape[1], dim=1)  # GQA: share kv heads
-    logits = (q_last.float() @ keys.float().transpose(-1, -2)).squeeze(2) * scaling  # [B, H, L]
+    logits = (q_last.float() @ keys.float().transpose(-1, -2)).squeeze(2) * attn.scaling  # [B, H, L]
     if keys_valid is not None:
         logits = logits.masked_fill(~keys_valid[:, None, :], float("-inf"))
     return torch.softmax(logits, dim=-1)
@@ -151,7 +145,7 @@ def fastv_hooks(vlm: VLM, prompts: Prompt | list[Prompt], ratio: float, layer: i
         """Scores from layer K-1's captured q/k, then the kept rows of every prompt, left-padded."""
         cos, sin = captured["rope"]
         keys_valid = torch.arange(full_len)[None] >= torch.tensor(pads)[:, None]  # [B, L]
-        att = last_token_attention(captured["q"], captured["k"], cos, sin, attn.head_dim, attn.scaling,
+        att = last_token_attention(attn, captured["q"], captured["k"], cos, sin,
                                    keys_valid.to(device)).mean(1).cpu()     # [B, L]
         captured.clear()
         rows = []

@@ -1,0 +1,61 @@
+"""Label sample sources: manifests (images, frame lists, errors), the digits source, and the old import path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+import explainprune.labels as labels
+import explainprune.sources as sources
+from explainprune.sources import LabelSample, ManifestSource
+
+
+def test_labels_reexports_the_sources():
+    for name in ("DigitsSource", "ManifestSource", "read_video", "LabelSample", "SampleSource"):
+        assert getattr(labels, name) is getattr(sources, name)
+
+
+def test_manifest_reads_images_frames_regions(tmp_path):
+    for k, colour in enumerate(("red", "green")):
+        Image.new("RGB", (4, 3), colour).save(tmp_path / f"{k}.png")
+    rows = [{"id": "a", "question": "q1", "answer": "7", "image": "0.png", "region": [[0, 1, 2]], "kind": "rowcol"},
+            {"question": "q2", "answer": "3", "images": ["0.png", "1.png"], "extra": 1},
+            {"question": "q3", "answer": "5", "video": ["0.png", "1.png", "0.png"]}]
+    (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    man = ManifestSource(tmp_path)  # a folder means its manifest.jsonl
+    assert len(man) == 3
+    a, b, c = man[0], man[1], man[2]
+    assert isinstance(a, LabelSample)
+    assert (a.id, a.question, a.answer, a.region, a.meta) == ("a", "q1", "7", [(0, 1, 2)], {"kind": "rowcol"})
+    assert a.images.size == (4, 3) and a.images.mode == "RGB" and a.video is None
+    assert (b.id, b.region, b.meta, len(b.images)) == ("1", None, {}, 2)
+    assert c.images is None and len(c.video) == 3
+    d = man.describe()
+    assert d["task"] == "manifest" and d["limit"] is None and d["max_frames"] == 8 and len(d["sha256"]) == 16
+    assert len(ManifestSource(tmp_path / "manifest.jsonl", limit=2)) == 2
+
+
+def test_manifest_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ManifestSource(tmp_path / "none.jsonl")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(ValueError, match="m.jsonl:1: needs question, answer"):
+        ManifestSource(tmp_path / "m.jsonl")
+    (tmp_path / "m.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match="m.jsonl:1: not JSON"):
+        ManifestSource(tmp_path / "m.jsonl")
+
+
+def test_digits_source_is_deterministic():
+    pytest.importorskip("explainprune.tasks.digits")
+    from explainprune.sources import DigitsSource
+
+    src = DigitsSource(split="test", seed=1, n=3, grid=2, kinds=("rowcol",))
+    assert len(src) == 3
+    s, again = src[0], DigitsSource(split="test", seed=1, n=3, grid=2, kinds=("rowcol",))[0]
+    assert (s.id, s.question, s.answer, s.region, s.meta) == (again.id, again.question, again.answer,
+                                                              again.region, again.meta)
+    assert s.meta == {"kind": "rowcol"} and all(isinstance(c, tuple) and len(c) == 3 for c in s.region)
+    assert src.describe() == {"task": "digits", "split": "test", "seed": 1, "n": 3, "grid": 2, "kinds": ["rowcol"]}
