@@ -13,7 +13,7 @@ Per sample, for a score s [N_v] and a region G (visual-token indices that hold t
     tokens, so the ranking matters even where the mass is spread thin.
 
 The metric functions are pure. ``measure`` runs scorers (R_v, A_v^0, FastV, random, see
-``default_scorers``) over a label source with regions (``explainprune.labels.DigitsSource``) and keeps,
+``default_scorers``) over a label source with regions (``explainprune.sources.DigitsSource``) and keeps,
 by default, only the samples the model answers correctly (the relevance explains a right answer).
 """
 

@@ -1,6 +1,6 @@
 """Task adapters for evaluation: the built-in digits task or a JSONL manifest, as indexable sample sets.
 
-Both yield ``explainprune.labels.LabelSample`` (id, question, answer, images or video, region, meta["kind"]),
+Both yield ``explainprune.sources.LabelSample`` (id, question, answer, images or video, region, meta["kind"]),
 the same samples labelling reads, so eval and label agree on what a sample is.
 """
 
