@@ -17,7 +17,10 @@ answer row's gradient-weighted attention in layers 1..L-1, T = sum_l E_h(A^l * d
 
     L_align = mean over (i in top-25% of T, j not) of softplus(log A_j - log A_i)    (A = A_v^0 as above)
 
-is a pairwise ranking loss on A_v^0 (docs/digits_grounding.md, "Phase 3").
+is a pairwise ranking loss on A_v^0; ``--follow-weight`` adds the reverse (``follow_loss``: the later
+layers' answer-row relevance ranks A_v^0's top tokens first). Both are off by default: they were measured
+and not shipped (docs/digits_grounding.md, "Phase 3 experiments": the follow term makes R_v's top quarter
+predictable but the model then depends on more tokens and every pruning method loses accuracy).
 
     python -m explainprune.tasks.digits_ground --init src/explainprune/assets/demo --out runs/ground/out \
         --steps 300 --threads 1
