@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/relevance_scaling.py                 # the table in docs/relevance.md
     .venv/bin/python benchmarks/relevance_scaling.py --sizes 1024 2048 --layer-sweep   # quicker
+    .venv/bin/python benchmarks/relevance_scaling.py --heads 16 --hidden 256 --layers 2 --sizes 2048 4096 \
+        --reference-max 0 --head-chunk 1 4 --threads 1     # default engine vs relevance(head_chunk=c)
 
 Model: a random-weight Qwen2-VL built from config (``explainprune.testing.tiny_qwen2_vl``), 8 decoder
 layers by default, 2 query heads / 1 KV head (GQA), hidden 128; one image whose side is chosen so the
@@ -10,7 +12,8 @@ prompt holds exactly N visual tokens; a fixed 4-token answer (teacher-forced, no
 Each measurement runs in a fresh child process: load the model, prepare the prompt (vision tower, not
 measured), run the method once on a 64-token prompt (warm-up), reset the kernel's peak-RSS counter
 (``echo 5 > /proc/self/clear_refs``) and run ``relevance`` (engine) or ``literal_relevance``
-(tests/test_relevance.py: full n x n R, every layer's attention and its gradient held). Peak = VmHWM
+(tests/test_relevance.py: full n x n R, every layer's attention and its gradient held); ``--head-chunk C``
+adds rows ``engine-hC`` = ``relevance(..., head_chunk=C)`` (C heads' maps at a time). Peak = VmHWM
 after the call minus VmRSS before it, i.e. the memory the call needed above the loaded model and
 prompt (large tensors are mmapped by glibc and given back on free, so RSS follows live tensors). Wall
 time and process CPU time are reported; the machine is shared, so CPU time is the steadier of the two.
@@ -73,8 +76,10 @@ def child(method: str, tokens: int, checkpoint: str, threads: int) -> dict:
         def run(p):
             return module.literal_relevance(vlm, p, ANSWER).mean(0)
     else:
+        chunk = int(method.removeprefix("engine-h")) if method.startswith("engine-h") else None
+
         def run(p):
-            return relevance(vlm, p, ANSWER).scores
+            return relevance(vlm, p, ANSWER, head_chunk=chunk).scores
     run(warm)  # first-call costs (kernel selection, lazy init) stay out of the measurement
 
     import gc
@@ -87,7 +92,8 @@ def child(method: str, tokens: int, checkpoint: str, threads: int) -> dict:
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = _status()["VmHWM"] - before
     return {"method": method, "tokens": tokens, "n": prompt.length + len(ANSWER) - 1,
-            "layers": vlm.text_config.num_hidden_layers, "wall_s": wall, "cpu_s": cpu,
+            "layers": vlm.text_config.num_hidden_layers, "heads": vlm.text_config.num_attention_heads,
+            "wall_s": wall, "cpu_s": cpu,
             "peak_bytes": peak, "peak_exact": exact, "checksum": float(scores.double().sum())}
 
 
@@ -109,21 +115,24 @@ def _gib(b: float) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| visual tokens | layers | method | wall s | CPU s | peak GiB | engine/ref peak | engine/ref CPU |\n"
-            "|---:|---:|---|---:|---:|---:|---:|---:|")
-    ref = {(r["tokens"], r.get("layers")): r for r in rows if r["method"] == "reference" and "error" not in r}
+    head = ("| visual tokens | layers | heads | method | wall s | CPU s | peak GiB | /ref peak | /ref CPU "
+            "| /engine peak | /engine CPU |\n|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    base = {m: {(r["tokens"], r.get("layers")): r for r in rows if r["method"] == m and "error" not in r}
+            for m in ("reference", "engine")}
     lines = [head]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['tokens']} | {r.get('layers', '')} | {r['method']} | {r['error']} | | | | |")
+            lines.append(f"| {r['tokens']} | {r.get('layers', '')} | | {r['method']} | {r['error']} | | | | | | |")
             continue
-        ratio_m = ratio_t = ""
-        base = ref.get((r["tokens"], r["layers"]))
-        if r["method"] == "engine" and base:
-            ratio_m = f"{r['peak_bytes'] / base['peak_bytes']:.2f}"
-            ratio_t = f"{r['cpu_s'] / base['cpu_s']:.2f}"
-        lines.append(f"| {r['tokens']} | {r['layers']} | {r['method']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
-                     f"{_gib(r['peak_bytes'])} | {ratio_m} | {ratio_t} |")
+        ratios = []
+        for m in ("reference", "engine"):
+            b = base[m].get((r["tokens"], r["layers"]))
+            if r["method"].startswith("engine") and r["method"] != m and b:
+                ratios += [f"{r['peak_bytes'] / b['peak_bytes']:.2f}", f"{r['cpu_s'] / b['cpu_s']:.2f}"]
+            else:
+                ratios += ["", ""]
+        lines.append(f"| {r['tokens']} | {r['layers']} | {r.get('heads', '')} | {r['method']} | {r['wall_s']:.1f} | "
+                     f"{r['cpu_s']:.1f} | {_gib(r['peak_bytes'])} | {' | '.join(ratios)} |")
     return "\n".join(lines)
 
 
@@ -134,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--kv-heads", type=int, default=1)
+    ap.add_argument("--head-chunk", type=int, nargs="*", default=[],
+                    help="also run relevance(..., head_chunk=C) for each C (rows 'engine-hC')")
     ap.add_argument("--layer-sweep", action="store_true",
                     help="also run both methods with 4 and 16 layers at 2048 tokens")
     ap.add_argument("--threads", type=int, default=2)
@@ -153,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     def checkpoint(layers: int) -> Path:
         path = work / f"qwen2_vl_{layers}"
         if not path.exists():
-            tiny_qwen2_vl(path, layers=layers, hidden=args.hidden, heads=args.heads, kv_heads=1,
+            tiny_qwen2_vl(path, layers=layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
                           max_pixels=side * side * 2)
         return path
 
@@ -162,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         if n <= args.reference_max:
             plan.append(("reference", n, args.layers))
         plan.append(("engine", n, args.layers))
+        plan += [(f"engine-h{c}", n, args.layers) for c in args.head_chunk]
     if args.layer_sweep:
         for layers in (4, 16):
             plan += [("reference", 2048, layers), ("engine", 2048, layers)]
@@ -171,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         r = measure(method, n, checkpoint(layers), args.threads, args.timeout)
         rows.append(r)
         note = r.get("error") or f"peak {_gib(r['peak_bytes'])} GiB, cpu {r['cpu_s']:.1f} s"
-        print(f"# {method:9s} {n:6d} tokens {layers:2d} layers: {note} ({time.perf_counter() - t0:.0f} s)",
+        print(f"# {method:10s} {n:6d} tokens {layers:2d} layers: {note} ({time.perf_counter() - t0:.0f} s)",
               file=sys.stderr, flush=True)
     print(table(rows))
     if args.json:

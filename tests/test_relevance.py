@@ -169,3 +169,63 @@ def test_engine_holds_one_layer_attention_at_a_time(vlm, prompt):
     layers = len(vlm.language_model.layers)
     assert len(seen) == 2 * layers  # the recording forward, then one recompute per layer
     assert overlaps == [0] * (2 * layers)
+
+
+@pytest.mark.parametrize("rule,clamp", [("grad", True), ("grad", False), ("mean", True)])
+def test_head_chunked_equals_default(vlm, prompt, rule, clamp):
+    """head_chunk = 1, a non-divisor of H (3 of 4), H, and more than H: the default engine's numbers."""
+    ids = [5, 6, 7]
+    default = relevance(vlm, prompt, ids, rule=rule, clamp=clamp, keep_maps=True)
+    heads = vlm.language_model.config.num_attention_heads
+    assert heads == 4 and vlm.language_model.layers[0].self_attn.num_key_value_groups == 2  # GQA exercised
+    for chunk in (1, 3, heads, heads + 3):
+        res = relevance(vlm, prompt, ids, rule=rule, clamp=clamp, keep_maps=True, head_chunk=chunk)
+        torch.testing.assert_close(res.maps, default.maps, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(res.token_scores, default.token_scores, rtol=1e-5, atol=1e-7)
+    assert vlm.language_model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl"])
+@pytest.mark.parametrize("rule", ["grad", "mean"])
+def test_head_chunked_holds_a_chunk_of_maps(vlm, prompt, rule, monkeypatch):
+    """No full H x n x n map is ever built: every map made has at most ``head_chunk`` heads."""
+    import sys
+
+    import explainprune.attention as attention
+
+    made = []
+    original = attention.head_maps
+
+    def spy(module, query, key, mask, scaling, h0, h1):
+        out = original(module, query, key, mask, scaling, h0, h1)
+        made.append(out.shape[1])
+        return out
+
+    monkeypatch.setattr(attention, "head_maps", spy)
+    monkeypatch.setattr(sys.modules["explainprune.relevance"], "head_maps", spy)
+    weights = []
+    handles = [layer.self_attn.register_forward_hook(lambda m, a, o: weights.append(o[1]))
+               for layer in vlm.language_model.layers]
+    try:
+        relevance(vlm, prompt, [5, 6], rule=rule, head_chunk=3)
+    finally:
+        for h in handles:
+            h.remove()
+    assert made and set(made) == {3, 1}  # 4 heads: a chunk of 3, then 1
+    assert weights and all(w is None for w in weights)  # the attention modules returned no weights
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl"])
+def test_head_chunk_errors(vlm, prompt):
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="head_chunk"):
+            relevance(vlm, prompt, [5], head_chunk=bad)
+    layer = vlm.language_model.layers[0]
+    cls = type(layer.self_attn)
+    layer.self_attn.__class__ = type("SoftcapAttention", (cls,), {})
+    try:
+        with pytest.raises(NotImplementedError, match="head_chunk=None"):
+            relevance(vlm, prompt, [5], head_chunk=2)
+    finally:
+        layer.self_attn.__class__ = cls
+    assert vlm.language_model.config._attn_implementation == "sdpa"

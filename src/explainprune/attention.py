@@ -5,6 +5,9 @@ reversibly and per instance. ``first_layer_attention`` computes layer 0's instru
 from layer 0's own modules (input layernorm, q/k projections, the model's rotary embedding and
 ``apply_rotary_pos_emb``, causal softmax), without running the rest of the LLM. ``apply_rope`` is the
 one place RoPE is applied outside the model's forward (here and in FastV's scores).
+``head_chunked_attention`` is the eager switch's lean sibling: the text decoder's attention (a function
+registered with transformers, eager masks) computes a few heads at a time, and ``head_chunk_handler``
+lets the relevance engine take over each call (``relevance(..., head_chunk=c)``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -142,3 +146,109 @@ def first_layer_attention(vlm: VLM, prompt: Prompt) -> Tensor:
         scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         return probs[0][..., prompt.visual_pos.to(dev)].mean(1).float().cpu()  # [H, N_v]
+
+
+# --- head-chunked attention (the relevance engine's ``head_chunk`` option) -----------------------------
+
+HEAD_CHUNKED = "explainprune_head_chunked"
+"""Name under which the head-chunked attention is registered with transformers (function and mask)."""
+
+CHUNKABLE = ("LlamaAttention", "Qwen2Attention", "Qwen2VLAttention", "Qwen2_5_VLAttention")
+"""Attention classes whose eager attention ``head_maps`` reproduces (the four supported families)."""
+
+_chunking: ContextVar[dict[str, Any] | None] = ContextVar("explainprune_head_chunking", default=None)
+
+
+def head_maps(module: Any, query: Tensor, key: Tensor, attention_mask: Tensor | None, scaling: float,
+              h0: int, h1: int) -> Tensor:
+    """Attention maps of query heads ``h0 .. h1-1``, [B, h1-h0, n, n], exactly as eager attention makes them.
+
+    query [B, H, n, hd], key [B, H_kv, n, hd] (after RoPE): GQA picks key head h // groups for query
+    head h (what ``repeat_kv`` does), scores = q k^T * scaling + the eager 4D additive mask, softmax in
+    float32, cast back to the query dtype. Differentiable; only these heads' maps are materialized.
+    """
+    groups = module.num_key_value_groups
+    kv = torch.arange(h0, h1, device=query.device) // groups
+    scores = torch.matmul(query[:, h0:h1], key[:, kv].transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+
+
+def head_chunked_output(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                        scaling: float, chunk: int) -> Tensor:
+    """Eager attention's output [B, n, H, hd], computed ``chunk`` query heads at a time (head_maps)."""
+    heads = query.shape[1]
+    kv = torch.arange(heads, device=query.device) // module.num_key_value_groups
+    parts = []
+    for h0 in range(0, heads, chunk):
+        h1 = min(heads, h0 + chunk)
+        parts.append(torch.matmul(head_maps(module, query, key, attention_mask, scaling, h0, h1), value[:, kv[h0:h1]]))
+    return torch.cat(parts, 1).transpose(1, 2).contiguous()
+
+
+def _head_chunked_attention(module: Any, query: Tensor, key: Tensor, value: Tensor,
+                            attention_mask: Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                            **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """The registered attention function: eager attention, a chunk of heads at a time.
+
+    Returns (output [B, n, H, hd], None): no attention weights (all heads' maps at once are what this
+    avoids). Inside ``head_chunk_handler(fn)`` the call is handed to ``fn`` instead.
+    """
+    state = _chunking.get()
+    if state is None:
+        raise RuntimeError(f"attention implementation {HEAD_CHUNKED!r} used outside head_chunked_attention()")
+    if dropout or module.training:
+        raise RuntimeError("head-chunked attention supports eval mode only (no attention dropout)")
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError("head-chunked attention does not implement logit soft-capping or sinks")
+    scaling = module.scaling if scaling is None else scaling
+    if state["handler"] is not None:
+        return state["handler"](module, query, key, value, attention_mask, scaling), None
+    return head_chunked_output(module, query, key, value, attention_mask, scaling, state["chunk"]), None
+
+
+@contextmanager
+def head_chunked_attention(vlm: VLM, chunk: int) -> Iterator[None]:
+    """Like ``eager_attention``, but the text decoder's attention runs ``chunk`` heads at a time.
+
+    The masks are the eager ones (4D additive, built by transformers' ``eager_mask`` under the registered
+    name); the attention output equals eager attention's. Raises NotImplementedError for attention classes
+    outside ``CHUNKABLE`` (their eager attention may differ: soft-capping, sinks, ...).
+    """
+    if int(chunk) < 1:
+        raise ValueError(f"head chunk must be a positive number of heads, got {chunk!r}")
+    unknown = sorted({type(layer.self_attn).__name__ for layer in vlm.language_model.layers} - set(CHUNKABLE))
+    if unknown:
+        raise NotImplementedError(f"head-chunked relevance is implemented for {', '.join(CHUNKABLE)} only, "
+                                  f"not {', '.join(unknown)}; use head_chunk=None")
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(HEAD_CHUNKED, _head_chunked_attention)
+    AttentionMaskInterface.register(HEAD_CHUNKED, eager_mask)
+    configs = _text_configs(vlm)
+    saved = [c._attn_implementation for c in configs]
+    token = _chunking.set({"chunk": int(chunk), "handler": None})
+    try:
+        for c in configs:
+            c._attn_implementation = HEAD_CHUNKED
+        yield
+    finally:
+        _chunking.reset(token)
+        for c, impl in zip(configs, saved):
+            c._attn_implementation = impl
+
+
+@contextmanager
+def head_chunk_handler(handler: Any) -> Iterator[None]:
+    """Inside ``head_chunked_attention``: each attention call goes to
+    ``handler(module, query, key, value, attention_mask, scaling) -> output [B, n, H, hd]``."""
+    state = _chunking.get()
+    if state is None:
+        raise RuntimeError("head_chunk_handler() needs an enclosing head_chunked_attention()")
+    saved, state["handler"] = state["handler"], handler
+    try:
+        yield
+    finally:
+        state["handler"] = saved

@@ -15,6 +15,15 @@ output gradient through that one layer (reusing its graph; optionally batched wi
 ``is_grads_batched``), fold each token's row with A^l ⊙ ∇A^l as the gradient appears, pass the input
 gradients on and free the layer. Peak memory is about four of one layer's attention maps, independent
 of the number of layers (docs/relevance.md has the measurements).
+
+``head_chunk=c`` makes the maps a few heads at a time instead (``attention.head_chunked_attention``: a
+registered attention function with the eager masks and arithmetic). The recording forward computes
+attention c heads at a time; each layer is recomputed once with its attention core cut out of the graph
+(q, k, v after RoPE kept, the core's output O a leaf), one backward per token gives d/dO and the
+residual/MLP part of d/dhidden; then per chunk of heads the chunk's maps are rebuilt from q, k, v, each
+token's d/dO is backpropagated through them (∇A for the fold, d/dq, d/dk, d/dv accumulated), and
+finally d/d(q, k, v) goes back through RoPE, the projections and the input norm. Only c heads' n x n
+maps are alive at once (plus the shared n x n mask); it costs one extra attention forward per layer.
 """
 
 from __future__ import annotations
@@ -25,7 +34,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from explainprune.attention import _Stop, eager_attention, hooks
+from explainprune.attention import (
+    _Stop,
+    eager_attention,
+    head_chunk_handler,
+    head_chunked_attention,
+    head_chunked_output,
+    head_maps,
+    hooks,
+)
 from explainprune.models.base import VLM, Prompt
 
 RULES = ("grad", "mean")
@@ -138,8 +155,13 @@ def _run_layer(layer: Any, hidden: Tensor, args: tuple, kwargs: dict) -> tuple[T
         seen.append(out[1])
 
     with hooks(layer.self_attn.register_forward_hook(grab)):
-        out = layer(hidden, *args[1:], **kwargs) if args else layer(**{**kwargs, "hidden_states": hidden})
-    return (out[0] if isinstance(out, tuple) else out), seen[0]
+        out = _call_layer(layer, hidden, args, kwargs)
+    return out, seen[0]
+
+
+def _call_layer(layer: Any, hidden: Tensor, args: tuple, kwargs: dict) -> Tensor:
+    out = layer(hidden, *args[1:], **kwargs) if args else layer(**{**kwargs, "hidden_states": hidden})
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _fold(v: Tensor, attn: Tensor, grad: Tensor | None = None, clamp: bool = True) -> Tensor:
@@ -193,9 +215,109 @@ def _sweep_layer(out: Tensor, hidden: Tensor, attn: Tensor, grads: Tensor, v: Te
     return below
 
 
+def _fold_heads(acc: Tensor, v: Tensor, attn: Tensor, grad: Tensor | None, clamp: bool) -> None:
+    """``_fold``'s head sum for some heads, added into ``acc`` [T, n] (same order and arithmetic).
+
+    v [T, n]; attn [c, n, n] (these heads' maps); grad [T, c, n, n] (rule "grad") or None ("mean").
+    """
+    for h in range(attn.shape[0]):
+        a = attn[h].float()
+        if grad is None:
+            acc += v @ a
+            continue
+        cam = grad[:, h].float() * a
+        if clamp:
+            cam.clamp_(min=0)
+        acc += torch.bmm(v[:, None, :], cam)[:, 0]
+
+
+def _mean_layer_heads(layer: Any, hidden: Tensor, args: tuple, kwargs: dict, v: Tensor, chunk: int) -> Tensor:
+    """Rule "mean" with ``head_chunk``: v + v E_h(A^l), the maps made ``chunk`` heads at a time."""
+    acc = torch.zeros_like(v)
+    heads: list[int] = []
+
+    def fold(module: Any, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float) -> Tensor:
+        heads.append(query.shape[1])
+        for h0 in range(0, query.shape[1], chunk):
+            h1 = min(query.shape[1], h0 + chunk)
+            _fold_heads(acc, v, head_maps(module, query, key, mask, scaling, h0, h1)[0], None, False)
+        raise _Stop  # the rest of the layer is not needed
+
+    with head_chunk_handler(fold), torch.no_grad():
+        try:
+            _call_layer(layer, hidden, args, kwargs)
+        except _Stop:
+            pass
+    if not heads:  # pragma: no cover - defensive
+        raise RuntimeError("the decoder layer never called its attention")
+    return v + acc / heads[0]
+
+
+def _sweep_layer_heads(layer: Any, hidden: Tensor, args: tuple, kwargs: dict, grads: Tensor, v: Tensor,
+                       clamp: bool, chunk: int) -> Tensor:
+    """``_sweep_layer`` with only ``chunk`` heads' attention maps alive at a time; v [T, n] folded in place.
+
+    The layer runs once with gradients, its attention core (softmax(q k^T) v, all heads) computed
+    without a graph and handed on as a leaf O (q, k, v after RoPE stay in the graph). Per answer token
+    t, one backward gives d logit_t / d O and the part of d logit_t / d hidden that bypasses the core
+    (residual, MLP). Then, a chunk of heads at a time, the chunk's maps are recomputed from the detached
+    q, k, v (``head_maps``: the eager arithmetic) and each token's d/dO is backpropagated through them:
+    ∇A for the fold, d/dq, d/dk, d/dv accumulated per token. Last, per token, d/d(q, k, v) goes back
+    through RoPE, the projections and the input norm to hidden. Returns d logit_t / d hidden [T, 1, n, D].
+    """
+    seen: dict[str, Any] = {}
+
+    def capture(module: Any, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                scaling: float) -> Tensor:
+        with torch.no_grad():
+            core = head_chunked_output(module, query, key, value, mask, scaling, chunk)
+        seen.update(module=module, q=query, k=key, v=value, mask=mask, scaling=scaling,
+                    o=core.requires_grad_(True))
+        return seen["o"]
+
+    hidden = hidden.detach().requires_grad_(True)
+    with head_chunk_handler(capture), torch.enable_grad():
+        out = _call_layer(layer, hidden, args, kwargs)
+    module, q, k, val, o = seen["module"], seen["q"], seen["k"], seen["v"], seen["o"]
+    t_count, heads = grads.shape[0], q.shape[1]
+    below = torch.empty_like(grads)
+    d_o = torch.empty((t_count, *o.shape), dtype=o.dtype, device=o.device)  # [T, 1, n, H, hd]
+    for t in range(t_count):
+        below[t], d_o[t] = torch.autograd.grad(out, (hidden, o), grads[t], retain_graph=True)
+    mask, scaling = seen["mask"], seen["scaling"]
+    del out, o  # the MLP's graph goes; q, k, v keep theirs (back to hidden)
+    seen.clear()
+
+    # leaves for the chunks: grads come back full-size ([1, H or H_kv, n, hd], zero outside the chunk)
+    q_leaf, k_leaf, v_leaf = (x.detach().requires_grad_(True) for x in (q, k, val))
+    d_q, d_k, d_v = (torch.zeros((t_count, *x.shape), dtype=x.dtype, device=x.device) for x in (q, k, val))
+    kv = torch.arange(heads, device=q.device) // module.num_key_value_groups
+    acc = torch.zeros_like(v)
+    for h0 in range(0, heads, chunk):
+        h1 = min(heads, h0 + chunk)
+        with torch.enable_grad():
+            a_c = head_maps(module, q_leaf, k_leaf, mask, scaling, h0, h1)  # [1, c, n, n]
+            o_c = torch.matmul(a_c, v_leaf[:, kv[h0:h1]])  # [1, c, n, hd]
+        for t in range(t_count):
+            g_q, g_k, g_v, g_a = torch.autograd.grad(o_c, (q_leaf, k_leaf, v_leaf, a_c),
+                                                     d_o[t][:, :, h0:h1].transpose(1, 2),
+                                                     retain_graph=t < t_count - 1)
+            d_q[t] += g_q
+            d_k[t] += g_k
+            d_v[t] += g_v
+            _fold_heads(acc[t:t + 1], v[t:t + 1], a_c.detach()[0], g_a, clamp)
+            del g_a
+        del a_c, o_c
+    for t in range(t_count):
+        (g_h,) = torch.autograd.grad((q, k, val), hidden, (d_q[t], d_k[t], d_v[t]), retain_graph=t < t_count - 1)
+        below[t] += g_h
+    v += acc / heads
+    return below
+
+
 def relevance(vlm: VLM, prompt: Prompt, answer: str | list[int] | Tensor | None = None, rule: str = "grad",
               clamp: bool = True, keep_maps: bool = False, max_new_tokens: int = 16,
-              batch_bytes: int = 0, progress: bool = False) -> RelevanceResult:
+              batch_bytes: int = 0, progress: bool = False, head_chunk: int | None = None) -> RelevanceResult:
     """R_v (Eq. 1, Section 3.2) of ``prompt``'s visual tokens for ``answer``.
 
     answer: a string, token ids, or None (generate greedily, up to ``max_new_tokens``).
@@ -204,6 +326,10 @@ def relevance(vlm: VLM, prompt: Prompt, answer: str | list[int] | Tensor | None 
     time through each recomputed layer, reusing its graph (each ∇A^l consumed by a hook: the lowest
     memory, and on CPU the fastest); tokens whose ∇A^l fit in ``batch_bytes`` together (0 = never, the
     default) go through one batched vector-Jacobian product instead.
+    head_chunk: None (default) recomputes each layer with eager attention, all H heads' n x n maps at
+    once; an int c recomputes them c heads at a time (the recording forward too), so the peak holds c
+    maps instead of H (same numbers to float rounding; ``batch_bytes`` does not apply). Implemented for
+    the Llama / Qwen2 / Qwen2-VL / Qwen2.5-VL attention (the four families); NotImplementedError elsewhere.
     progress: a progress bar over the layers (stderr). Returns a RelevanceResult with ``scores``
     Tensor[N_v] (float32, on CPU).
     """
@@ -218,7 +344,11 @@ def relevance(vlm: VLM, prompt: Prompt, answer: str | list[int] | Tensor | None 
     v = torch.zeros(t_count, n, device=dev)
     v[torch.arange(t_count), rows.to(dev)] = 1.0  # e_{p_t}^T
 
-    with eager_attention(vlm):
+    if head_chunk is not None and (isinstance(head_chunk, bool) or int(head_chunk) != head_chunk
+                                   or head_chunk < 1):
+        raise ValueError(f"head_chunk must be None or a positive number of heads, got {head_chunk!r}")
+    switch = eager_attention(vlm) if head_chunk is None else head_chunked_attention(vlm, int(head_chunk))
+    with switch:
         inputs, final = _record(vlm, embeds, pos, mask)
         if rule == "grad":
             grads = _output_grads(vlm, final, rows, ids)  # [T, 1, n, D]: d logit_t / d h_L
@@ -231,17 +361,23 @@ def relevance(vlm: VLM, prompt: Prompt, answer: str | list[int] | Tensor | None 
             args, kwargs = inputs.pop()
             hidden = args[0] if args else kwargs["hidden_states"]
             layer = lm.layers[layer_index]
-            if rule == "mean":
+            if head_chunk is not None:
+                if rule == "mean":
+                    v = _mean_layer_heads(layer, hidden, args, kwargs, v, int(head_chunk))
+                else:
+                    grads = _sweep_layer_heads(layer, hidden, args, kwargs, grads, v, clamp, int(head_chunk))
+            elif rule == "mean":
                 with torch.no_grad():
                     _, attn = _run_layer(layer, hidden, args, kwargs)
                     v = _fold(v, attn[0])
+                del attn
             else:
                 hidden = hidden.detach().requires_grad_(True)
                 with torch.enable_grad():
                     out, attn = _run_layer(layer, hidden, args, kwargs)
                 grads = _sweep_layer(out, hidden, attn, grads, v, clamp, batch_bytes)
-                del out
-            del attn, hidden, args, kwargs
+                del out, attn
+            del hidden, args, kwargs
     maps = v.detach().cpu()
     token_scores = maps[:, prompt.visual_pos]
     return RelevanceResult(scores=token_scores.mean(0), token_scores=token_scores, answer_ids=ids,
