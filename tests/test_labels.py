@@ -247,3 +247,28 @@ def test_default_labeler_on_a_tiny_model(tmp_path, load_tiny, image):
         r = load_records(tmp_path)[0]
         assert r.attention.shape == (vlm.text_config.num_attention_heads, prompt.num_visual)
         assert r.relevance.shape == (prompt.num_visual,)
+
+
+def test_head_chunked_labels_equal_default(tmp_path, load_tiny, image):
+    vlm = load_tiny("qwen2_vl")
+    prompt = vlm.prepare(images=image, question="what digit is in row 1 , column 2 ?")
+
+    class Two:
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return LabelSample(f"x{i}", prompt.question, "#never#", images=image)
+
+        def describe(self):
+            return {"task": "two"}
+
+    base = label(vlm, Two(), tmp_path / "a", LabelConfig(max_new_tokens=2, keep_wrong=True), progress=False)
+    chunked = label(vlm, Two(), tmp_path / "b", LabelConfig(max_new_tokens=2, keep_wrong=True, head_chunk=1),
+                    progress=False)
+    assert base.totals["labeled"] == chunked.totals["labeled"] == 2
+    for ra, rb in zip(load_records(tmp_path / "a"), load_records(tmp_path / "b"), strict=True):
+        torch.testing.assert_close(rb.relevance, ra.relevance, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(rb.attention, ra.attention, rtol=0, atol=0)
+    assert "head_chunk" not in json.loads((tmp_path / "a" / "run.json").read_text())["config"]
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["config"]["head_chunk"] == 1

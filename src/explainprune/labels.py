@@ -64,9 +64,13 @@ class LabelConfig:
     clamp: bool = True
     max_new_tokens: int = 8
     keep_wrong: bool = False  # also store wrongly answered samples (R_v of the model's own answer)
+    head_chunk: int | None = None  # R_v computed this many heads at a time (less memory; same numbers)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if out["head_chunk"] is None:  # runs recorded before the option existed stay resumable
+            del out["head_chunk"]
+        return out
 
 
 @dataclass
@@ -101,9 +105,9 @@ def answers_match(prediction: str, reference: str | Sequence[str]) -> bool:
 
 
 def default_labeler(rule: str = "grad", clamp: bool = True, max_new_tokens: int = 8,
-                    keep_wrong: bool = False) -> Labeler:
+                    keep_wrong: bool = False, head_chunk: int | None = None) -> Labeler:
     """Greedy answer; if it matches the reference (or ``keep_wrong``), R_v (Eq. 1, for the answer tokens)
-    and A_v^0."""
+    and A_v^0. ``head_chunk``: passed to ``relevance`` (attention maps built that many heads at a time)."""
     from explainprune.attention import first_layer_attention
     from explainprune.relevance import relevance
 
@@ -113,7 +117,7 @@ def default_labeler(rule: str = "grad", clamp: bool = True, max_new_tokens: int 
         correct = bool(ids) and answers_match(gen.text, sample.answer)
         if not ids or not (correct or keep_wrong):
             return LabelOutput(gen.text, ids, False)
-        rel = relevance(vlm, prompt, answer=ids, rule=rule, clamp=clamp)
+        rel = relevance(vlm, prompt, answer=ids, rule=rule, clamp=clamp, head_chunk=head_chunk)
         att = first_layer_attention(vlm, prompt)
         return LabelOutput(gen.text, ids, correct, att.detach().float().cpu(), rel.scores.detach().float().cpu())
 
@@ -289,7 +293,8 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
     fingerprint = vlm.fingerprint()
     _check_run(out, _run_record(source, config, fingerprint))
     if labeler is None:
-        labeler = default_labeler(config.rule, config.clamp, config.max_new_tokens, config.keep_wrong)
+        labeler = default_labeler(config.rule, config.clamp, config.max_new_tokens, config.keep_wrong,
+                                  config.head_chunk)
     task = str(source.describe().get("task", "custom"))
     model = json.dumps(fingerprint, sort_keys=True)
     n, size = len(source), config.shard_size

@@ -35,6 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rule", default="grad", choices=["grad", "mean"], help="relevance rule (default grad)")
     p.add_argument("--no-clamp", action="store_true", help="Eq. 1 as printed (no positive part)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default 8)")
+    p.add_argument("--head-chunk", type=int, default=None, metavar="C",
+                   help="compute R_v with the attention maps built C heads at a time: peak memory of one "
+                        "layer's maps falls up to H/C-fold for many-head models, same numbers up to float "
+                        "rounding (default: all heads at once)")
     p.add_argument("--keep-wrong", action="store_true",
                    help="also store wrongly answered samples (flagged correct=false; R_v of the model's own "
                    "answer). The paper keeps only correct ones (Appendix B)")
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     source = make_source(args)
     vlm = explainprune.load(args.model, device=args.device)
     config = LabelConfig(shard_size=args.shard_size, rule=args.rule, clamp=not args.no_clamp,
-                         max_new_tokens=args.max_new_tokens, keep_wrong=args.keep_wrong)
+                         max_new_tokens=args.max_new_tokens, keep_wrong=args.keep_wrong, head_chunk=args.head_chunk)
     rep = label(vlm, source, args.out, config, progress=not args.no_progress)
     if args.json:
         print(json.dumps(rep.to_json(), indent=1))
