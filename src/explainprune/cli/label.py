@@ -36,9 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-clamp", action="store_true", help="Eq. 1 as printed (no positive part)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default 8)")
     p.add_argument("--head-chunk", type=int, default=None, metavar="C",
-                   help="compute R_v with the attention maps built C heads at a time: peak memory of one "
-                        "layer's maps falls up to H/C-fold for many-head models, same numbers up to float "
-                        "rounding (default: all heads at once)")
+                   help="compute R_v with the attention maps built C heads at a time: less peak memory for "
+                        "many-head models (docs/relevance.md), same numbers up to float rounding (default: all "
+                        "heads at once)")
     p.add_argument("--keep-wrong", action="store_true",
                    help="also store wrongly answered samples (flagged correct=false; R_v of the model's own "
                    "answer). The paper keeps only correct ones (Appendix B)")
