@@ -35,21 +35,29 @@ def _text_configs(vlm: VLM) -> list[Any]:
 
 
 @contextmanager
+def _text_attention(vlm: VLM, implementation: str) -> Iterator[None]:
+    """Inside the block the text decoder's configs name ``implementation``; restored on exit, exception or
+    not (a per-instance switch: nothing global changes)."""
+    configs = _text_configs(vlm)
+    saved = [c._attn_implementation for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation = implementation
+        yield
+    finally:
+        for c, impl in zip(configs, saved):
+            c._attn_implementation = impl
+
+
+@contextmanager
 def eager_attention(vlm: VLM) -> Iterator[None]:
     """Inside the block the language model uses eager attention (maps returned and differentiable).
 
     Only the text decoder's config changes (its causal masks follow it, so attention stays causal); the
     vision tower keeps its implementation. The previous setting is restored on exit, exception or not.
     """
-    configs = _text_configs(vlm)
-    saved = [c._attn_implementation for c in configs]
-    try:
-        for c in configs:
-            c._attn_implementation = "eager"
+    with _text_attention(vlm, "eager"):
         yield
-    finally:
-        for c, impl in zip(configs, saved):
-            c._attn_implementation = impl
 
 
 class _Stop(Exception):
@@ -227,17 +235,12 @@ def head_chunked_attention(vlm: VLM, chunk: int) -> Iterator[None]:
 
     AttentionInterface.register(HEAD_CHUNKED, _head_chunked_attention)
     AttentionMaskInterface.register(HEAD_CHUNKED, eager_mask)
-    configs = _text_configs(vlm)
-    saved = [c._attn_implementation for c in configs]
     token = _chunking.set({"chunk": int(chunk), "handler": None})
     try:
-        for c in configs:
-            c._attn_implementation = HEAD_CHUNKED
-        yield
+        with _text_attention(vlm, HEAD_CHUNKED):
+            yield
     finally:
         _chunking.reset(token)
-        for c, impl in zip(configs, saved):
-            c._attn_implementation = impl
 
 
 @contextmanager

@@ -171,15 +171,7 @@ def _fold(v: Tensor, attn: Tensor, grad: Tensor | None = None, clamp: bool = Tru
     M_l = E_h(A ⊙ ∇A) (positive part first when ``clamp``) or E_h(A).
     """
     acc = torch.zeros_like(v)
-    for h in range(attn.shape[0]):
-        a = attn[h].float()
-        if grad is None:
-            acc += v @ a
-            continue
-        cam = grad[:, h].float() * a  # [T, n, n]
-        if clamp:
-            cam.clamp_(min=0)
-        acc += torch.bmm(v[:, None, :], cam)[:, 0]
+    _fold_heads(acc, v, attn, grad, clamp)
     return v + acc / attn.shape[0]
 
 
@@ -216,7 +208,7 @@ def _sweep_layer(out: Tensor, hidden: Tensor, attn: Tensor, grads: Tensor, v: Te
 
 
 def _fold_heads(acc: Tensor, v: Tensor, attn: Tensor, grad: Tensor | None, clamp: bool) -> None:
-    """``_fold``'s head sum for some heads, added into ``acc`` [T, n] (same order and arithmetic).
+    """The head sum of ``_fold`` for some (or all) heads, added into ``acc`` [T, n], one head at a time.
 
     v [T, n]; attn [c, n, n] (these heads' maps); grad [T, c, n, n] (rule "grad") or None ("mean").
     """
@@ -225,7 +217,7 @@ def _fold_heads(acc: Tensor, v: Tensor, attn: Tensor, grad: Tensor | None, clamp
         if grad is None:
             acc += v @ a
             continue
-        cam = grad[:, h].float() * a
+        cam = grad[:, h].float() * a  # [T, n, n]
         if clamp:
             cam.clamp_(min=0)
         acc += torch.bmm(v[:, None, :], cam)[:, 0]
