@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from explainprune.tasks.digits_ground import align_loss, answer_cam, follow_loss, visual_attention0
+from explainprune.tasks.digits_ground import align_loss, answer_cam, follow_loss, ground_loss, visual_attention0
 
 
 def test_visual_attention0_is_head_and_row_mean_over_the_visual_block():
@@ -58,3 +58,11 @@ def test_follow_loss_pushes_the_attended_tokens_up_and_the_rest_down():
     agree = torch.tensor([[0.0, 5, 0, 5, 0, 0, 0, 0]])
     disagree = torch.tensor([[5.0, 0, 5, 0, 0, 0, 0, 0]])
     assert follow_loss(agree, a0) < follow_loss(disagree, a0)
+
+
+def test_ground_loss_is_minus_log_region_share():
+    a0 = torch.tensor([[1.0, 1.0, 2.0], [3.0, 1.0, 0.0]])
+    region = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    loss, share = ground_loss(a0, region)
+    torch.testing.assert_close(share, torch.tensor([0.5, 0.75]))
+    torch.testing.assert_close(loss, -(torch.log(torch.tensor(0.5 + 1e-6)) + torch.log(torch.tensor(0.75 + 1e-6))) / 2)

@@ -49,27 +49,23 @@ def instruction_spans(tok: Any, questions: list[str], sink: int, n_vis: int) -> 
     return [(start, start + len(tok(q, add_special_tokens=False)["input_ids"])) for q in questions]
 
 
-def ground_loss(attn0: torch.Tensor, batch: dict[str, torch.Tensor], spans: list[tuple[int, int]],
-                n_vis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-log region share of the visual mass of layer-0 attention (mean over heads and instruction rows).
-
-    ``attn0``: [B, H, L, L]. Returns (loss, region share [B])."""
-    sink = batch["sink"]
-    vis = slice(sink + 1, sink + 1 + n_vis)
-    rows = []
-    for b, (s, e) in enumerate(spans):
-        rows.append(attn0[b, :, s:e, vis].mean((0, 1)))  # [N_v]
-    a = torch.stack(rows)
-    region = batch["region"][:, vis].float()
-    share = (a * region).sum(-1) / a.sum(-1).clamp_min(1e-12)
-    return -torch.log(share + 1e-6).mean(), share.detach()
+def visual_slice(sink: int, n_vis: int) -> slice:
+    """Positions of the visual tokens in the sequences ``digits_llm.encode`` builds."""
+    return slice(sink + 1, sink + 1 + n_vis)
 
 
 def visual_attention0(attn0: torch.Tensor, sink: int, spans: list[tuple[int, int]], n_vis: int) -> torch.Tensor:
     """A_v^0 [B, N_v]: layer-0 attention from the instruction rows to the visual tokens, mean over heads
     and rows (``first_layer_attention(...).mean(0)``)."""
-    vis = slice(sink + 1, sink + 1 + n_vis)
+    vis = visual_slice(sink, n_vis)
     return torch.stack([attn0[b, :, s:e, vis].mean((0, 1)) for b, (s, e) in enumerate(spans)])
+
+
+def ground_loss(a0: torch.Tensor, region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-log region share of A_v^0's visual mass. ``a0`` [B, N_v] (``visual_attention0``), ``region``
+    [B, N_v] (1 inside the answer's region). Returns (loss, region share [B])."""
+    share = (a0 * region).sum(-1) / a0.sum(-1).clamp_min(1e-12)
+    return -torch.log(share + 1e-6).mean(), share.detach()
 
 
 def answer_cam(attentions: tuple[torch.Tensor, ...], logit: torch.Tensor, sink: int, n_vis: int,
@@ -78,44 +74,46 @@ def answer_cam(attentions: tuple[torch.Tensor, ...], logit: torch.Tensor, sink: 
     the part of Eq. 1 that carries nearly all of R_v on the demo model, detached (a training target).
     With ``graph`` also the same sum without the positive part, differentiable (second order), else None."""
     grads = torch.autograd.grad(logit.sum(), attentions[1:], retain_graph=True, create_graph=graph)
-    vis = slice(sink + 1, sink + 1 + n_vis)
-    cams = [(a[:, :, row, vis] * g[:, :, row, vis]).mean(1) if graph else None
-            for a, g in zip(attentions[1:], grads, strict=True)]
-    t = sum((a[:, :, row, vis] * g[:, :, row, vis]).detach().clamp(min=0).mean(1)
-            for a, g in zip(attentions[1:], grads, strict=True))
-    return t.detach(), (sum(cams) if graph else None)
+    vis = visual_slice(sink, n_vis)
+    cams = [a[:, :, row, vis] * g[:, :, row, vis] for a, g in zip(attentions[1:], grads, strict=True)]
+    t = sum(c.detach().clamp(min=0).mean(1) for c in cams)
+    return t.detach(), (sum(c.mean(1) for c in cams) if graph else None)
+
+
+def _top_mask(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Boolean [B, N]: the top ``ceil(ratio * N)`` entries of each row of ``x``."""
+    k = max(1, int(np.ceil(ratio * x.shape[-1])))
+    return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, x.detach().topk(k, -1).indices, True)
+
+
+def _pair_loss(s: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the mean over pairs (i in ``top``, j not) of softplus(s_j - s_i); s, top [B, N]."""
+    diff = s[:, None, :] - s[:, :, None]  # [B, i, j] = s_j - s_i
+    pair = top[:, :, None] & ~top[:, None, :]
+    return ((F.softplus(diff) * pair).sum((1, 2)) / pair.sum((1, 2))).mean()
 
 
 def follow_loss(raw: torch.Tensor, a0: torch.Tensor, ratio: float = 0.25) -> torch.Tensor:
     """The other direction of ``align_loss``: the later layers' (unclamped, differentiable) answer-row
     relevance ``raw`` [B, N] should rank the top ``ratio`` of A_v^0 ``a0`` [B, N] (detached) above the rest.
     Pairwise softplus on differences scaled by each sample's mean |raw| (a detached scale)."""
-    k = max(1, int(np.ceil(ratio * a0.shape[-1])))
-    top = torch.zeros_like(a0, dtype=torch.bool).scatter_(-1, a0.detach().topk(k, -1).indices, True)
     z = raw / raw.detach().abs().mean(-1, keepdim=True).clamp_min(1e-12)
-    diff = z[:, None, :] - z[:, :, None]
-    pair = top[:, :, None] & ~top[:, None, :]
-    return ((F.softplus(diff) * pair).sum((1, 2)) / pair.sum((1, 2))).mean()
+    return _pair_loss(z, _top_mask(a0, ratio))
 
 
 def align_loss(a0: torch.Tensor, target: torch.Tensor, ratio: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairwise ranking loss: every token in the top ``ratio`` of ``target`` [B, N] should have more A_v^0
     ``a0`` [B, N] than every token outside it. Returns (loss, top-k recall of a0 against target [B])."""
-    k = max(1, int(np.ceil(ratio * a0.shape[-1])))
-    top = torch.zeros_like(target, dtype=torch.bool).scatter_(-1, target.topk(k, -1).indices, True)
-    la = a0.clamp_min(1e-12).log()
-    diff = la[:, None, :] - la[:, :, None]  # [B, i, j] = log a_j - log a_i
-    pair = top[:, :, None] & ~top[:, None, :]
-    loss = (F.softplus(diff) * pair).sum((1, 2)) / pair.sum((1, 2))
-    hit = torch.zeros_like(top).scatter_(-1, a0.topk(k, -1).indices, True)
-    return loss.mean(), (hit & top).sum(-1).float().detach() / k
+    top = _top_mask(target, ratio)
+    hit = _top_mask(a0, ratio)
+    return _pair_loss(a0.clamp_min(1e-12).log(), top), (hit & top).sum(-1).float() / top.sum(-1)
 
 
 def step_kind(model: Any, tok: Any, kind: str, banks: list[dl.Bank], n: int, rng: np.random.Generator,
               side: int, attn_weight: float, ground_weight: float, scale: float = 1.0,
               align_weight: float = 0.0, follow_weight: float = 0.0) -> dict[str, float]:
-    """One kind's forward and backward; returns its losses, answer accuracy, region share and A_v^0's
-    top-25% recall against the answer row's gradient-weighted attention (``answer_cam``)."""
+    """One kind's forward and backward; returns its losses, answer accuracy, region share and, when a
+    ranking term is on, A_v^0's top-25% recall against the answer row's gradient-weighted attention."""
     q, a, f, reg = dl.draw_questions(kind, banks, n, rng)
     batch = dl.encode(model, tok, kind, q, a, f, side, reg)
     out = model.model.language_model(inputs_embeds=batch["embeds"], position_ids=batch["pos"],
@@ -123,19 +121,22 @@ def step_kind(model: Any, tok: Any, kind: str, banks: list[dl.Bank], n: int, rng
     logits = model.lm_head(out.last_hidden_state[:, -3:-1])
     ans = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
     aux = _aux(out.attentions, batch) if attn_weight > 0 else torch.zeros(())
-    spans = instruction_spans(tok, q, batch["sink"], f.shape[1])
-    g, share = ground_loss(out.attentions[0], batch, spans, f.shape[1])
-    target, raw = answer_cam(out.attentions, logits[:, 0].gather(-1, batch["targets"][:, :1]), batch["sink"],
-                             f.shape[1], graph=follow_weight > 0)
-    a0 = visual_attention0(out.attentions[0], batch["sink"], spans, f.shape[1])
-    al, recall = align_loss(a0, target)
-    loss = ans + attn_weight * aux + ground_weight * g + align_weight * al
-    if raw is not None:
-        loss = loss + follow_weight * follow_loss(raw, a0.detach())
+    n_vis = f.shape[1]
+    a0 = visual_attention0(out.attentions[0], batch["sink"], instruction_spans(tok, q, batch["sink"], n_vis), n_vis)
+    g, share = ground_loss(a0, batch["region"][:, visual_slice(batch["sink"], n_vis)].float())
+    loss = ans + attn_weight * aux + ground_weight * g
+    stats = {"ans": float(ans.detach()), "ground": float(g.detach()), "share": float(share.mean())}
+    if align_weight > 0 or follow_weight > 0:  # answer_cam costs a backward through layers 1..L-1
+        target, raw = answer_cam(out.attentions, logits[:, 0].gather(-1, batch["targets"][:, :1]),
+                                 batch["sink"], n_vis, graph=follow_weight > 0)
+        al, recall = align_loss(a0, target)
+        loss = loss + align_weight * al
+        if raw is not None:
+            loss = loss + follow_weight * follow_loss(raw, a0.detach())
+        stats.update(align=float(al.detach()), recall=float(recall.mean()))
     (scale * loss).backward()
     ok = logits[:, 0].argmax(-1) == batch["targets"][:, 0]
-    return {"ans": float(ans), "ground": float(g), "align": float(al.detach()), "acc": float(ok.float().mean()),
-            "share": float(share.mean()), "recall": float(recall.mean())}
+    return {**stats, "acc": float(ok.float().mean())}
 
 
 def _aux(attentions: tuple[torch.Tensor, ...], batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -164,10 +165,11 @@ def measure(model: Any, tok: Any, banks: list[dl.Bank], kinds: tuple[str, ...], 
             target, _ = answer_cam(out.attentions, logits.gather(-1, batch["targets"][:, :1]), batch["sink"],
                                    f.shape[1])
         ok = logits.argmax(-1) == batch["targets"][:, 0]
-        spans = instruction_spans(tok, q, batch["sink"], f.shape[1])
-        _, share = ground_loss(out.attentions[0].detach(), batch, spans, f.shape[1])
-        _, recall = align_loss(visual_attention0(out.attentions[0].detach(), batch["sink"], spans, f.shape[1]),
-                               target)
+        n_vis = f.shape[1]
+        a0 = visual_attention0(out.attentions[0].detach(), batch["sink"],
+                               instruction_spans(tok, q, batch["sink"], n_vis), n_vis)
+        _, share = ground_loss(a0, batch["region"][:, visual_slice(batch["sink"], n_vis)].float())
+        _, recall = align_loss(a0, target)
         res[kind] = tuple(round(float(x), 3) for x in (ok.float().mean(), share.mean(), recall.mean()))
         model.zero_grad(set_to_none=True)
     return res
