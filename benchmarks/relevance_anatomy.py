@@ -27,12 +27,6 @@ import time
 from collections import defaultdict
 
 
-def topk_recall(pred, true, ratio: float = 0.25) -> float:
-    """|top-k(pred) ∩ top-k(true)| / k, k = ceil(ratio · N)."""
-    k = math.ceil(ratio * true.numel())
-    return len(set(pred.topk(k).indices.tolist()) & set(true.topk(k).indices.tolist())) / k
-
-
 def direct_terms(vlm, prompt, ids: list[int]):
     """D [L, N_v]: each layer's E_h((A^l ⊙ ∇A^l)^+) at the answer rows (mean over answer tokens)."""
     import torch
@@ -84,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     from explainprune.labels import answers_match, region_indices
     from explainprune.relevance import relevance
     from explainprune.sources import DigitsSource
+    from explainprune.train import topk_recall
 
     start = time.perf_counter()
     vlm = explainprune.load(a.model)
@@ -117,11 +112,11 @@ def main(argv: list[str] | None = None) -> None:
         row["direct, layer 0"].append(float(d[0].sum()) / total)
         row["direct, layers >= 1 (T)"].append(float(t.sum()) / total)
         row["passed on (rest)"].append(1 - float(d.sum()) / total)
-        row["recall T vs R_v"].append(topk_recall(t, r))
-        row["recall A_v^0 vs R_v"].append(topk_recall(a0, r))
-        row["recall A_v^0 vs T"].append(topk_recall(a0, t))
-        row["recall cell + A_v^0 vs R_v"].append(topk_recall(cell_first, r))
-        row[f"recall R_v (pixel noise {a.noise:g}) vs R_v"].append(topk_recall(r_noisy, r))
+        row["recall T vs R_v"].append(topk_recall(t, r, 0.25))
+        row["recall A_v^0 vs R_v"].append(topk_recall(a0, r, 0.25))
+        row["recall A_v^0 vs T"].append(topk_recall(a0, t, 0.25))
+        row["recall cell + A_v^0 vs R_v"].append(topk_recall(cell_first, r, 0.25))
+        row[f"recall R_v (pixel noise {a.noise:g}) vs R_v"].append(topk_recall(r_noisy, r, 0.25))
         row["R_v mass in the cell"].append(float(r[cell].sum()) / total)
         row["cell tokens in R_v's top 25%"].append(len(set(cell) & set(r.topk(k).indices.tolist())) / len(cell))
     kinds = sorted(rows)
