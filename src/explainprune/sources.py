@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from explainprune.models.base import Video
+
 
 @dataclass
 class LabelSample:
@@ -59,7 +61,8 @@ class DigitsSource:
 class ManifestSource:
     """A JSONL manifest, one sample a line: ``question``, ``answer`` and ``image`` (path), ``images`` (paths)
     or ``video`` (frame paths, or one video file, ``max_frames`` frames sampled evenly); optional ``id``,
-    ``region`` ([[frame, row, col], ...] token cells) and ``kind``. Paths are relative to the manifest.
+    ``region`` ([[frame, row, col], ...] token cells), ``kind`` and ``fps`` (the rate the listed frames were
+    sampled at; Qwen2.5-VL's temporal positions use it). Paths are relative to the manifest.
     (``DigitsTask.export`` writes this format.)"""
 
     def __init__(self, path: str | Path, limit: int | None = None, max_frames: int = 8):
@@ -100,7 +103,7 @@ class ManifestSource:
         elif isinstance(rec["video"], str):
             video = read_video(self.path.parent / rec["video"], self.max_frames)
         else:
-            video = [self._open(p) for p in rec["video"]]
+            video = Video([self._open(p) for p in rec["video"]], fps=rec.get("fps"))
         region = [tuple(c) for c in rec["region"]] if rec.get("region") is not None else None
         meta = {k: v for k, v in rec.items() if k in ("kind",)}
         return LabelSample(str(rec.get("id", i)), rec["question"], rec["answer"], images=images, video=video,
@@ -114,15 +117,21 @@ class ManifestSource:
                 "max_frames": self.max_frames}
 
 
-def read_video(path: str | Path, max_frames: int = 8) -> list[Any]:
-    """Up to ``max_frames`` evenly spaced RGB frames of a video file (needs PyAV: ``pip install av``)."""
+def read_video(path: str | Path, max_frames: int = 8) -> Video:
+    """Up to ``max_frames`` evenly spaced RGB frames of a video file (needs PyAV: ``pip install av``).
+
+    Returns a ``Video`` (a list of the frames) whose ``fps`` is the rate of the sampled frames (the file's
+    frame rate times the share of frames kept; None when the file states no rate).
+    """
     try:
         import av
     except ImportError:
         raise ValueError(f"reading {path} needs PyAV (pip install 'explainprune[video]')") from None
     with av.open(str(path)) as container:
+        rate = container.streams.video[0].average_rate
         frames = [f.to_image() for f in container.decode(video=0)]
     if not frames:
         raise ValueError(f"{path} holds no video frames")
     step = max(1, len(frames) / max_frames)
-    return [frames[int(k * step)] for k in range(min(max_frames, len(frames)))]
+    picked = [frames[int(k * step)] for k in range(min(max_frames, len(frames)))]
+    return Video(picked, fps=float(rate) * len(picked) / len(frames) if rate else None)

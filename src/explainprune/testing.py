@@ -13,14 +13,21 @@ import torch
 
 from explainprune.models.offline import (
     LLAVA_CHAT_TEMPLATE,
+    LLAVA_ONEVISION_CHAT_TEMPLATE,
+    LLAVA_ONEVISION_SPECIALS,
     LLAVA_SPECIALS,
-    QWEN_CHAT_TEMPLATE,
+    QWEN2_VL_CHAT_TEMPLATE,
     QWEN_SPECIALS,
     save_checkpoint_dir,
     word_tokenizer,
 )
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava")
+
+# Qwen/Qwen2-VL-7B-Instruct's generation_config.json (Qwen2.5-VL-7B-Instruct ships the same fields): sampling
+# with top_k=1 (greedy in effect), a repetition penalty, and two EOS tokens.
+QWEN_INSTRUCT_GENERATION = {"do_sample": True, "temperature": 0.01, "top_p": 0.001, "top_k": 1,
+                            "repetition_penalty": 1.05, "eos_token_id": ["<|im_end|>", "<|endoftext|>"]}
 
 
 def _text_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, **extra) -> dict:
@@ -34,12 +41,15 @@ def _text_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int
 def tiny_qwen2_vl(
     path: str | Path, *, version: str = "qwen2_vl", hidden: int = 64, layers: int = 2, heads: int = 4,
     kv_heads: int = 2, vision_depth: int = 1, vision_width: int = 32, seed: int = 0,
-    min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 64,
+    min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 64, generation: dict | None = None,
 ) -> Path:
-    """A tiny Qwen2-VL (``version="qwen2_vl"``) or Qwen2.5-VL (``"qwen2_5_vl"``) checkpoint directory."""
+    """A tiny Qwen2-VL (``version="qwen2_vl"``) or Qwen2.5-VL (``"qwen2_5_vl"``) checkpoint directory.
+
+    ``generation``: generation_config fields to ship (e.g. ``QWEN_INSTRUCT_GENERATION``).
+    """
     from transformers import Qwen2VLImageProcessorPil
 
-    tok = word_tokenizer(special_tokens=QWEN_SPECIALS, chat_template=QWEN_CHAT_TEMPLATE)
+    tok = word_tokenizer(special_tokens=QWEN_SPECIALS, chat_template=QWEN2_VL_CHAT_TEMPLATE)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     head_dim = hidden // heads
     quarter = head_dim // 4  # mrope sections sum to head_dim / 2
@@ -74,11 +84,12 @@ def tiny_qwen2_vl(
     config.pad_token_id = ids["<|endoftext|>"]
     model = cls(config).eval()
     proc = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
-    return save_checkpoint_dir(model, tok, proc, path)
+    return save_checkpoint_dir(model, tok, proc, path, generation)
 
 
 def tiny_llava_onevision(path: str | Path, *, hidden: int = 64, layers: int = 2, heads: int = 4,
-                         kv_heads: int = 2, image_size: int = 56, seed: int = 0) -> Path:
+                         kv_heads: int = 2, image_size: int = 56, seed: int = 0,
+                         generation: dict | None = None) -> Path:
     """A tiny LLaVA-OneVision (SigLIP tower, Qwen2 LM, anyres up to 2x2 tiles) checkpoint directory."""
     from transformers import (
         LlavaOnevisionConfig,
@@ -86,8 +97,8 @@ def tiny_llava_onevision(path: str | Path, *, hidden: int = 64, layers: int = 2,
         LlavaOnevisionImageProcessorPil,
     )
 
-    tok = word_tokenizer(special_tokens=LLAVA_SPECIALS, chat_template=LLAVA_CHAT_TEMPLATE,
-                         eos_token="<|im_end|>", pad_token="<pad>")
+    tok = word_tokenizer(special_tokens=LLAVA_ONEVISION_SPECIALS, chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE,
+                         eos_token="<|im_end|>", pad_token="<|endoftext|>")
     text = _text_config(len(tok), hidden, layers, heads, kv_heads, model_type="qwen2",
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -101,16 +112,17 @@ def tiny_llava_onevision(path: str | Path, *, hidden: int = 64, layers: int = 2,
     model = LlavaOnevisionForConditionalGeneration(config).eval()
     proc = LlavaOnevisionImageProcessorPil(size={"height": image_size, "width": image_size},
                                            image_grid_pinpoints=pinpoints)
-    return save_checkpoint_dir(model, tok, proc, path)
+    return save_checkpoint_dir(model, tok, proc, path, generation)
 
 
 def tiny_llava(path: str | Path, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-               image_size: int = 112, seed: int = 0) -> Path:
-    """A tiny LLaVA-1.5 / VILA-style checkpoint (CLIP tower, Llama LM, fixed tokens per image)."""
+               image_size: int = 112, seed: int = 0, generation: dict | None = None) -> Path:
+    """A tiny LLaVA-1.5 / VILA-style checkpoint (CLIP tower, Llama LM, fixed tokens per image); its tokenizer
+    prepends ``<s>`` as Llama's does."""
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration
 
     tok = word_tokenizer(special_tokens=LLAVA_SPECIALS, chat_template=LLAVA_CHAT_TEMPLATE,
-                         eos_token="</s>", pad_token="<pad>")
+                         eos_token="</s>", pad_token="<pad>", bos_token="<s>")
     text = _text_config(len(tok), hidden, layers, heads, kv_heads, model_type="llama",
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -123,7 +135,7 @@ def tiny_llava(path: str | Path, *, hidden: int = 64, layers: int = 2, heads: in
     model = LlavaForConditionalGeneration(config).eval()
     proc = CLIPImageProcessorPil(size={"shortest_edge": image_size},
                                  crop_size={"height": image_size, "width": image_size})
-    return save_checkpoint_dir(model, tok, proc, path)
+    return save_checkpoint_dir(model, tok, proc, path, generation)
 
 
 def build_tiny(family: str, path: str | Path, **options) -> Path:

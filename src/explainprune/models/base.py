@@ -9,6 +9,8 @@ of ``inputs_embeds`` while keeping every remaining token's ORIGINAL position id.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -89,6 +91,16 @@ class GenerationResult:
     logits: Tensor | None = field(default=None, repr=False)  # [new tokens, vocab] when output_logits=True
 
 
+class Video(list):
+    """The frames of one video (a list, so it goes wherever a list of frames goes) and ``fps``, the rate of
+    the SAMPLED frames in frames per second of the source (8 frames evenly over 60 s: 8/60); None = unknown.
+    Qwen2.5-VL spaces its temporal positions by it (``sources.read_video`` returns one)."""
+
+    def __init__(self, frames: Iterable[Any] = (), fps: float | None = None):
+        super().__init__(frames)
+        self.fps = None if fps is None else float(fps)
+
+
 def pad_left(prompts: list[Prompt], keeps: list[Tensor | None]) -> tuple[Tensor, Tensor, Tensor]:
     """Gather each prompt's kept rows and left-pad them into one batch.
 
@@ -115,6 +127,15 @@ def pad_left(prompts: list[Prompt], keeps: list[Tensor | None]) -> tuple[Tensor,
         else:
             pos[b, start:] = p.position_ids[0, r]
     return embeds, mask, pos
+
+
+def pad_left_ids(prompts: list[Prompt], keeps: list[Tensor | None], pad_id: int) -> Tensor:
+    """The kept tokens' ids, left-padded with ``pad_id`` as ``pad_left`` pads the embeddings: LongTensor[B, L]."""
+    rows = [p.input_ids[0, p.kept_positions(k)] for p, k in zip(prompts, keeps)]
+    ids = torch.full((len(rows), max(len(r) for r in rows)), int(pad_id), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, ids.shape[1] - len(r):] = r
+    return ids
 
 
 class VLM:
@@ -182,6 +203,23 @@ class VLM:
         return {"model_type": self.config.model_type, "num_hidden_layers": t.num_hidden_layers,
                 "num_attention_heads": t.num_attention_heads, "hidden_size": t.hidden_size}
 
+    def clean_question(self, question: str) -> str:
+        """``question`` without media placeholders typed into it (LLaVA-format data: ``"<image>\\nWhat is ..."``).
+
+        The media go where the chat template puts them, so a placeholder in the text (``<image>``, ``<video>``,
+        or this family's own, e.g. ``<|vision_start|><|image_pad|><|vision_end|>``) is removed with the
+        blanks and one line break around it. A question without placeholders is returned unchanged.
+        """
+        tokens = {"<image>", "<video>"}
+        for key in ("image_token_id", "video_token_id", "image_token_index", "video_token_index"):
+            token_id = getattr(self.config, key, None)
+            if isinstance(token_id, int):
+                tokens.add(self.tokenizer.convert_ids_to_tokens(token_id))
+        alternatives = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
+        pattern = rf"[ \t]*(?:<\|vision_start\|>)?(?:{alternatives})(?:<\|vision_end\|>)?[ \t]*\n?"
+        cleaned, count = re.subn(pattern, " ", question)
+        return re.sub(r"[ \t]{2,}", " ", cleaned).strip() if count else question
+
     def _render_media(self, num_images: int, video: bool, question: str) -> str:
         """The chat-templated user turn: ``num_images`` images, then the video if any, then the question."""
         content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
@@ -196,8 +234,15 @@ class VLM:
                                                   add_generation_prompt=True)
 
     def _tokenize(self, text: str, question: str) -> tuple[Tensor, tuple[int, int]]:
-        """Token ids of ``text`` and the token span of the last occurrence of ``question`` in it."""
-        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+        """Token ids of ``text`` and the token span of the last occurrence of ``question`` in it.
+
+        Special tokens are added as the family's processor adds them (``ProcessorMixin.apply_chat_template``
+        tokenizes with ``add_special_tokens`` unless the rendered text already starts with BOS): LLaVA-1.5's
+        Llama tokenizer prepends ``<s>``, which its chat template does not write; Qwen2's adds nothing.
+        """
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special)
         ids = torch.tensor([enc["input_ids"]], dtype=torch.long)
         q_start = text.rfind(question) if question else -1
         if q_start < 0:
@@ -214,9 +259,16 @@ class VLM:
                  max_new_tokens: int = 16, **generate_kwargs: Any) -> GenerationResult | list[GenerationResult]:
         """Generate from ``prompt`` keeping only visual tokens ``keep`` (None keeps all).
 
-        A list of prompts (with a list of keeps) runs as one left-padded batch. The model's own
-        ``generate`` is called with ``inputs_embeds``, the kept tokens' original ``position_ids`` and the
-        attention mask; prefill and decode are untouched.
+        A list of prompts (with a list of keeps) runs as one left-padded batch. The model's own ``generate``
+        is called with ``inputs_embeds`` (used for prefill), the kept tokens' ``input_ids`` (what the logits
+        processors see: the checkpoint's ``repetition_penalty`` counts the prompt's tokens as with
+        ``model.generate(**processor_inputs)``), their original ``position_ids`` and the attention mask.
+
+        Decoding is greedy by default (``do_sample=False``: evaluations are deterministic); every other
+        field of the checkpoint's ``generation_config`` applies (repetition penalty, all its EOS ids). Pass
+        ``do_sample=True`` to sample with the checkpoint's temperature / top_p / top_k, or any other
+        ``generate`` option. With keep=None the tokens equal ``model.generate(**prompt.model_inputs,
+        do_sample=False)`` (tested).
         """
         single = isinstance(prompt, Prompt)
         prompts = [prompt] if single else list(prompt)
@@ -229,22 +281,23 @@ class VLM:
         if len(keeps) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(keeps)} keep entries")
         embeds, mask, pos = pad_left(prompts, keeps)
+        ids = pad_left_ids(prompts, keeps, self.pad_token_id)
         dev = self.device
         options = {"do_sample": False, "pad_token_id": self.pad_token_id, "eos_token_id": self.eos_token_ids,
                    **generate_kwargs}
         if options.get("output_logits"):
             options["return_dict_in_generate"] = True
-        out = self.model.generate(inputs_embeds=embeds.to(dev), attention_mask=mask.to(dev),
+        out = self.model.generate(input_ids=ids.to(dev), inputs_embeds=embeds.to(dev), attention_mask=mask.to(dev),
                                   position_ids=pos.to(dev), max_new_tokens=max_new_tokens, **options)
         sequences = out.sequences if hasattr(out, "sequences") else out
+        sequences = sequences[:, ids.shape[1]:]  # the prompt's ids come back first
         step_logits = getattr(out, "logits", None)
         results = []
         for b in range(len(prompts)):
-            ids = sequences[b].tolist()
-            ids = _cut_at_eos(ids, self.eos_token_ids)
-            logits = torch.stack([s[b] for s in step_logits])[: len(ids)].cpu() if step_logits else None
+            new_ids = _cut_at_eos(sequences[b].tolist(), self.eos_token_ids)
+            logits = torch.stack([s[b] for s in step_logits])[: len(new_ids)].cpu() if step_logits else None
             results.append(GenerationResult(
-                text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(), token_ids=ids,
+                text=self.tokenizer.decode(new_ids, skip_special_tokens=True).strip(), token_ids=new_ids,
                 prompt_tokens=int(mask[b].sum()), visual_tokens=len(prompts[b].kept_positions(keeps[b]))
                 - (prompts[b].length - prompts[b].num_visual), logits=logits))
         return results[0] if single else results

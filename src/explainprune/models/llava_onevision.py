@@ -70,6 +70,7 @@ class LlavaOnevision(VLM):
     @torch.no_grad()
     def prepare(self, images: Any = None, video: Any = None, question: str = "", **kwargs: Any) -> Prompt:
         """Build the Prompt for ``images`` (one or a list) and/or ``video`` (a list of frames)."""
+        question = self.clean_question(question)
         images = as_images(images)
         text = self._render_media(len(images), video is not None, question)
         inner, dev = self.model.model, self.device

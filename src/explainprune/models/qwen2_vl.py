@@ -15,24 +15,34 @@ from torch import Tensor
 
 from explainprune.models.base import VLM, Prompt, as_images, expand_placeholders, to_pil
 
+# Qwen's default video sampling rate (qwen-vl-utils' FPS): a list of frames of unknown rate is taken as
+# sampled at 2 frames per second, i.e. one temporal patch of 2 frames per second.
+DEFAULT_VIDEO_FPS = 2.0
+
 
 def video_pixels(frames: list[Any], processor: Any) -> tuple[Tensor, Tensor]:
     """Qwen video pixel values [T/tp * gh * gw, C * tp * p * p] and grid [1, 3] from a list of frames.
 
-    Frames are resized (smart resize of the first frame's size), rescaled and normalised exactly as the
-    image processor does; the frame count is padded to a multiple of ``temporal_patch_size`` by repeating
-    the last frame, as Qwen's video processor does.
+    Every frame is resized to the first frame's smart-resized size (a video has one size; frames of other
+    sizes are brought to it), rescaled and normalised as the image processor does; the frame count is padded
+    to a multiple of ``temporal_patch_size`` by repeating the last frame, as Qwen's video processor does.
     """
+    from transformers.image_processing_backends import PilBackend
     from transformers.image_processing_utils import SizeDict
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     if len(frames) == 0:
         raise ValueError("video must hold at least one frame")
     ps, ms, tp = processor.patch_size, processor.merge_size, processor.temporal_patch_size
     size = SizeDict(**processor.size) if isinstance(processor.size, dict) else processor.size
-    arrays = []
+    arrays, target = [], None
     for frame in frames:
         img = np.asarray(to_pil(frame), dtype=np.float32).transpose(2, 0, 1)
-        img = processor.resize(img, size=size, resample=processor.resample, factor=ps * ms)
+        if target is None:
+            h, w = smart_resize(*img.shape[1:], factor=ps * ms, min_pixels=size.shortest_edge,
+                                max_pixels=size.longest_edge)
+            target = SizeDict(height=h, width=w)
+        img = PilBackend.resize(processor, img, size=target, resample=processor.resample)
         img = processor.rescale(img, processor.rescale_factor)
         img = processor.normalize(img, processor.image_mean, processor.image_std)
         arrays.append(np.asarray(img, dtype=np.float32))
@@ -45,6 +55,15 @@ def video_pixels(frames: list[Any], processor: Any) -> tuple[Tensor, Tensor]:
     patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
     flat = patches.reshape(gt * gh * gw, c * tp * ps * ps)
     return torch.from_numpy(np.ascontiguousarray(flat)), torch.tensor([[gt, gh, gw]])
+
+
+def _video_fps(video: Any, fps: float | None) -> float:
+    """The sampled fps of ``video``: ``fps`` if given, else ``video.fps`` (a ``Video``), else the default."""
+    rate = fps if fps is not None else getattr(video, "fps", None)
+    rate = DEFAULT_VIDEO_FPS if rate is None else float(rate)
+    if not rate > 0:
+        raise ValueError(f"fps must be a positive number of sampled frames per second; got {rate}")
+    return rate
 
 
 class Qwen2VL(VLM):
@@ -76,8 +95,15 @@ class Qwen2VL(VLM):
         return int(self.config.vision_config.spatial_merge_size)
 
     @torch.no_grad()
-    def prepare(self, images: Any = None, video: Any = None, question: str = "", **kwargs: Any) -> Prompt:
-        """Build the Prompt for ``images`` (one or a list) and/or ``video`` (a list of frames)."""
+    def prepare(self, images: Any = None, video: Any = None, question: str = "", fps: float | None = None,
+                **kwargs: Any) -> Prompt:
+        """Build the Prompt for ``images`` (one or a list) and/or ``video`` (a list of frames).
+
+        ``fps``: the rate the video's frames were sampled at (frames per second of the source); default the
+        ``fps`` of a ``Video``, else ``DEFAULT_VIDEO_FPS``. Qwen2.5-VL spaces temporal positions by
+        ``temporal_patch_size / fps`` seconds per grid step (``second_per_grid_ts``, as its processor does).
+        """
+        question = self.clean_question(question)
         images = as_images(images)
         text = self._render_media(len(images), video is not None, question)
 
@@ -93,7 +119,8 @@ class Qwen2VL(VLM):
             pix, thw = video_pixels(list(video), self.image_processor)
             inputs["pixel_values_videos"], inputs["video_grid_thw"] = pix, thw
             if self.config.model_type == "qwen2_5_vl":
-                inputs["second_per_grid_ts"] = torch.tensor([float(kwargs.get("seconds_per_grid", 1.0))])
+                rate = _video_fps(video, fps)
+                inputs["second_per_grid_ts"] = torch.tensor([self.image_processor.temporal_patch_size / rate])
             text = expand_placeholders(text, video_tok, [int(thw[0].prod()) // self.merge**2])
             grids.append((2, thw[0]))
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from explainprune.models.offline import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, save_checkpoint_dir, word_tokenizer
+from explainprune.models.offline import DEMO_CHAT_TEMPLATE, QWEN_SPECIALS, save_checkpoint_dir, word_tokenizer
 from explainprune.tasks import digits_data as dd
 from explainprune.tasks.digits import WORDS
 
@@ -70,7 +70,7 @@ def build_model(cfg: TrainConfig) -> tuple[Any, Any, Any]:
     """A fresh tiny Qwen2-VL, its word tokenizer and image processor."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
-    tok = word_tokenizer(WORDS, special_tokens=QWEN_SPECIALS, chat_template=QWEN_CHAT_TEMPLATE)
+    tok = word_tokenizer(WORDS, special_tokens=QWEN_SPECIALS, chat_template=DEMO_CHAT_TEMPLATE)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     head_dim = cfg.hidden // cfg.heads
     third = head_dim // 2 // 3
