@@ -59,3 +59,33 @@ def test_digits_source_is_deterministic():
                                                               again.region, again.meta)
     assert s.meta == {"kind": "rowcol"} and all(isinstance(c, tuple) and len(c) == 3 for c in s.region)
     assert src.describe() == {"task": "digits", "split": "test", "seed": 1, "n": 3, "grid": 2, "kinds": ["rowcol"]}
+
+
+def test_read_video_reports_the_sampled_fps(tmp_path):
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    from explainprune.models.base import Video
+
+    path = tmp_path / "v.mp4"
+    with av.open(str(path), "w") as container:  # 20 frames at 10 fps: 2 s
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for i in range(20):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 12, dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    video = sources.read_video(path, max_frames=4)  # frames 0, 5, 10, 15: 4 frames over 2 s
+    assert isinstance(video, Video) and isinstance(video, list) and len(video) == 4
+    assert video.fps == pytest.approx(2.0)
+    assert [round(float(np.asarray(f).mean()) / 12) for f in video] == [0, 5, 10, 15]
+    assert sources.read_video(path, max_frames=50).fps == pytest.approx(10.0)  # every frame: the file's rate
+    # a manifest's frame list carries its optional fps
+    Image.new("RGB", (4, 3)).save(tmp_path / "f.png")
+    rows = [{"question": "q", "answer": "a", "video": ["f.png", "f.png"], "fps": 0.5},
+            {"question": "q", "answer": "a", "video": ["f.png"]}, {"question": "q", "answer": "a", "video": "v.mp4"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    man = ManifestSource(tmp_path / "m.jsonl", max_frames=4)
+    assert [man[i].video.fps for i in range(3)] == [0.5, None, pytest.approx(2.0)]

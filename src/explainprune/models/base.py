@@ -268,7 +268,8 @@ class VLM:
         field of the checkpoint's ``generation_config`` applies (repetition penalty, all its EOS ids). Pass
         ``do_sample=True`` to sample with the checkpoint's temperature / top_p / top_k, or any other
         ``generate`` option. With keep=None the tokens equal ``model.generate(**prompt.model_inputs,
-        do_sample=False)`` (tested).
+        do_sample=False)`` (tested). In a padded batch the penalty also counts the pad id, as
+        ``model.generate`` on a padded batch does.
         """
         single = isinstance(prompt, Prompt)
         prompts = [prompt] if single else list(prompt)
