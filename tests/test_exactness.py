@@ -152,24 +152,28 @@ def instruct_dirs(tmp_path_factory):
     return get
 
 
-def _own(vlm, prompt, n: int, **options) -> list[int]:
-    """New tokens of the model's own ``generate`` on the processor-style inputs, cut after the first EOS."""
+def _own(vlm, inputs, n: int, **options) -> list[int]:
+    """New tokens of the model's own ``generate`` on ``inputs`` (the processor's), cut after the first EOS."""
     with torch.no_grad():
-        ids = vlm.model.generate(**prompt.model_inputs, max_new_tokens=n, **options)[0, prompt.length:].tolist()
+        ids = vlm.model.generate(**inputs, max_new_tokens=n, **options)[0, inputs["input_ids"].shape[1]:].tolist()
     stops = [i for i, t in enumerate(ids) if t in vlm.eos_token_ids]
     return ids[: stops[0] + 1] if stops else ids
 
 
 @pytest.mark.parametrize("media", ["image", "video"])
-def test_keep_all_generation_equals_model_generate_under_its_config(family, instruct_dirs, image, frames, media):
+def test_keep_all_generation_equals_model_generate_under_its_config(family, instruct_dirs, image, frames, media,
+                                                                    hf_processor):
     vlm = explainprune.load(instruct_dirs(family))
     assert vlm.model.generation_config.repetition_penalty == 2.0 and len(vlm.eos_token_ids) == 2
-    p = vlm.prepare(question="how many 3 are there ?", **({"images": image} if media == "image" else {"video": frames}))
-    ref = _own(vlm, p, 16)  # no options: everything from the checkpoint's generation_config
-    assert ref != _own(vlm, p, 16, repetition_penalty=1.0)  # the penalty changes this model's answer
+    images, video, question = ([image], None, "how many 3 are there ?") if media == "image" else \
+        ([], frames, "how many 3 are there ?")
+    inputs = processor_inputs(vlm, hf_processor(vlm, fps=2.0), images, video, question)
+    p = vlm.prepare(images=images or None, video=video, question=question)
+    ref = _own(vlm, inputs, 16)  # no options: everything from the checkpoint's generation_config
+    assert ref != _own(vlm, inputs, 16, repetition_penalty=1.0)  # the penalty changes this model's answer
     assert vlm.generate(p, max_new_tokens=16).token_ids == ref
     # the default is greedy: equal to model.generate(do_sample=False) whatever the sampling fields say
-    assert vlm.generate(p, max_new_tokens=16).token_ids == _own(vlm, p, 16, do_sample=False)
+    assert vlm.generate(p, max_new_tokens=16).token_ids == _own(vlm, inputs, 16, do_sample=False)
 
 
 def test_sampling_uses_the_checkpoint_sampling_fields_when_asked(family, instruct_dirs, image):
@@ -178,11 +182,11 @@ def test_sampling_uses_the_checkpoint_sampling_fields_when_asked(family, instruc
     cfg.temperature, cfg.top_k, cfg.top_p = 1.5, 0, 1.0  # real sampling now
     p = vlm.prepare(images=image, question=QUESTION)
     greedy = vlm.generate(p, max_new_tokens=10).token_ids
-    assert greedy == _own(vlm, p, 10, do_sample=False)
+    assert greedy == _own(vlm, p.model_inputs, 10, do_sample=False)
     sampled = []
     for seed in range(3):
         torch.manual_seed(seed)
-        ref = _own(vlm, p, 10)
+        ref = _own(vlm, p.model_inputs, 10)
         torch.manual_seed(seed)
         ours = vlm.generate(p, max_new_tokens=10, do_sample=True).token_ids
         assert ours == ref
@@ -197,7 +201,7 @@ def test_generation_stops_at_every_eos_id(family, instruct_dirs, image):
     k = next(i for i in range(2, len(free)) if free[i] not in free[:i] and free[i] not in vlm.eos_token_ids)
     vlm.model.generation_config.eos_token_id = [*vlm.eos_token_ids, free[k]]
     out = vlm.generate(p, max_new_tokens=12)
-    assert out.token_ids == free[: k + 1] == _own(vlm, p, 12)
+    assert out.token_ids == free[: k + 1] == _own(vlm, p.model_inputs, 12)
 
 
 # -- Qwen2.5-VL video time ------------------------------------------------------------------------------------
