@@ -209,6 +209,9 @@ def test_video_positions_follow_the_sampled_fps(vlm, family, frames):
     slow = vlm.prepare(video=frames, question=QUESTION, fps=0.5)
     fast = vlm.prepare(video=Video(frames, fps=4.0), question=QUESTION)  # a Video carries its fps
     default = vlm.prepare(video=frames, question=QUESTION)  # unknown rate: Qwen's default 2 fps
+    if family == "qwen2_vl":
+        with pytest.raises(ValueError, match="fps must be a positive"):
+            vlm.prepare(video=frames, question=QUESTION, fps=-1)
     if family != "qwen2_5_vl":  # no time scale in the positions
         assert torch.equal(slow.position_ids, fast.position_ids)
         assert torch.equal(slow.position_ids, default.position_ids)

@@ -118,8 +118,8 @@ class Qwen2VL(VLM):
         if video is not None:
             pix, thw = video_pixels(list(video), self.image_processor)
             inputs["pixel_values_videos"], inputs["video_grid_thw"] = pix, thw
+            rate = _video_fps(video, fps)
             if self.config.model_type == "qwen2_5_vl":
-                rate = _video_fps(video, fps)
                 inputs["second_per_grid_ts"] = torch.tensor([self.image_processor.temporal_patch_size / rate])
             text = expand_placeholders(text, video_tok, [int(thw[0].prod()) // self.merge**2])
             grids.append((2, thw[0]))
