@@ -10,7 +10,7 @@ from transformers import BatchFeature
 
 import explainprune
 from explainprune.models.base import Video
-from explainprune.testing import build_tiny, random_image
+from explainprune.testing import QWEN_INSTRUCT_GENERATION, build_tiny, random_image
 
 QUESTION = "what digit is in row 2 column 3 ?"
 
@@ -134,9 +134,8 @@ def test_prompt_ids_equal_the_family_processor(vlm, family, image, frames, media
 def instruct_generation(family: str) -> dict:
     """Qwen2-VL-Instruct's generation_config fields (sampling with top_k=1, i.e. greedy in effect; two EOS ids),
     with a repetition penalty large enough to change a tiny random model's output."""
-    eos = ["</s>", "<pad>"] if family == "llava" else ["<|im_end|>", "<|endoftext|>"]
-    return {"do_sample": True, "temperature": 0.01, "top_p": 0.001, "top_k": 1, "repetition_penalty": 2.0,
-            "eos_token_id": eos}
+    eos = ["</s>", "<pad>"] if family == "llava" else QWEN_INSTRUCT_GENERATION["eos_token_id"]
+    return {**QWEN_INSTRUCT_GENERATION, "repetition_penalty": 2.0, "eos_token_id": eos}
 
 
 @pytest.fixture(scope="module")
