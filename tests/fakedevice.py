@@ -81,6 +81,9 @@ class FakeDevices(TorchDispatchMode):
         self._factories = _DataFactories()
 
     def __enter__(self):
+        # Module.to(FAKE) must swap parameters (a wrapper cannot be shallow-copied into a CPU parameter)
+        self._swap = torch.__future__.get_swap_module_params_on_conversion()
+        torch.__future__.set_swap_module_params_on_conversion(True)
         self._factories.__enter__()
         return super().__enter__()
 
@@ -89,6 +92,7 @@ class FakeDevices(TorchDispatchMode):
             return super().__exit__(*exc)
         finally:
             self._factories.__exit__(*exc)
+            torch.__future__.set_swap_module_params_on_conversion(self._swap)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1

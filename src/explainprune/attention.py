@@ -98,6 +98,18 @@ def layer_inputs(vlm: VLM, embeds: Tensor, position_ids: Tensor, attention_mask:
     return captured["args"], captured["kwargs"]
 
 
+def module_device(module: Any) -> torch.device:
+    """Where ``module`` computes: accelerate's execution device when the model was dispatched with a
+    ``device_map`` (its hook moves the inputs there), else the device of its parameters."""
+    hook = getattr(module, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None:
+        return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
@@ -113,28 +125,30 @@ def apply_rope(attn: Any, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rope(x, x, cos, sin)[0]
 
 
-def first_layer_attention(vlm: VLM, prompt: Prompt) -> Tensor:
+def first_layer_attention(vlm: VLM, prompt: Prompt, *, keep_device: bool = False) -> Tensor:
     """A_v^0 (Section 3.3): layer-0 attention from the instruction tokens to the visual tokens.
 
     Returns Tensor[H, N_v] (float32): per head, the attention each visual token receives, averaged over
     the instruction rows ``prompt.instruction``. Equals slicing ``output_attentions[0]`` of a full eager
-    forward, at ~1% of its cost: only layer 0's layernorm, q/k projections and softmax run.
+    forward, at ~1% of its cost: only layer 0's layernorm, q/k projections and softmax run. On CPU, or
+    with ``keep_device`` on the device layer 0 runs on (what the learned pruner feeds f_θ there).
     """
     start, end = prompt.instruction
     if end <= start:
         raise ValueError("the prompt has no instruction tokens (empty question): A_v^0 is undefined")
     if prompt.num_visual == 0:
         raise ValueError("the prompt has no visual tokens: give an image or a video")
-    dev = vlm.device
-    embeds = prompt.inputs_embeds.to(dev)
-    args, kwargs = layer_inputs(vlm, embeds, prompt.position_ids.to(dev), prompt.attention_mask.to(dev))
+    inputs = vlm.device
+    args, kwargs = layer_inputs(vlm, prompt.inputs_embeds.to(inputs), prompt.position_ids.to(inputs),
+                                prompt.attention_mask.to(inputs))
     layer = vlm.language_model.layers[0]
+    dev = module_device(layer)  # with a device_map, layer 0 may sit apart from the embeddings
     attn = layer.self_attn
-    cos, sin = kwargs["position_embeddings"]
+    cos, sin = (t.to(dev) for t in kwargs["position_embeddings"])
     hd = attn.head_dim
 
     with torch.no_grad():
-        h = layer.input_layernorm(_hidden(args, kwargs)[:, :end])  # [1, end, D]
+        h = layer.input_layernorm(_hidden(args, kwargs)[:, :end].to(dev))  # [1, end, D]
         q = attn.q_proj(h[:, start:end]).view(1, end - start, -1, hd)
         k = attn.k_proj(h).view(1, end, -1, hd)
         if hasattr(attn, "q_norm"):  # Qwen3-style q/k norms (not in the supported families; harmless)
@@ -153,7 +167,8 @@ def first_layer_attention(vlm: VLM, prompt: Prompt) -> Tensor:
             allowed &= (rows - cols) < window
         scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-        return probs[0][..., prompt.visual_pos.to(dev)].mean(1).float().cpu()  # [H, N_v]
+        out = probs[0][..., prompt.visual_pos.to(dev)].mean(1).float()  # [H, N_v]
+        return out if keep_device else out.cpu()
 
 
 # --- head-chunked attention (the relevance engine's ``head_chunk`` option) -----------------------------

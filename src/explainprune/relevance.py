@@ -42,6 +42,7 @@ from explainprune.attention import (
     head_chunked_output,
     head_maps,
     hooks,
+    module_device,
 )
 from explainprune.models.base import VLM, Prompt
 
@@ -106,9 +107,9 @@ def teacher_forced(vlm: VLM, prompt: Prompt, ids: list[int]) -> tuple[Tensor, Te
     Returns inputs_embeds [1, n, D], position_ids [3, 1, n] or [1, n] (answer tokens continue after the
     prompt's last position, as generation does), attention_mask [1, n], rows LongTensor[T] (p_t = L-1+t).
     """
-    dev = vlm.device
-    extra = torch.tensor([ids[:-1]], dtype=torch.long, device=dev)
     embed = vlm.model.get_input_embeddings()
+    dev = module_device(embed)
+    extra = torch.tensor([ids[:-1]], dtype=torch.long, device=dev)
     embeds = prompt.inputs_embeds.to(dev)
     with torch.no_grad():
         embeds = torch.cat([embeds, embed(extra).to(embeds.dtype)], 1)
@@ -188,7 +189,8 @@ def _sweep_layer(out: Tensor, hidden: Tensor, attn: Tensor, grads: Tensor, v: Te
     t_count = grads.shape[0]
     chunk = max(1, min(t_count, batch_bytes // max(1, attn.numel() * attn.element_size())))
     a = attn.detach()[0]
-    below = torch.empty_like(grads)
+    grads = grads.to(out.device)  # sharded model: the layer above may live on another device
+    below = torch.empty_like(grads, device=hidden.device)
     for c0 in range(0, t_count, chunk):
         c1 = min(t_count, c0 + chunk)
         keep_graph = c1 < t_count
@@ -272,7 +274,8 @@ def _sweep_layer_heads(layer: Any, hidden: Tensor, args: tuple, kwargs: dict, gr
         out = _call_layer(layer, hidden, args, kwargs)
     module, q, k, val, o = seen["module"], seen["q"], seen["k"], seen["v"], seen["o"]
     t_count, heads = grads.shape[0], q.shape[1]
-    below = torch.empty_like(grads)
+    grads = grads.to(out.device)  # sharded model: the layer above may live on another device
+    below = torch.empty_like(grads, device=hidden.device)
     d_o = torch.empty((t_count, *o.shape), dtype=o.dtype, device=o.device)  # [T, 1, n, H, hd]
     for t in range(t_count):
         below[t], d_o[t] = torch.autograd.grad(out, (hidden, o), grads[t], retain_graph=True)
@@ -353,6 +356,7 @@ def relevance(vlm: VLM, prompt: Prompt, answer: str | list[int] | Tensor | None 
             args, kwargs = inputs.pop()
             hidden = args[0] if args else kwargs["hidden_states"]
             layer = lm.layers[layer_index]
+            v = v.to(module_device(layer))  # sharded model (device_map): fold on the layer's own device
             if head_chunk is not None:
                 if rule == "mean":
                     v = _mean_layer_heads(layer, hidden, args, kwargs, v, int(head_chunk))
@@ -385,7 +389,7 @@ def _output_grads(vlm: VLM, final: Tensor, rows: Tensor, ids: list[int]) -> Tens
     idx = rows.to(h.device)
     with torch.enable_grad():
         logits = head(lm.norm(h[:, idx]))[0]  # [T, V]
-        picked = logits[torch.arange(len(ids)), torch.tensor(ids, device=h.device)]
+        picked = logits[torch.arange(len(ids), device=logits.device), torch.tensor(ids, device=logits.device)]
         (g,) = torch.autograd.grad(picked.sum(), h)  # rows are independent (norm and head are per position)
     out = torch.zeros(len(ids), *h.shape, dtype=h.dtype, device=h.device)
     out[torch.arange(len(ids)), 0, idx] = g[0, idx]

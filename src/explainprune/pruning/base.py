@@ -21,9 +21,9 @@ _REGISTRY: dict[str, type[Pruner]] = {}
 
 
 def select(scores: Tensor, ratio: float, num_visual: int | None = None) -> Tensor:
-    """Sorted indices of the top ``ceil(ratio * N_v)`` scores (at least 1).
+    """Sorted indices of the top ``ceil(ratio * N_v)`` scores (at least 1), a CPU LongTensor.
 
-    scores: Tensor[N_v]. ``num_visual`` (optional) is the prompt's N_v, checked against the scores.
+    scores: Tensor[N_v], on any device (top-k runs there). ``num_visual`` (optional) is the prompt's N_v, checked against the scores.
     Raises ValueError for a ratio outside (0, 1], a wrong length, NaN scores or no visual tokens.
     """
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not (0.0 < float(ratio) <= 1.0):
@@ -41,7 +41,23 @@ def select(scores: Tensor, ratio: float, num_visual: int | None = None) -> Tenso
         raise ValueError(f"scores contain NaN (at visual tokens {where}); scores must be finite numbers")
     k = max(1, math.ceil(float(ratio) * n - 1e-9))
     top = torch.topk(scores.float(), k, sorted=False).indices
-    return torch.sort(top).values
+    return torch.sort(top).values.cpu()
+
+
+def as_keep(keep: Tensor | Any | None, num_visual: int) -> Tensor | None:
+    """``keep`` from a (custom) pruner, on any device or as a list, as the sorted CPU LongTensor[k] of
+    distinct indices in 0..N_v-1 that ``VLM.generate`` takes (None, keep all, stays None)."""
+    if keep is None:
+        return None
+    keep = torch.as_tensor(keep)
+    if keep.dim() != 1 or keep.dtype == torch.bool or keep.is_floating_point() or keep.is_complex():
+        raise ValueError(f"keep must be a 1-D tensor of integer indices into the {num_visual} visual tokens "
+                         f"(not a mask or scores); got dtype {keep.dtype}, shape {tuple(keep.shape)}")
+    keep = torch.unique(keep.to("cpu", torch.long))  # sorted, distinct
+    if keep.numel() and (int(keep[0]) < 0 or int(keep[-1]) >= num_visual):
+        raise ValueError(f"keep holds indices outside 0..{num_visual - 1}; got min {int(keep[0])}, "
+                         f"max {int(keep[-1])}")
+    return keep
 
 
 def register(name: str):
@@ -93,5 +109,6 @@ class Pruner:
 
     def generate(self, vlm: VLM, prompt: Prompt, ratio: float, max_new_tokens: int = 16,
                  **kwargs: Any) -> GenerationResult:
-        keep = self.keep(vlm, prompt, ratio)
+        """Generate keeping ``self.keep(...)`` (any device; see ``as_keep``)."""
+        keep = as_keep(self.keep(vlm, prompt, ratio), prompt.num_visual)
         return vlm.generate(prompt, keep=keep, max_new_tokens=max_new_tokens, **kwargs)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from explainprune.attention import _Stop, apply_rope  # _Stop: the layer-K hook's early exit (scores only)
+from explainprune.attention import _Stop, apply_rope, module_device  # _Stop: the layer-K hook's early exit
 from explainprune.models.base import VLM, GenerationResult, Prompt
 from explainprune.pruning.base import Pruner, register, select
 
@@ -60,6 +60,7 @@ class FastVState:
     index        LongTensor[B, L'] batch rows feeding layers >= K (left-padded; pads repeat a kept row)
     valid        BoolTensor[B, L'] False on that padding
     layer_tokens list[int]        sequence length each decoder layer processed in prefill (padded batch)
+    index / valid live on layer K's device; masks caches each device's mask for the current step.
     """
 
     scores: list[Tensor] = field(default_factory=list)
@@ -68,6 +69,8 @@ class FastVState:
     valid: Tensor | None = None
     steps: int = 0
     layer_tokens: list[int] = field(default_factory=list)
+    all_valid: bool = True
+    masks: dict = field(default_factory=dict, repr=False)
 
 
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
@@ -85,20 +88,37 @@ def _additive_mask(valid: Tensor, queries: int, dtype: torch.dtype) -> Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def _restrict(kwargs: dict[str, Any], state: FastVState, full_len: int, prefill: bool,
-              dtype: torch.dtype) -> dict[str, Any]:
-    """A layer >= K's keyword inputs restricted to the kept rows (prefill) and to the pruned KV cache."""
+def _layer_mask(state: FastVState, prefill: bool, dtype: torch.dtype, device: torch.device,
+                implementation: str) -> Tensor:
+    """The mask of a layer >= K over the kept rows (prefill) or the pruned KV cache (decode step), on
+    ``device``: 2-D bool [B, kv] for flash attention (what transformers' ``flash_attention_mask`` gives
+    FA2; varlen by this mask, never guessed from the gapped position ids), else 4-D additive
+    [B, 1, q, kv]. Built once per device and step, shared by the layers on that device."""
+    flash = "flash" in implementation
+    key = (prefill, state.steps, device, dtype, flash)
+    if key not in state.masks:
+        if len(state.masks) > 8:
+            state.masks.clear()
+        valid = state.valid.to(device)
+        new = torch.ones(valid.shape[0], 0 if prefill else state.steps, dtype=torch.bool, device=device)
+        valid = torch.cat([valid, new], 1)
+        state.masks[key] = valid if flash else _additive_mask(valid, state.valid.shape[1] if prefill else 1, dtype)
+    return state.masks[key]
+
+
+def _restrict(kwargs: dict[str, Any], state: FastVState, full_len: int, prefill: bool, dtype: torch.dtype,
+              device: torch.device, implementation: str = "sdpa") -> dict[str, Any]:
+    """A layer >= K's keyword inputs restricted to the kept rows (prefill) and to the pruned KV cache;
+    masks and indices are made on ``device`` (the layer's own device)."""
     out = dict(kwargs)
     if prefill:
         out["position_embeddings"] = tuple(_gather_rows(t, state.index) for t in kwargs["position_embeddings"])
         pos = kwargs.get("position_ids")
         if torch.is_tensor(pos) and pos.dim() == 2 and pos.shape[-1] == full_len:
             out["position_ids"] = _gather_rows(pos, state.index)
-    padded = not bool(state.valid.all())
-    if torch.is_tensor(kwargs.get("attention_mask")) or padded:
-        new = torch.ones(state.valid.shape[0], 0 if prefill else state.steps, dtype=torch.bool)
-        valid = torch.cat([state.valid, new.to(state.valid.device)], 1)
-        out["attention_mask"] = _additive_mask(valid, state.valid.shape[1] if prefill else 1, dtype)
+    padded = not state.all_valid
+    if torch.is_tensor(kwargs.get("attention_mask")) or padded or "flash" in implementation:
+        out["attention_mask"] = _layer_mask(state, prefill, dtype, device, implementation)
     return out
 
 
@@ -144,9 +164,10 @@ def fastv_hooks(vlm: VLM, prompts: Prompt | list[Prompt], ratio: float, layer: i
     def choose(device: torch.device) -> None:
         """Scores from layer K-1's captured q/k, then the kept rows of every prompt, left-padded."""
         cos, sin = captured["rope"]
-        keys_valid = torch.arange(full_len)[None] >= torch.tensor(pads)[:, None]  # [B, L]
-        att = last_token_attention(attn, captured["q"], captured["k"], cos, sin,
-                                   keys_valid.to(device)).mean(1).cpu()     # [B, L]
+        q, k = captured["q"], captured["k"]
+        keys_valid = torch.arange(full_len, device=k.device)[None] >= torch.tensor(pads, device=k.device)[:, None]
+        att = last_token_attention(attn, q, k.to(q.device), cos.to(q.device), sin.to(q.device),
+                                   keys_valid.to(q.device)).mean(1).cpu()     # [B, L]
         captured.clear()
         rows = []
         for b, (p, pad) in enumerate(zip(prompts, pads)):
@@ -157,22 +178,27 @@ def fastv_hooks(vlm: VLM, prompts: Prompt | list[Prompt], ratio: float, layer: i
         if scores_only:
             raise _Stop
         longest = max(len(r) for r in rows)
-        state.index = torch.stack([torch.cat([r[:1].repeat(longest - len(r)), r]) for r in rows])
-        state.valid = torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]
+        index = torch.stack([torch.cat([r[:1].repeat(longest - len(r)), r]) for r in rows])
+        valid = torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]
+        state.all_valid = bool(valid.all())
+        state.index, state.valid = index.to(device), valid.to(device)
+        state.masks.clear()
 
     def prune(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         prefill = kwargs["position_embeddings"][0].shape[-2] == full_len and full_len > 1
         if module is layers[layer]:
             if prefill:
-                choose(hidden.device)
+                choose(module_device(module))
                 hidden = _gather_rows(hidden, state.index)
                 args, kwargs = ((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden})
             elif state.index is not None:
                 state.steps += 1
         if state.index is None:
             return None
-        return args, _restrict(kwargs, state, full_len, prefill, hidden.dtype)
+        implementation = getattr(module.self_attn.config, "_attn_implementation", None) or "sdpa"
+        return args, _restrict(kwargs, state, full_len, prefill, hidden.dtype, module_device(module),
+                               implementation)
 
     try:
         handles.append(attn.q_proj.register_forward_hook(capture("q", last_only=True)))

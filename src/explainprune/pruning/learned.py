@@ -38,7 +38,11 @@ class Learned(Pruner):
         self._checked: int | None = None
 
     def score(self, vlm: VLM, prompt: Prompt) -> Tensor:
-        """R̃_v = f_θ(A_v^0) (Eq. 2): Tensor[N_v] of probabilities."""
+        """R̃_v = f_θ(A_v^0) (Eq. 2): Tensor[N_v] of probabilities (on CPU).
+
+        A_v^0 stays on the device layer 0 runs on, and f_θ runs there too: the compressor is moved to
+        that device on first use (``self.compressor`` is moved in place).
+        """
         import torch
 
         from explainprune.attention import first_layer_attention
@@ -47,4 +51,7 @@ class Learned(Pruner):
             self.compressor.check_compatible(vlm)
             self._checked = id(vlm)
         with torch.no_grad():
-            return self.compressor(first_layer_attention(vlm, prompt)).float().cpu()
+            a = first_layer_attention(vlm, prompt, keep_device=True)  # [H, N_v] on layer 0's device
+            if next(self.compressor.parameters()).device != a.device:
+                self.compressor.to(a.device)
+            return self.compressor(a).float().cpu()
