@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fakedevice import CPU, FAKE, FakeDevices, shard, to_device
 
 import explainprune
 from explainprune.attention import _text_attention, first_layer_attention
@@ -18,6 +17,7 @@ from explainprune.pruning.base import Pruner, as_keep, select
 from explainprune.pruning.fastv import FastV
 from explainprune.relevance import relevance
 from explainprune.testing import build_tiny, random_image
+from fakedevice import CPU, FAKE, FakeDevices, shard, to_device
 
 QUESTION = "what digit is in row 2 column 3 ?"
 

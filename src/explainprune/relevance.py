@@ -44,6 +44,7 @@ from explainprune.attention import (
     hooks,
     module_device,
 )
+from explainprune.memory import relevance_head_chunk
 from explainprune.models.base import VLM, Prompt
 
 RULES = ("grad", "mean")
@@ -67,6 +68,7 @@ class RelevanceResult:
     rule: str
     clamp: bool
     maps: Tensor | None = field(default=None, repr=False)
+    head_chunk: int | None = None  # heads per chunk the run used (None: all at once)
 
     def to_json(self) -> dict[str, Any]:
         return {"scores": self.scores.tolist(), "token_scores": self.token_scores.tolist(),
@@ -321,10 +323,12 @@ def relevance(vlm: VLM, prompt: Prompt, answer: str | list[int] | Tensor | None 
     time through each recomputed layer, reusing its graph (each ∇A^l consumed by a hook: the lowest
     memory, and on CPU the fastest); tokens whose ∇A^l fit in ``batch_bytes`` together (0 = never, the
     default) go through one batched vector-Jacobian product instead.
-    head_chunk: None (default) recomputes each layer with eager attention, all H heads' n x n maps at
-    once; an int c recomputes them c heads at a time (the recording forward too), so the peak holds c
-    maps instead of H (same numbers to float rounding; ``batch_bytes`` does not apply). Implemented for
-    the Llama / Qwen2 / Qwen2-VL / Qwen2.5-VL attention (the four families); NotImplementedError elsewhere.
+    head_chunk: an int c recomputes each layer's maps c heads at a time (the recording forward too), so
+    the peak holds c maps instead of H (same numbers to float rounding; ``batch_bytes`` does not apply).
+    Implemented for the Llama / Qwen2 / Qwen2-VL / Qwen2.5-VL attention (the four families);
+    NotImplementedError elsewhere. None (default) chooses: all H heads' n x n maps at once (eager
+    attention) when one layer's maps fit in the free memory of the layers' devices, else the largest
+    chunk that fits (``memory.auto_head_chunk``; the result's ``head_chunk`` says which ran).
     progress: a progress bar over the layers (stderr). Returns a RelevanceResult with ``scores``
     Tensor[N_v] (float32, on CPU).
     """
@@ -342,6 +346,8 @@ def relevance(vlm: VLM, prompt: Prompt, answer: str | list[int] | Tensor | None 
     if head_chunk is not None and (isinstance(head_chunk, bool) or int(head_chunk) != head_chunk
                                    or head_chunk < 1):
         raise ValueError(f"head_chunk must be None or a positive number of heads, got {head_chunk!r}")
+    if head_chunk is None:
+        head_chunk = relevance_head_chunk(vlm, n)
     switch = eager_attention(vlm) if head_chunk is None else head_chunked_attention(vlm, int(head_chunk))
     with switch:
         inputs, final = _record(vlm, embeds, pos, mask)
@@ -378,7 +384,8 @@ def relevance(vlm: VLM, prompt: Prompt, answer: str | list[int] | Tensor | None 
     token_scores = maps[:, prompt.visual_pos]
     return RelevanceResult(scores=token_scores.mean(0), token_scores=token_scores, answer_ids=ids,
                            answer=vlm.tokenizer.decode(ids, skip_special_tokens=True).strip(), rule=rule,
-                           clamp=clamp, maps=maps if keep_maps else None)
+                           clamp=clamp, maps=maps if keep_maps else None,
+                           head_chunk=None if head_chunk is None else int(head_chunk))
 
 
 def _output_grads(vlm: VLM, final: Tensor, rows: Tensor, ids: list[int]) -> Tensor:

@@ -23,7 +23,8 @@ _REGISTRY: dict[str, type[Pruner]] = {}
 def select(scores: Tensor, ratio: float, num_visual: int | None = None) -> Tensor:
     """Sorted indices of the top ``ceil(ratio * N_v)`` scores (at least 1), a CPU LongTensor.
 
-    scores: Tensor[N_v], on any device (top-k runs there). ``num_visual`` (optional) is the prompt's N_v, checked against the scores.
+    scores: Tensor[N_v], on any device (top-k runs there). ``num_visual`` (optional) is the prompt's
+    N_v, checked against the scores.
     Raises ValueError for a ratio outside (0, 1], a wrong length, NaN scores or no visual tokens.
     """
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not (0.0 < float(ratio) <= 1.0):
