@@ -204,3 +204,37 @@ def test_as_keep_normalises_and_checks():
         as_keep(torch.ones(4, dtype=torch.bool), 4)
     with pytest.raises(ValueError, match="integer indices"):
         as_keep(torch.rand(2), 4)
+
+
+def test_train_on_another_device_equals_cpu(tmp_path, monkeypatch):
+    """``train(..., device=...)``: f_θ, its batches and Adam's state live there; same weights and metrics as
+    on CPU, also when a CPU run is resumed on the device."""
+    from test_labels import FakeVLM
+    from test_train import SMALL, ToyLabeler, ToySource
+
+    from explainprune.labels import LabelConfig, label
+    from explainprune.train import TrainConfig, train
+
+    labels = tmp_path / "labels"
+    label(FakeVLM(), ToySource(24), labels, LabelConfig(shard_size=8), labeler=ToyLabeler(), progress=False)
+    config = TrainConfig(epochs=2, **{**SMALL, "batch_size": 6})
+    ref = train(labels, tmp_path / "cpu", config, progress=False)
+    train(labels, tmp_path / "part", TrainConfig(epochs=1, **{**SMALL, "batch_size": 6}), progress=False)
+    seen = set()
+    original = Compressor.log_probs
+
+    def log_probs(self, attention, mask=None):
+        seen.update({next(self.parameters()).device, attention.device, mask.device})
+        return original(self, attention, mask)
+
+    monkeypatch.setattr(Compressor, "log_probs", log_probs)
+    with FakeDevices():
+        got = train(labels, tmp_path / "dev", config, progress=False, device=FAKE)
+        resumed = train(labels, tmp_path / "part", config, resume=True, progress=False, device=FAKE)
+    assert seen == {FAKE}
+    assert got.metrics == ref.metrics and resumed.metrics == ref.metrics
+    a = Compressor.from_pretrained(tmp_path / "cpu" / "compressor").state_dict()
+    for run in ("dev", "part"):
+        b = Compressor.from_pretrained(tmp_path / run / "compressor").state_dict()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)

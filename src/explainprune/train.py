@@ -138,13 +138,14 @@ def score_metrics(scores: list[Tensor], probs: list[Tensor] | None, records: lis
 
 @torch.no_grad()
 def predict(model: Compressor, records: list[LabelRecord], batch_size: int = 128) -> list[Tensor]:
-    """f_θ's probabilities [N_v] for each record (padded batches)."""
+    """f_θ's probabilities [N_v] for each record (padded batches, on the model's device; returned on CPU)."""
     model.eval()
+    dev = next(model.parameters()).device
     out = []
     for b in range(0, len(records), batch_size):
         chunk = records[b:b + batch_size]
         a, _, mask = collate(chunk, [torch.zeros(r.attention.shape[-1]) for r in chunk])
-        p = model(a, mask)
+        p = model(a.to(dev), mask.to(dev)).cpu()
         out += [p[i, :r.attention.shape[-1]].clone() for i, r in enumerate(chunk)]
     return out
 
@@ -264,8 +265,8 @@ def _check_resume(out: Path, config: TrainConfig, resume: bool) -> bool:
 
 
 def train(labels: str | Path, out: str | Path, config: TrainConfig = TrainConfig(), resume: bool = False,
-          progress: bool = True) -> TrainResult:
-    """Train f_θ on the label set ``labels`` into ``out``; returns the final validation numbers."""
+          progress: bool = True, device: str | torch.device = "cpu") -> TrainResult:
+    """Train f_θ on the label set ``labels`` into ``out`` on ``device``; returns the final validation numbers."""
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -284,7 +285,7 @@ def train(labels: str | Path, out: str | Path, config: TrainConfig = TrainConfig
     torch.manual_seed(config.seed)
     model = Compressor(CompressorConfig(
         in_channels=heads.pop(), channels=config.channels, average_heads=config.average_heads,
-        normalize=config.normalize, activation=config.activation, fingerprint=index["fingerprint"]))
+        normalize=config.normalize, activation=config.activation, fingerprint=index["fingerprint"])).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     start, spent = (_load_checkpoint(out, model, opt) if resuming else (0, 0.0))
     log_path = out / "log.jsonl"
@@ -301,7 +302,7 @@ def train(labels: str | Path, out: str | Path, config: TrainConfig = TrainConfig
         total, count = 0.0, 0
         for b in batches(lengths, config.batch_size, gen):
             ids = [tr[i] for i in b]
-            a, t, mask = collate([records[i] for i in ids], [targets[i] for i in ids])
+            a, t, mask = (x.to(device) for x in collate([records[i] for i in ids], [targets[i] for i in ids]))
             loss = kl_divergence(t, model.log_probs(a, mask)).mean()  # Eq. 3
             opt.zero_grad(set_to_none=True)
             loss.backward()
