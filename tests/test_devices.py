@@ -209,11 +209,10 @@ def test_as_keep_normalises_and_checks():
 def test_train_on_another_device_equals_cpu(tmp_path, monkeypatch):
     """``train(..., device=...)``: f_θ, its batches and Adam's state live there; same weights and metrics as
     on CPU, also when a CPU run is resumed on the device."""
-    from test_labels import FakeVLM
-    from test_train import SMALL, ToyLabeler, ToySource
-
     from explainprune.labels import LabelConfig, label
     from explainprune.train import TrainConfig, train
+    from test_labels import FakeVLM
+    from test_train import SMALL, ToyLabeler, ToySource
 
     labels = tmp_path / "labels"
     label(FakeVLM(), ToySource(24), labels, LabelConfig(shard_size=8), labeler=ToyLabeler(), progress=False)

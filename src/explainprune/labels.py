@@ -12,7 +12,10 @@ Layout of ``out/`` (readable with pyarrow / pandas / ``datasets``):
 Resumable and parallel by construction: a shard is written atomically (temp file + rename) and depends
 only on the source, the model and the shard number. A rerun skips the shards that exist; under torchrun
 (RANK / WORLD_SIZE) rank r takes shards r, r+K, r+2K, ... so K ranks write exactly the files one process
-would. Killing at any moment loses at most the shard in progress, which the rerun redoes.
+would. Killing at any moment loses at most the shard in progress, which the rerun redoes. On GPUs each
+rank's model belongs on ``cuda:LOCAL_RANK`` (``rank_device``); the process group is then NCCL (gloo on
+CPU), and its barriers wait ``dist_timeout`` (default 12 hours: ranks finish their shares at different
+times of an hours-long run).
 
 The sample sources (``LabelSample``, ``DigitsSource``, ``ManifestSource``) are in ``explainprune.sources``.
 """
@@ -22,8 +25,10 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,7 @@ from explainprune.sources import DigitsSource, LabelSample, ManifestSource, Samp
 
 FORMAT = "explainprune-labels"
 META_KEY = b"explainprune"
+DIST_TIMEOUT = timedelta(hours=12)  # barrier wait under torchrun; env EXPLAINPRUNE_DIST_TIMEOUT_HOURS overrides
 
 
 @dataclass
@@ -276,11 +282,14 @@ def finalize(out: str | Path) -> dict[str, Any] | None:
 
 
 def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig = LabelConfig(),
-          labeler: Labeler | None = None, progress: bool = True) -> LabelReport:
+          labeler: Labeler | None = None, progress: bool = True,
+          dist_timeout: timedelta | None = None) -> LabelReport:
     """Label ``source`` with ``vlm`` into ``out`` (resumable; this rank's share under torchrun).
 
     ``labeler(vlm, prompt, sample) -> LabelOutput`` defaults to ``default_labeler`` (greedy answer,
     Eq. 1 relevance, first-layer attention). Returns this rank's report; rank 0's carries the totals.
+    Under torchrun the process group (NCCL when ``vlm`` is on CUDA, else gloo) waits ``dist_timeout`` at
+    its barriers (default ``DIST_TIMEOUT``, or ``EXPLAINPRUNE_DIST_TIMEOUT_HOURS``).
     """
     from tqdm.auto import tqdm
 
@@ -288,7 +297,7 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
         raise ValueError(f"shard_size must be >= 1; got {config.shard_size}")
     out = Path(out)
     rank, world = dist_info()
-    created = _init_dist(world)
+    created = _init_dist(world, getattr(vlm, "device", None), dist_timeout or _dist_timeout())
     group = created or (world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized())
     fingerprint = vlm.fingerprint()
     _check_run(out, _run_record(source, config, fingerprint))
@@ -325,10 +334,10 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
         labeled, skipped = labeled + len(rows), skipped + len(wrong)
     bar.close()
     if group:
-        torch.distributed.barrier()
+        _barrier()
     index = finalize(out) if (rank == 0 or not group) else None
     if group:
-        torch.distributed.barrier()
+        _barrier()
     if created:
         torch.distributed.destroy_process_group()
     return LabelReport(str(out), n, labeled, skipped, len(todo), len(mine) - len(todo),
@@ -336,11 +345,60 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
                        dict(index["counts"]) if index else {})
 
 
-def _init_dist(world: int) -> bool:
-    """Join the torchrun process group (gloo) when launched with several ranks; True if this created it."""
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def rank_device(requested: str | torch.device | None = None) -> str | torch.device | None:
+    """The device for this rank's model: under torchrun (WORLD_SIZE > 1) with CUDA available, ``None`` or
+    ``"cuda"`` (no index) becomes ``cuda:LOCAL_RANK``; anything else (an explicit index, cpu) is kept."""
+    _, world = dist_info()
+    if world <= 1 or not torch.cuda.is_available():
+        return requested
+    if requested is None or torch.device(requested) == torch.device("cuda"):
+        return torch.device("cuda", local_rank())
+    return requested
+
+
+def _dist_timeout() -> timedelta:
+    hours = os.environ.get("EXPLAINPRUNE_DIST_TIMEOUT_HOURS")
+    if hours is None:
+        return DIST_TIMEOUT
+    try:
+        value = float(hours)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"EXPLAINPRUNE_DIST_TIMEOUT_HOURS must be a positive number of hours; got {hours!r}")
+    return timedelta(hours=value)
+
+
+def _init_dist(world: int, device: Any = None, timeout: timedelta = DIST_TIMEOUT) -> bool:
+    """Join the torchrun process group when launched with several ranks; True if this created it.
+
+    NCCL (rank r bound to ``cuda:LOCAL_RANK``) when the model is on CUDA, gloo otherwise; ``timeout``
+    bounds every barrier.
+    """
     if world <= 1 or "MASTER_ADDR" not in os.environ or not torch.distributed.is_available():
         return False
     if torch.distributed.is_initialized():
         return False
-    torch.distributed.init_process_group("gloo")
+    if device is not None and torch.device(device).type == "cuda":
+        local = local_rank()
+        if torch.device(device).index not in (None, local):
+            warnings.warn(f"rank {os.environ.get('RANK')}'s model is on {device} but LOCAL_RANK is {local}: "
+                          "under torchrun each rank's model belongs on cuda:LOCAL_RANK "
+                          "(explainprune.labels.rank_device)", stacklevel=3)
+        torch.cuda.set_device(local)
+        torch.distributed.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local))
+    else:
+        torch.distributed.init_process_group("gloo", timeout=timeout)
     return True
+
+
+def _barrier() -> None:
+    """A barrier of the default group (on this rank's GPU under NCCL)."""
+    if torch.distributed.get_backend() == "nccl":
+        torch.distributed.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        torch.distributed.barrier()
