@@ -1,11 +1,13 @@
-# The two commands of the README: `make demo` and `make test`. Each installs what it needs into .venv.
+# The two commands of the README: `make demo` and `make test`. `make test-gpu` runs the CUDA cases (tests/gpu)
+# on a GPU machine; it needs a CUDA build of torch (e.g. `make test-gpu TORCH_PIN=torch==X` with the index
+# that serves it). Each installs what it needs into .venv.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # torch is pinned to the CPU build available on these machines so nothing pulls a CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-gpu lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +26,10 @@ demo: install
 test: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+
+test-gpu: install
+	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: error: no CUDA device visible to torch ' + torch.__version__ + ' (a CUDA build of torch and a GPU are needed)')"
+	$(BIN)/python -m pytest -q -m gpu tests/gpu
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
