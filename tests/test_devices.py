@@ -74,6 +74,9 @@ def test_fastv_on_another_device(paths, family, impl):
         assert vlm.device == FAKE
         assert_same_runs(fastv_runs(vlm, ps), ref)
         torch.testing.assert_close(FastV(layer=2).score(vlm, ps[0]), ref_score)
+        on_device = prompts(vlm)  # prepared by the model on the device: embeddings live there
+        assert on_device[0].inputs_embeds.device == FAKE
+        assert_same_runs(fastv_runs(vlm, on_device), ref)
 
 
 FLASH = "explainprune_test_flash"
