@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import explainprune
-from explainprune.attention import _text_attention, first_layer_attention
+from explainprune.attention import _text_attention, first_layer_attention, module_device
 from explainprune.compressor import Compressor
 from explainprune.pruning.base import Pruner, as_keep, select
 from explainprune.pruning.fastv import FastV
@@ -240,3 +240,17 @@ def test_train_on_another_device_equals_cpu(tmp_path, monkeypatch):
         b = Compressor.from_pretrained(tmp_path / run / "compressor").state_dict()
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_module_device_reads_accelerate_hooks():
+    """A layer dispatched by accelerate computes on its hook's execution device, whatever its weights'
+    device (meta when CPU-offloaded); otherwise on its parameters' device."""
+    from types import SimpleNamespace
+
+    layer = torch.nn.Linear(2, 2, device="meta")
+    assert module_device(layer) == torch.device("meta")
+    layer._hf_hook = SimpleNamespace(execution_device="cuda:1")
+    assert module_device(layer) == torch.device("cuda", 1)
+    layer._hf_hook = SimpleNamespace(execution_device=0)
+    assert module_device(layer).index == 0 and module_device(layer).type != "meta"
+    assert module_device(torch.nn.ReLU()) == CPU

@@ -103,8 +103,12 @@ def module_device(module: Any) -> torch.device:
     ``device_map`` (its hook moves the inputs there), else the device of its parameters."""
     hook = getattr(module, "_hf_hook", None)
     dev = getattr(hook, "execution_device", None)
+    if isinstance(dev, int):  # accelerate's index on the machine's accelerator
+        accelerator = getattr(torch, "accelerator", None)
+        kind = accelerator.current_accelerator() if accelerator is not None else None
+        return torch.device(kind.type if kind is not None else "cuda", dev)
     if dev is not None:
-        return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+        return torch.device(dev)
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
