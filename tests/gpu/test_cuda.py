@@ -118,6 +118,20 @@ def test_relevance_on_device(paths, family):
     assert torch.corrcoef(torch.stack([r16.float(), r32]))[0, 1] > 0.9
 
 
+def test_auto_head_chunk_on_device(paths, monkeypatch):
+    """Short of memory (patched), relevance chunks the heads on the GPU and gives the same numbers."""
+    import explainprune.memory as memory
+
+    vlm = load(paths("qwen2_5_vl"), dtype=torch.bfloat16)
+    p = prompts(vlm)[0]
+    full = relevance(vlm, p, answer=ANSWER)
+    n = p.length + len(ANSWER) - 1
+    monkeypatch.setattr(memory, "free_memory", lambda d: (memory.FLOOR_BYTES + memory.BYTES_PER_HEAD) * n * n)
+    short = relevance(vlm, p, answer=ANSWER)
+    assert full.head_chunk is None and short.head_chunk == 1
+    torch.testing.assert_close(short.scores, full.scores, atol=1e-4, rtol=2e-2)
+
+
 def test_learned_pruner_and_generation_on_device(paths):
     cpu, dev = load(paths("qwen2_vl"), "cpu"), load(paths("qwen2_vl"))
     comp = Compressor(in_channels=cpu.text_config.num_attention_heads)
