@@ -33,7 +33,7 @@ _INDEXING = {_aten.index.Tensor, _aten.index_put_.default, _aten.index_put.defau
 
 
 class OnFake(torch.Tensor):
-    """A CPU tensor that says it lives on ``FAKE``; usable only under ``FakeDevices``."""
+    """A CPU tensor that says it lives on ``FAKE`` (made under ``FakeDevices``; ops on it work anywhere)."""
 
     elem: torch.Tensor
 

@@ -34,6 +34,23 @@ def paths(tmp_path_factory):
     return get
 
 
+def test_the_fake_device_refuses_what_cuda_refuses():
+    """The harness itself: mixing devices raises, CPU scalars / CPU indices / copies are allowed, and
+    autograd runs through it."""
+    with FakeDevices():
+        x = torch.ones(3, device=FAKE, requires_grad=True)
+        assert x.device == FAKE and (x * 2).device == FAKE
+        with pytest.raises(RuntimeError, match="same device"):
+            x + torch.ones(3)
+        with pytest.raises(RuntimeError, match="same device"):
+            torch.zeros(3).masked_fill(torch.ones(3, dtype=torch.bool, device=FAKE), 1.0)
+        assert (x * torch.tensor(2.0)).device == FAKE                 # a CPU scalar is fine
+        assert x[torch.tensor([0, 2])].device == FAKE                 # CPU indices are fine
+        assert x.detach().cpu().device == CPU and x.sum().item() == 3.0
+        (x * x).sum().backward()
+        assert x.grad.device == FAKE and x.grad.tolist() == [2.0, 2.0, 2.0]
+
+
 def prompts(vlm):
     return [vlm.prepare(images=random_image(0), question=QUESTION),
             vlm.prepare(images=random_image(1, (56, 84)), question="how many 7 are there ?")]
