@@ -33,8 +33,8 @@ def reference(eager, prompt, layer: int, ratio: float, steps: int):
     per-layer 4-D masks that hide the dropped visual tokens from layer ``layer`` on. Returns
     (scores [N_v], keep, logits [steps, vocab])."""
     lm, model = eager.language_model, eager.model
-    out = model(inputs_embeds=prompt.inputs_embeds, position_ids=prompt.position_ids,
-                attention_mask=prompt.attention_mask, output_attentions=True, use_cache=False)
+    out = eager.forward(prompt.inputs_embeds, prompt.position_ids, prompt.attention_mask, prompt=prompt,
+                        output_attentions=True, use_cache=False)
     scores = out.attentions[layer - 1][0, :, -1].mean(0)[prompt.visual_pos]
     keep = select(scores, ratio)
     dropped = torch.ones(prompt.num_visual, dtype=torch.bool)
@@ -54,6 +54,9 @@ def reference(eager, prompt, layer: int, ratio: float, steps: int):
         h = embeds
         for i, decoder_layer in enumerate(lm.layers):
             h = decoder_layer(h, attention_mask=masks[int(i >= layer)], position_embeddings=rope)
+            if i in prompt.visual_residuals:  # Qwen3-VL DeepStack: added at every visual row (dropped ones
+                h = h.clone()                 # too: masked, they reach no other token)
+                h[0, prompt.visual_pos] += prompt.visual_residuals[i]
         last = model.lm_head(lm.norm(h))[0, -1]
         logits.append(last)
         embeds = torch.cat([embeds, table(last.argmax().view(1, 1))], 1)

@@ -10,7 +10,8 @@ from explainprune import get_pruner
 
 @torch.no_grad()
 def masked_reference(vlm, prompt, keep, steps: int) -> torch.Tensor:
-    """Greedy decode on the FULL sequence, dropped visual tokens masked out of attention, no cache.
+    """Greedy decode on the FULL sequence, dropped visual tokens masked out of attention, no cache (their
+    DeepStack rows, for Qwen3-VL, are added to masked positions: they reach no other token).
 
     Returns the logits of every step: Tensor[steps, vocab].
     """
@@ -21,7 +22,7 @@ def masked_reference(vlm, prompt, keep, steps: int) -> torch.Tensor:
     table = vlm.model.get_input_embeddings()
     out = []
     for _ in range(steps):
-        logits = vlm.model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask, use_cache=False).logits
+        logits = vlm.forward(embeds, pos, mask, prompt=prompt, use_cache=False).logits  # + DeepStack rows
         last = logits[0, -1]
         out.append(last)
         token = last.argmax()

@@ -10,7 +10,7 @@ import torch
 import explainprune
 from explainprune.models import adapter_for, supported_model_types
 
-VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava")
+VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision", "llava")
 
 
 def test_load_picks_adapter_by_model_type(vlm, family):
@@ -37,7 +37,7 @@ def test_keep_all_prefill_logits_equal_model_forward(vlm, image):
     p = vlm.prepare(images=image, question="what digit is in row 1 column 1 ?")
     with torch.no_grad():
         ref = vlm.model(**p.model_inputs).logits
-        ours = vlm.forward(p.inputs_embeds, p.position_ids, p.attention_mask).logits
+        ours = vlm.forward(p.inputs_embeds, p.position_ids, p.attention_mask, prompt=p).logits
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
@@ -77,8 +77,9 @@ def test_load_missing_path_is_clear(tmp_path):
         explainprune.load(tmp_path / "nope")
 
 
-def test_supported_types_cover_the_four_families():
-    assert set(supported_model_types()) == {"qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava"}
+def test_supported_types_cover_the_families():
+    assert set(supported_model_types()) == {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision",
+                                            "llava"}
 
 
 def test_fingerprint_describes_the_text_model(vlm):

@@ -19,7 +19,7 @@ def literal_relevance(vlm, prompt, ids: list[int], rule: str = "grad", clamp: bo
     embeds, pos, mask, rows = teacher_forced(vlm, prompt, ids)
     embeds = embeds.detach().clone().requires_grad_(True)
     with eager_attention(vlm):
-        out = vlm.forward(embeds, pos, mask, output_attentions=True, use_cache=False)
+        out = vlm.forward(embeds, pos, mask, prompt=prompt, output_attentions=True, use_cache=False)
     attentions = out.attentions
     for a in attentions:
         a.retain_grad()
@@ -78,7 +78,7 @@ def test_generated_answer_is_teacher_forced_at_the_right_rows(vlm, prompt):
     res = relevance(vlm, prompt, None, max_new_tokens=4, keep_maps=True)
     embeds, pos, mask, rows = teacher_forced(vlm, prompt, res.answer_ids)
     with torch.no_grad():
-        logits = vlm.forward(embeds, pos, mask).logits[0, rows]
+        logits = vlm.forward(embeds, pos, mask, prompt=prompt).logits[0, rows]
     assert logits.argmax(-1).tolist() == res.answer_ids  # greedy answer reproduced by teacher forcing
     assert res.maps.shape == (len(res.answer_ids), embeds.shape[1])
     torch.testing.assert_close(res.maps[:, prompt.visual_pos], res.token_scores)

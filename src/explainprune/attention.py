@@ -180,8 +180,9 @@ def first_layer_attention(vlm: VLM, prompt: Prompt, *, keep_device: bool = False
 HEAD_CHUNKED = "explainprune_head_chunked"
 """Name under which the head-chunked attention is registered with transformers (function and mask)."""
 
-CHUNKABLE = ("LlamaAttention", "Qwen2Attention", "Qwen2VLAttention", "Qwen2_5_VLAttention")
-"""Attention classes whose eager attention ``head_maps`` reproduces (the four supported families)."""
+CHUNKABLE = ("LlamaAttention", "Qwen2Attention", "Qwen2VLAttention", "Qwen2_5_VLAttention", "Qwen3VLTextAttention",
+             "Qwen3VLMoeTextAttention")
+"""Attention classes whose eager attention ``head_maps`` reproduces (the supported families)."""
 
 _chunking: ContextVar[dict[str, Any] | None] = ContextVar("explainprune_head_chunking", default=None)
 

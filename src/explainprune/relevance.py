@@ -123,8 +123,10 @@ def teacher_forced(vlm: VLM, prompt: Prompt, ids: list[int]) -> tuple[Tensor, Te
     return embeds, pos, mask, rows
 
 
-def _record(vlm: VLM, embeds: Tensor, pos: Tensor, mask: Tensor) -> tuple[list, Tensor]:
-    """One no-grad forward: each decoder layer's (args, kwargs) and the final hidden state before the norm."""
+def _record(vlm: VLM, embeds: Tensor, pos: Tensor, mask: Tensor, prompt: Prompt | None = None) -> tuple[list, Tensor]:
+    """One no-grad forward: each decoder layer's (args, kwargs) and the final hidden state before the norm.
+    ``prompt`` (the one ``embeds`` starts with) brings its ``visual_residuals`` (Qwen3-VL DeepStack): they are
+    in the recorded inputs of the later layers; being constants, they change no gradient of Eq. 1."""
     lm = vlm.language_model
     inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
     final: list[Tensor] = []
@@ -140,7 +142,7 @@ def _record(vlm: VLM, embeds: Tensor, pos: Tensor, mask: Tensor) -> tuple[list, 
     handles.append(lm.norm.register_forward_pre_hook(stop))
     with hooks(*handles), torch.no_grad():
         try:
-            vlm.forward(embeds, pos, mask, use_cache=False)
+            vlm.forward(embeds, pos, mask, prompt=prompt, use_cache=False)
         except _Stop:
             pass
     if len(inputs) != len(lm.layers) or not final:  # pragma: no cover - defensive
@@ -350,7 +352,7 @@ def relevance(vlm: VLM, prompt: Prompt, answer: str | list[int] | Tensor | None 
         head_chunk = relevance_head_chunk(vlm, n)
     switch = eager_attention(vlm) if head_chunk is None else head_chunked_attention(vlm, int(head_chunk))
     with switch:
-        inputs, final = _record(vlm, embeds, pos, mask)
+        inputs, final = _record(vlm, embeds, pos, mask, prompt)
         if rule == "grad":
             grads = _output_grads(vlm, final, rows, ids)  # [T, 1, n, D]: d logit_t / d h_L
         sweep = reversed(range(len(lm.layers)))

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from explainprune.models.offline import (
+    BASIC_WORDS,
     LLAVA_CHAT_TEMPLATE,
     LLAVA_ONEVISION_CHAT_TEMPLATE,
     LLAVA_ONEVISION_SPECIALS,
@@ -22,7 +23,7 @@ from explainprune.models.offline import (
     word_tokenizer,
 )
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "llava")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision", "llava")
 
 # Qwen/Qwen2-VL-7B-Instruct's generation_config.json (Qwen2.5-VL-7B-Instruct ships the same fields): sampling
 # with top_k=1 (greedy in effect), a repetition penalty, and two EOS tokens.
@@ -87,6 +88,47 @@ def tiny_qwen2_vl(
     return save_checkpoint_dir(model, tok, proc, path, generation)
 
 
+def tiny_qwen3_vl(
+    path: str | Path, *, moe: bool = False, hidden: int = 64, layers: int = 3, heads: int = 4, kv_heads: int = 2,
+    vision_depth: int = 3, vision_width: int = 32, deepstack: tuple[int, ...] = (0, 1), seed: int = 0,
+    min_pixels: int = 64 * 64, max_pixels: int = 32 * 32 * 64,
+) -> Path:
+    """A tiny Qwen3-VL (or Qwen3-VL-MoE with ``moe=True``) checkpoint directory: patch 16, DeepStack
+    features from vision layers ``deepstack`` added after LLM layers 0..len-1, interleaved M-RoPE."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    tok = word_tokenizer(words=[*BASIC_WORDS, "seconds", "<", ">"], special_tokens=QWEN_SPECIALS,
+                         chat_template=QWEN_CHAT_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    head_dim = hidden // heads
+    quarter = head_dim // 4  # mrope sections sum to head_dim / 2
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
+            "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter]}
+    text = _text_config(len(tok), hidden, layers, heads, kv_heads, rope_parameters=rope, head_dim=head_dim,
+                        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                        pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=vision_depth, hidden_size=vision_width, intermediate_size=vision_width * 2, num_heads=2,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
+                  num_position_embeddings=64, deepstack_visual_indexes=list(deepstack))
+    special = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    if moe:
+        from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden, decoder_sparse_step=1)
+        model = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(text_config=text, vision_config=vision,
+                                                                    **special)).eval()
+    else:
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision,
+                                                              **special)).eval()
+    proc = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=min_pixels,
+                                    max_pixels=max_pixels, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return save_checkpoint_dir(model, tok, proc, path)
+
+
 def tiny_llava_onevision(path: str | Path, *, hidden: int = 64, layers: int = 2, heads: int = 4,
                          kv_heads: int = 2, image_size: int = 56, seed: int = 0,
                          generation: dict | None = None) -> Path:
@@ -142,6 +184,8 @@ def build_tiny(family: str, path: str | Path, **options) -> Path:
     """Write a tiny random-weight checkpoint of ``family`` (one of FAMILIES) to ``path``."""
     if family in ("qwen2_vl", "qwen2_5_vl"):
         return tiny_qwen2_vl(path, version=family, **options)
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
+        return tiny_qwen3_vl(path, moe=family == "qwen3_vl_moe", **options)
     builders = {"llava_onevision": "tiny_llava_onevision", "llava": "tiny_llava"}
     if family not in builders or builders[family] not in globals():
         raise ValueError(f"unknown family {family!r}; accepted: {', '.join(FAMILIES)}")

@@ -10,8 +10,9 @@ from explainprune.models.base import VLM, GenerationResult, Prompt
 from explainprune.models.llava import Llava
 from explainprune.models.llava_onevision import LlavaOnevision
 from explainprune.models.qwen2_vl import Qwen2VL
+from explainprune.models.qwen3_vl import Qwen3VL
 
-ADAPTERS: tuple[type[VLM], ...] = (Qwen2VL, LlavaOnevision, Llava)
+ADAPTERS: tuple[type[VLM], ...] = (Qwen2VL, Qwen3VL, LlavaOnevision, Llava)
 DEMO_PATH = Path(__file__).resolve().parent.parent / "assets" / "demo"
 
 

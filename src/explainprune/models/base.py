@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,6 +35,9 @@ class Prompt:
       visual_grid    LongTensor[N_v, 3] (frame, row, column) of each visual token on the token grid
                                         (row/column -1 for tokens off the grid, e.g. LLaVA-OV newlines)
       instruction    (start, end)       span of the user's text after the visual block
+      visual_residuals {layer l: Tensor[N_v, D]} added to decoder layer l's OUTPUT at the visual tokens
+                     (Qwen3-VL's DeepStack features; empty for the other families). Pruned tokens drop
+                     their rows here too (``VLM.generate`` / ``VLM.forward(prompt=...)`` apply them).
     """
 
     input_ids: Tensor
@@ -46,6 +50,7 @@ class Prompt:
     question: str = ""
     media: list[Any] = field(default_factory=list, repr=False)
     model_inputs: dict[str, Any] = field(default_factory=dict, repr=False)
+    visual_residuals: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def num_visual(self) -> int:
@@ -101,6 +106,58 @@ class Video(list):
         self.fps = None if fps is None else float(fps)
 
 
+def visual_targets(prompts: list[Prompt], keeps: list[Tensor | None], length: int | None = None) -> Tensor:
+    """LongTensor[B, L]: for each row of the batch ``pad_left`` builds, the index (into 0..N_v-1) of the
+    visual token it holds, -1 for text and padding. ``length`` > the batch length right-extends with -1
+    (a prompt followed by answer tokens, as the relevance engine runs it)."""
+    rows = [p.kept_positions(k) for p, k in zip(prompts, keeps)]
+    longest = max(len(r) for r in rows)
+    out = torch.full((len(prompts), max(longest, length or 0)), -1, dtype=torch.long)
+    for b, (p, r) in enumerate(zip(prompts, rows)):
+        index = torch.full((p.length,), -1, dtype=torch.long)
+        index[p.visual_pos] = torch.arange(p.num_visual)
+        out[b, longest - len(r): longest] = index[r]
+    return out
+
+
+class VisualResiduals:
+    """The active ``Prompt.visual_residuals`` of one forward / generate: forward hooks on the decoder layers
+    that add each prompt's tensors at the rows holding its (kept) visual tokens during prefill.
+
+    ``targets`` LongTensor[B, L] (``visual_targets``); a call whose sequence length is not L (a decode step)
+    is left alone. A method that drops rows inside the LLM calls ``reindex`` so later layers follow it.
+    """
+
+    def __init__(self, layers: Any, prompts: list[Prompt], targets: Tensor):
+        self.targets = targets
+        self.feats = {l: [p.visual_residuals[l] for p in prompts] for l in sorted(prompts[0].visual_residuals)}
+        self.handles = [layers[l].register_forward_hook(self._hook(l)) for l in self.feats]
+
+    def reindex(self, index: Tensor, valid: Tensor | None = None) -> None:
+        """Rows of later layers are rows ``index`` [B, L'] of the current ones (``valid`` False: padding)."""
+        t = torch.gather(self.targets.expand(index.shape[0], -1), 1, index.cpu())
+        self.targets = t if valid is None else t.masked_fill(~valid.cpu(), -1)
+
+    def _hook(self, layer: int):
+        def add(module: Any, args: Any, output: Any) -> Any:
+            hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.shape[1] != self.targets.shape[1]:
+                return None
+            hidden = hidden.clone()
+            for b, feats in enumerate(self.feats[layer]):
+                rows = torch.nonzero(self.targets[b] >= 0).flatten()
+                if rows.numel():
+                    add = feats[self.targets[b, rows].to(feats.device)].to(hidden.device, hidden.dtype)
+                    rows = rows.to(hidden.device)
+                    hidden[b, rows] = hidden[b, rows] + add
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return add
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 def pad_left(prompts: list[Prompt], keeps: list[Tensor | None]) -> tuple[Tensor, Tensor, Tensor]:
     """Gather each prompt's kept rows and left-pad them into one batch.
 
@@ -147,6 +204,7 @@ class VLM:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     family: ClassVar[str] = ""
+    active_residuals: VisualResiduals | None = None
 
     def __init__(self, model: Any, tokenizer: Any, image_processor: Any, chat_template: str | None = None):
         self.model = model
@@ -288,8 +346,10 @@ class VLM:
                    **generate_kwargs}
         if options.get("output_logits"):
             options["return_dict_in_generate"] = True
-        out = self.model.generate(input_ids=ids.to(dev), inputs_embeds=embeds.to(dev), attention_mask=mask.to(dev),
-                                  position_ids=pos.to(dev), max_new_tokens=max_new_tokens, **options)
+        with self.residuals(prompts, keeps):
+            out = self.model.generate(input_ids=ids.to(dev), inputs_embeds=embeds.to(dev),
+                                      attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                                      max_new_tokens=max_new_tokens, **options)
         sequences = out.sequences if hasattr(out, "sequences") else out
         sequences = sequences[:, ids.shape[1]:]  # the prompt's ids come back first
         step_logits = getattr(out, "logits", None)
@@ -317,10 +377,32 @@ class VLM:
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         return int(pad)
 
-    def forward(self, embeds: Tensor, position_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Any:
-        """One language-model forward on prepared (possibly pruned) inputs; returns the model output."""
-        return self.model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
-                          **kwargs)
+    def forward(self, embeds: Tensor, position_ids: Tensor, attention_mask: Tensor, prompt: Prompt | None = None,
+                **kwargs: Any) -> Any:
+        """One language-model forward on prepared (possibly pruned) inputs; returns the model output.
+
+        ``prompt``: the Prompt ``embeds`` starts with (all its tokens, possibly followed by more, e.g. answer
+        tokens); its ``visual_residuals`` are then applied (needed for Qwen3-VL; a no-op elsewhere)."""
+        with self.residuals([prompt] if prompt is not None else [], [None], length=embeds.shape[1]):
+            return self.model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
+                              **kwargs)
+
+    @contextmanager
+    def residuals(self, prompts: list[Prompt], keeps: list[Tensor | None],
+                  length: int | None = None) -> Iterator[VisualResiduals | None]:
+        """Inside the block, forwards of the batch ``pad_left(prompts, keeps)`` get the prompts'
+        ``visual_residuals`` (Qwen3-VL DeepStack) at their kept visual rows; ``self.active_residuals`` is the
+        state (None when the prompts have none). Hooks are removed on exit."""
+        if not prompts or not prompts[0].visual_residuals:
+            yield None
+            return
+        state = VisualResiduals(self.language_model.layers, prompts, visual_targets(prompts, keeps, length))
+        self.active_residuals = state
+        try:
+            yield state
+        finally:
+            state.remove()
+            self.active_residuals = None
 
 
 def to_pil(x: Any) -> Image.Image:

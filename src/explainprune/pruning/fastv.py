@@ -40,8 +40,11 @@ def last_token_attention(attn: Any, q: Tensor, k: Tensor, cos: Tensor, sin: Tens
     Returns Tensor[B, H, L] (float32; causal: the last token sees every position).
     """
     b, n, _ = k.shape
-    q_last = q[:, -1:].view(b, 1, -1, attn.head_dim).transpose(1, 2)      # [B, H, 1, hd]
-    keys = k.view(b, n, -1, attn.head_dim).transpose(1, 2)                  # [B, Hkv, L, hd]
+    q_last = q[:, -1:].view(b, 1, -1, attn.head_dim)
+    keys = k.view(b, n, -1, attn.head_dim)
+    if hasattr(attn, "q_norm"):  # Qwen3-style per-head q/k norms, before RoPE as in the attention's forward
+        q_last, keys = attn.q_norm(q_last), attn.k_norm(keys)
+    q_last, keys = q_last.transpose(1, 2), keys.transpose(1, 2)            # [B, H, 1, hd], [B, Hkv, L, hd]
     q_last = apply_rope(attn, q_last, cos[:, -1:], sin[:, -1:])
     keys = apply_rope(attn, keys, cos, sin)
     keys = keys.repeat_interleave(q_last.shape[1] // keys.shape[1], dim=1)  # GQA: share kv heads
@@ -183,6 +186,8 @@ def fastv_hooks(vlm: VLM, prompts: Prompt | list[Prompt], ratio: float, layer: i
         state.all_valid = bool(valid.all())
         state.index, state.valid = index.to(device), valid.to(device)
         state.masks.clear()
+        if vlm.active_residuals is not None:  # DeepStack rows (Qwen3-VL) follow the kept rows
+            vlm.active_residuals.reindex(index, valid)
 
     def prune(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -241,7 +246,7 @@ class FastV(Pruner):
         with fastv_hooks(vlm, prompt, 1.0, self.layer, scores_only=True) as state:
             try:
                 vlm.forward(prompt.inputs_embeds.to(dev), prompt.position_ids.to(dev),
-                            prompt.attention_mask.to(dev), use_cache=False)
+                            prompt.attention_mask.to(dev), prompt=prompt, use_cache=False)
             except _Stop:
                 pass
         return state.scores[0]
