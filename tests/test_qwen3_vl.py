@@ -45,3 +45,38 @@ def test_deepstack_rows_follow_the_kept_tokens(vlm, image):
     assert not torch.allclose(with_ds.logits, without.logits)
     assert vlm.active_residuals is None  # hooks gone after generate
     assert not any(m._forward_hooks for m in vlm.language_model.layers)
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe"])
+def test_label_train_eval_pipeline(family, tiny_dirs, load_tiny, tmp_path, capsys):
+    """The whole CLI pipeline on a tiny Qwen3-VL: label (A_v^0 + R_v), train f_θ, eval every method."""
+    import json
+
+    from explainprune.cli.main import main
+    from explainprune.labels import read_index
+    from explainprune.testing import random_image
+
+    vlm, ckpt = load_tiny(family), str(tiny_dirs(family))
+    rows = []
+    for i in range(4):
+        random_image(i).save(tmp_path / f"{i}.png")
+        q = "what digit is in row 1 column 2 ?"
+        answer = vlm.generate(vlm.prepare(images=random_image(i), question=q), max_new_tokens=3).text
+        rows.append({"id": f"s{i}", "question": q, "answer": answer, "image": f"{i}.png"})
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    labels, f, ev = tmp_path / "labels", tmp_path / "f", tmp_path / "eval"
+    assert main(["label", "--model", ckpt, "--manifest", str(tmp_path / "m.jsonl"), "--out", str(labels),
+                 "--no-progress", "--max-new-tokens", "3"]) == 0
+    assert read_index(labels)["counts"]["labeled"] == 4  # the references are the model's own answers
+    assert main(["train", "--labels", str(labels), "--out", str(f), "--epochs", "2", "--no-progress",
+                 "--val-fraction", "0.25"]) == 0
+    assert main(["eval", "--model", ckpt, "--task", str(tmp_path / "m.jsonl"), "--compressor", str(f / "compressor"),
+                 "--methods", "vanilla", "oracle", "learned", "fastv:layer=1", "random", "uniform",
+                 "--ratios", "0.5", "--max-new-tokens", "3", "--out", str(ev), "--no-plots", "--no-progress",
+                 "--json"]) == 0
+    report = json.loads((ev / "report.json").read_text())
+    methods = {r["method"] for r in report["results"]}
+    assert methods == {"vanilla", "oracle", "learned", "fastv:layer=1", "random", "uniform"}
+    vanilla = next(r for r in report["results"] if r["method"] == "vanilla")
+    assert vanilla["accuracy"] == 1.0
+    capsys.readouterr()
