@@ -80,3 +80,13 @@ def test_label_train_eval_pipeline(family, tiny_dirs, load_tiny, tmp_path, capsy
     vanilla = next(r for r in report["results"] if r["method"] == "vanilla")
     assert vanilla["accuracy"] == 1.0
     capsys.readouterr()
+
+
+def test_moe_flops_count_the_active_experts(load_tiny):
+    from explainprune.evaluation.flops import LLMShape
+
+    t = load_tiny("qwen3_vl_moe").text_config
+    shape = LLMShape.from_config(t)
+    assert shape.intermediate == t.num_experts_per_tok * t.moe_intermediate_size != t.intermediate_size
+    dense = LLMShape.from_config(load_tiny("qwen3_vl").text_config)
+    assert dense.intermediate == load_tiny("qwen3_vl").text_config.intermediate_size

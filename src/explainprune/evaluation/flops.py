@@ -27,9 +27,16 @@ class LLMShape:
 
     @classmethod
     def from_config(cls, text_config: Any) -> LLMShape:
-        """From a transformers text config (``hidden_size``, ``intermediate_size``, ``num_hidden_layers``)."""
-        return cls(int(text_config.hidden_size), int(text_config.intermediate_size),
-                   int(text_config.num_hidden_layers))
+        """From a transformers text config (``hidden_size``, ``intermediate_size``, ``num_hidden_layers``).
+
+        A sparse-MoE LLM (Qwen3-VL-MoE: ``num_experts_per_tok`` experts of ``moe_intermediate_size`` per
+        token) counts the FFN each token actually runs: m = experts per token x expert size (the router's
+        d x experts product is left out, as Eq. 4 leaves out norms)."""
+        m = int(text_config.intermediate_size)
+        experts = getattr(text_config, "num_experts_per_tok", None)
+        if experts and getattr(text_config, "moe_intermediate_size", None):
+            m = int(experts) * int(text_config.moe_intermediate_size)
+        return cls(int(text_config.hidden_size), m, int(text_config.num_hidden_layers))
 
 
 def layer_flops(n: int, d: int, m: int, l: int = 3) -> int:
