@@ -116,7 +116,7 @@ def tiny_qwen3_vl(
     if moe:
         from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
-        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden, decoder_sparse_step=1)
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden // 2, decoder_sparse_step=1)
         model = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(text_config=text, vision_config=vision,
                                                                     **special)).eval()
     else:
