@@ -24,7 +24,9 @@ RENDERED = {
     "qwen2_5_vl": QWEN_RENDERED,
     "llava_onevision": "<|im_start|>user\n<image>\n{q}<|im_end|>\n<|im_start|>assistant\n",
     "llava": "USER: <image>\n{q} ASSISTANT:",
+    "qwen3_vl": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n",
 }
+RENDERED["qwen3_vl_moe"] = RENDERED["qwen3_vl"]
 
 
 class StandInVideoProcessor:
@@ -44,7 +46,7 @@ class StandInVideoProcessor:
         from explainprune.models.qwen2_vl import video_pixels
 
         frames = list(videos[0])
-        if self.vlm.family == "qwen2_vl":
+        if self.vlm.family in ("qwen2_vl", "qwen3_vl"):
             pixels, thw = video_pixels(frames, self.vlm.image_processor)
             data = {"pixel_values_videos": pixels, "video_grid_thw": thw}
         else:
@@ -81,6 +83,8 @@ def hf_processor(monkeypatch):
                 video_processor=video, num_image_tokens=(c.vision_config.image_size // c.vision_config.patch_size) ** 2,
                 vision_feature_select_strategy=c.vision_feature_select_strategy,
                 vision_aspect_ratio=c.vision_aspect_ratio, **common)
+        if c.model_type in ("qwen3_vl", "qwen3_vl_moe"):  # timestamps from the metadata's fps and indices
+            return transformers.Qwen3VLProcessor(video_processor=video, **common)
         cls = transformers.Qwen2_5_VLProcessor if c.model_type == "qwen2_5_vl" else transformers.Qwen2VLProcessor
         return cls(video_processor=video, **common)
 
@@ -119,7 +123,8 @@ def test_prompt_ids_equal_the_family_processor(vlm, family, image, frames, media
         assert p.input_ids[0, 0].item() == vlm.tokenizer.bos_token_id
     if "mm_token_type_ids" in ref:
         assert p.model_inputs["mm_token_type_ids"].tolist() == ref["mm_token_type_ids"].tolist()
-    if family in ("qwen2_vl", "qwen2_5_vl"):  # M-RoPE positions from the processor's inputs (fps included)
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):  # M-RoPE positions from the
+        # processor's inputs (fps included)
         rope = {k: ref[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in ref}
         if "second_per_grid_ts" in rope:
             rope["second_per_grid_ts"] = torch.as_tensor(rope["second_per_grid_ts"])

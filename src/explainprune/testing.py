@@ -18,6 +18,7 @@ from explainprune.models.offline import (
     LLAVA_ONEVISION_SPECIALS,
     LLAVA_SPECIALS,
     QWEN2_VL_CHAT_TEMPLATE,
+    QWEN3_VL_CHAT_TEMPLATE,
     QWEN_SPECIALS,
     save_checkpoint_dir,
     word_tokenizer,
@@ -91,14 +92,14 @@ def tiny_qwen2_vl(
 def tiny_qwen3_vl(
     path: str | Path, *, moe: bool = False, hidden: int = 64, layers: int = 3, heads: int = 4, kv_heads: int = 2,
     vision_depth: int = 3, vision_width: int = 32, deepstack: tuple[int, ...] = (0, 1), seed: int = 0,
-    min_pixels: int = 64 * 64, max_pixels: int = 32 * 32 * 64,
+    min_pixels: int = 64 * 64, max_pixels: int = 32 * 32 * 64, generation: dict | None = None,
 ) -> Path:
     """A tiny Qwen3-VL (or Qwen3-VL-MoE with ``moe=True``) checkpoint directory: patch 16, DeepStack
     features from vision layers ``deepstack`` added after LLM layers 0..len-1, interleaved M-RoPE."""
     from transformers import Qwen2VLImageProcessorPil
 
     tok = word_tokenizer(words=[*BASIC_WORDS, "seconds", "<", ">"], special_tokens=QWEN_SPECIALS,
-                         chat_template=QWEN_CHAT_TEMPLATE)
+                         chat_template=QWEN3_VL_CHAT_TEMPLATE)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     head_dim = hidden // heads
     quarter = head_dim // 4  # mrope sections sum to head_dim / 2
@@ -126,7 +127,7 @@ def tiny_qwen3_vl(
                                                               **special)).eval()
     proc = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=min_pixels,
                                     max_pixels=max_pixels, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    return save_checkpoint_dir(model, tok, proc, path)
+    return save_checkpoint_dir(model, tok, proc, path, generation)
 
 
 def tiny_llava_onevision(path: str | Path, *, hidden: int = 64, layers: int = 2, heads: int = 4,

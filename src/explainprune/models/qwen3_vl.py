@@ -7,9 +7,10 @@ What differs from ``Qwen2VL`` (whose image/video preprocessing, grids and positi
     its DeepStack rows with it and in-LLM pruners (FastV, ...) follow the kept rows (``VisualResiduals``).
   - Videos: each temporal frame is its own ``<|vision_start|>...<|vision_end|>`` block preceded by its
     timestamp as text (``<1.5 seconds>``), exactly as ``Qwen3VLProcessor.replace_video_token`` writes it;
-    timestamps come from the video's sampling (``VideoClip.timestamps`` or ``fps=``; 24 fps when unknown,
-    the processor's own fallback). Positions come from the model's ``get_rope_index``, which splits the
-    video grid per frame for that reason.
+    times are i / fps of the sampled frames (``fps=``, a ``Video``'s fps, or a clip's ``timestamps``;
+    unknown: ``DEFAULT_VIDEO_FPS`` = 2, Qwen's default sampling rate, as for Qwen2.5-VL -- the processor
+    itself assumes 24 fps for frames given without metadata, so pass the real rate). Positions come from
+    the model's ``get_rope_index``, which splits the video grid per frame for that reason.
   - The MoE variant differs only in the LLM's MLP (nothing here depends on it).
 """
 
@@ -21,9 +22,7 @@ import torch
 from torch import Tensor
 
 from explainprune.models.base import Prompt, as_images, expand_placeholders
-from explainprune.models.qwen2_vl import Qwen2VL, video_pixels
-
-DEFAULT_FPS = 24.0  # Qwen3VLProcessor's fallback for frames given without their video's fps
+from explainprune.models.qwen2_vl import Qwen2VL, _video_fps, video_pixels
 
 
 def frame_timestamps(times: list[float], temporal_patch: int) -> list[float]:
@@ -56,9 +55,9 @@ class Qwen3VL(Qwen2VL):
     def _video_text(self, thw: Tensor, video: Any, fps: float | None) -> str:
         """The placeholder text of one video: per temporal frame ``<t seconds>`` + a vision block."""
         tp = int(self.image_processor.temporal_patch_size)
-        times = getattr(video, "timestamps", None)
+        times = getattr(video, "timestamps", None) if fps is None else None
         if times is None:
-            rate = float(fps or getattr(video, "fps", None) or DEFAULT_FPS)
+            rate = _video_fps(video, fps)
             times = [i / rate for i in range(len(video))]
         per_frame = int(thw[1] * thw[2]) // self.merge**2
         block = "<|vision_start|>" + "<|video_pad|>" * per_frame + "<|vision_end|>"
@@ -68,6 +67,7 @@ class Qwen3VL(Qwen2VL):
     def prepare(self, images: Any = None, video: Any = None, question: str = "", **kwargs: Any) -> Prompt:
         """Build the Prompt for ``images`` (one or a list) and/or ``video`` (frames; ``fps=`` or a clip with
         ``timestamps`` gives the frame times), with the DeepStack features in ``visual_residuals``."""
+        question = self.clean_question(question)
         images = as_images(images)
         text = self._render_media(len(images), video is not None, question)
         inputs: dict[str, Any] = {}
