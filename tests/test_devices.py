@@ -79,7 +79,8 @@ def assert_same_runs(got, ref):
         torch.testing.assert_close(g.logits, r.logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family,impl", [("qwen2_vl", "eager"), ("llava", "sdpa"), ("llava_onevision", "sdpa")])
+@pytest.mark.parametrize("family,impl", [("qwen2_vl", "eager"), ("llava", "sdpa"), ("llava_onevision", "sdpa"),
+                                         ("qwen3_vl", "eager")])
 def test_fastv_on_another_device(paths, family, impl):
     """FastV's masks and indices follow the model (they were built on CPU: eager, or sdpa with a padded
     batch, crashed on CUDA)."""
@@ -139,11 +140,11 @@ def test_fastv_gives_flash_attention_a_2d_mask(paths, family):
     assert seen[0].shape == (1, kept) and bool(seen[0].all())  # prefill of the single prompt
 
 
-@pytest.mark.parametrize("lm_head_on_fake", [False, True])
-def test_sharded_model(paths, lm_head_on_fake):
+@pytest.mark.parametrize("family,lm_head_on_fake", [("qwen2_vl", False), ("qwen2_vl", True), ("qwen3_vl", True)])
+def test_sharded_model(paths, family, lm_head_on_fake):
     """Layers over two devices (device_map): relevance folds each layer on its device, FastV, A_v^0, the
-    learned pruner and generation give the single-device numbers."""
-    vlm = explainprune.load(paths("qwen2_vl"))
+    learned pruner and generation give the single-device numbers (Qwen3-VL: DeepStack rows included)."""
+    vlm = explainprune.load(paths(family))
     p = prompts(vlm)[0]
     comp = Compressor(in_channels=vlm.text_config.num_attention_heads)
     learned = explainprune.get_pruner("learned", compressor=comp)
