@@ -213,6 +213,9 @@ def test_custom_pruners_may_return_keep_or_scores_on_any_device(paths):
         assert keep.device == CPU and keep.tolist() == list(range(n - n // 2, n))
         assert select(torch.arange(4.0, device=FAKE), 0.5).device == CPU
         assert _DeviceScores().generate(vlm, p, 0.5, max_new_tokens=3).token_ids == ref_scores.token_ids
+        # VLM.generate itself takes keep on any device
+        assert vlm.generate(p, keep=torch.arange(n - n // 2, n).to(FAKE), max_new_tokens=3).token_ids == \
+            ref_scores.token_ids
 
 
 def test_as_keep_normalises_and_checks():

@@ -72,7 +72,7 @@ class Prompt:
         """Sequence indices that survive when only visual tokens ``keep`` (indices into 0..N_v-1) are kept."""
         if keep is None:
             return torch.arange(self.length)
-        keep = torch.as_tensor(keep, dtype=torch.long).flatten()
+        keep = torch.as_tensor(keep, dtype=torch.long).flatten().cpu()  # indices may come from any device
         if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= self.num_visual):
             raise ValueError(
                 f"keep holds indices outside 0..{self.num_visual - 1} (the prompt has {self.num_visual} "
