@@ -9,6 +9,7 @@ from PIL import Image
 
 import explainprune.labels as labels
 import explainprune.sources as sources
+from explainprune.errors import InputError
 from explainprune.sources import LabelSample, ManifestSource
 
 
@@ -41,7 +42,7 @@ def test_manifest_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         ManifestSource(tmp_path / "none.jsonl")
     (tmp_path / "m.jsonl").write_text(json.dumps({"question": "q"}) + "\n")
-    with pytest.raises(ValueError, match="m.jsonl:1: needs question, answer"):
+    with pytest.raises(ValueError, match="m.jsonl:1: missing answer"):
         ManifestSource(tmp_path / "m.jsonl")
     (tmp_path / "m.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match="m.jsonl:1: not JSON"):
@@ -89,3 +90,75 @@ def test_read_video_reports_the_sampled_fps(tmp_path):
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     man = ManifestSource(tmp_path / "m.jsonl", max_frames=4)
     assert [man[i].video.fps for i in range(3)] == [0.5, None, pytest.approx(2.0)]
+
+
+def _manifest(tmp_path, rows, name="m.jsonl"):
+    Image.new("RGB", (4, 3), "red").save(tmp_path / "0.png")
+    path = tmp_path / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_manifest_answer_lists_and_numbers(tmp_path):
+    path = _manifest(tmp_path, [{"id": "a", "question": "q", "answer": ["9", "nine"], "image": "0.png"},
+                                {"id": "b", "question": "q", "answer": 9, "image": "0.png"}])
+    man = ManifestSource(path)
+    assert man[0].answer == ("9", "nine") and man[0].answers == ("9", "nine")
+    assert man[1].answer == "9" and man[1].answers == ("9",)
+
+
+OK = {"question": "q", "answer": "1", "image": "0.png"}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({**OK, "answer": {"x": 1}}, "answer must be a string, a number or a list"),
+    ({**OK, "answer": None}, "answer must be"),
+    ({**OK, "answer": []}, "answer is an empty list"),
+    ({**OK, "question": ""}, "question is empty"),
+    ({**OK, "question": "   "}, "question is empty"),
+    ({**OK, "question": 3}, "question must be a string"),
+    ({**OK, "image": "missing.png"}, "no file .*missing.png"),
+    ({"question": "q", "answer": "1", "video": ["0.png", "gone.png"]}, "no file .*gone.png"),
+    ({**OK, "images": []}, "exactly one of image, images, video"),
+    ({"question": "q", "answer": "1", "images": []}, "images must be a non-empty list"),
+    ({**OK, "region": [[0, 1]]}, "region must be"),
+    ({**OK, "id": "first"}, "id 'first' repeats line 1"),
+    ("[1, 2]", "must be a JSON object"),
+])
+def test_manifest_lines_checked_up_front(tmp_path, bad, message):
+    path = _manifest(tmp_path, [{**OK, "id": "first"}, bad])
+    with pytest.raises(InputError, match=message) as info:
+        ManifestSource(path)
+    assert info.value.line == 2 and str(info.value).startswith(f"{path}:2: ")
+
+
+def test_manifest_error_names_the_sample_and_counts_the_others(tmp_path):
+    path = _manifest(tmp_path, [{**OK, "id": "x1", "question": ""}, {**OK, "id": "x2", "image": "none.png"}])
+    with pytest.raises(InputError, match=r"m.jsonl:1: sample x1: question is empty \(and 1 more bad line\)"):
+        ManifestSource(path)
+
+
+@pytest.mark.parametrize("limit", [0, -2, 1.5])
+def test_limit_must_be_positive(tmp_path, limit):
+    path = _manifest(tmp_path, [OK, OK, OK])
+    with pytest.raises(InputError, match="--limit must be a positive number"):
+        ManifestSource(path, limit=limit)
+    with pytest.raises(InputError, match="--limit must be a positive number"):
+        sources.DigitsSource(n=limit)
+
+
+def test_corrupt_image_met_later_names_its_line(tmp_path):
+    path = _manifest(tmp_path, [OK, {**OK, "id": "bad", "image": "broken.png"}])
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    man = ManifestSource(path)  # the file exists: found only when decoded
+    with pytest.raises(InputError, match=r"m.jsonl:2: sample bad: cannot read its media.*--on-error skip"):
+        man[1]
+
+
+def test_sample_digest_follows_the_media_bytes(tmp_path):
+    path = _manifest(tmp_path, [OK])
+    man = ManifestSource(path)
+    before = man.sample_digest(0)
+    assert ManifestSource(path).sample_digest(0) == before
+    Image.new("RGB", (4, 3), "blue").save(tmp_path / "0.png")
+    assert man.sample_digest(0) != before

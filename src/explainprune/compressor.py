@@ -16,7 +16,6 @@ Saved as ``config.json`` (options + the fingerprint of the model it was trained 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from explainprune.errors import InputError
+from explainprune.files import atomic_path, write_json_atomic  # write_json_atomic: also imported from here
 
 FORMAT = "explainprune-compressor"
 FINGERPRINT_KEYS = ("model_type", "num_hidden_layers", "num_attention_heads", "hidden_size")
@@ -169,9 +171,8 @@ class Compressor(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = d / f".model.safetensors.tmp-{os.getpid()}"
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        os.replace(tmp, d / "model.safetensors")
+        with atomic_path(d / "model.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT})
         write_json_atomic(d / "config.json", {"format": FORMAT, "version": 1, **self.config.to_json()})
         return d
 
@@ -182,19 +183,33 @@ class Compressor(nn.Module):
         cfg_file, weights = d / "config.json", d / "model.safetensors"
         if not cfg_file.is_file() or not weights.is_file():
             raise FileNotFoundError(f"no compressor at {d} (expected config.json and model.safetensors)")
-        raw = json.loads(cfg_file.read_text())
-        if raw.pop("format", None) != FORMAT:
-            raise ValueError(f"{cfg_file} is not an explainprune compressor config")
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"not valid JSON ({err})", file=cfg_file,
+                             hint="the compressor folder is damaged: train it again or copy it anew") from None
+        if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT:
+            raise InputError("is not an explainprune compressor config", file=cfg_file)
         raw.pop("version", None)
         known = CompressorConfig.__dataclass_fields__
-        model = cls(CompressorConfig(**{k: v for k, v in raw.items() if k in known}))
-        model.load_state_dict(load_file(str(weights), device=str(map_location)))
+        try:
+            model = cls(CompressorConfig(**{k: v for k, v in raw.items() if k in known}))
+        except (TypeError, ValueError) as err:
+            raise InputError(f"invalid compressor options ({err})", file=cfg_file) from None
+        try:
+            state = load_file(str(weights), device=str(map_location))
+        except Exception as err:  # safetensors raises its own SafetensorError (truncated / damaged file)
+            raise InputError(f"cannot read the weights ({type(err).__name__}: {err})", file=weights,
+                             hint="the compressor folder is damaged: train it again or copy it anew") from None
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            missing = sorted(set(model.state_dict()) - set(state))
+            detail = f"missing tensors {missing[:4]}" if missing else str(err).splitlines()[0]
+            shapes = [f"{k} {tuple(v.shape)} vs {tuple(state[k].shape)} in the file"
+                      for k, v in model.state_dict().items() if k in state and state[k].shape != v.shape]
+            if shapes and not missing:
+                detail = "tensor shapes do not match config.json: " + "; ".join(shapes[:2])
+            raise InputError(f"the weights do not match its config.json ({detail})", file=d,
+                             hint="config.json and model.safetensors must come from the same save") from None
         return model.to(map_location).eval()
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temp file and a rename (readers never see half a file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)

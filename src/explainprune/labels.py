@@ -22,6 +22,7 @@ The sample sources (``LabelSample``, ``DigitsSource``, ``ManifestSource``) are i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -37,7 +38,10 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from explainprune.compressor import write_json_atomic
+from explainprune.answers import display, normalize_answer  # noqa: F401 (normalize_answer: old import path)
+from explainprune.answers import is_correct as answers_match
+from explainprune.errors import InputError
+from explainprune.files import atomic_path, write_json_atomic
 
 # DigitsSource, ManifestSource, read_video live in explainprune.sources; re-exported here for old imports
 from explainprune.sources import DigitsSource, LabelSample, ManifestSource, SampleSource, read_video  # noqa: F401
@@ -94,22 +98,13 @@ class LabelReport:
     rank: int = 0
     world_size: int = 1
     totals: dict[str, int] = field(default_factory=dict)
+    errors: list[dict[str, Any]] = field(default_factory=list)  # samples skipped (--on-error skip), whole run
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-# -- answers ---------------------------------------------------------------------------------------------
-def normalize_answer(text: str) -> str:
-    """Lower-case, trim, collapse spaces, drop trailing punctuation: "  Seven. " -> "seven"."""
-    return " ".join(str(text).lower().split()).rstrip(".!?").strip()
-
-
-def answers_match(prediction: str, reference: str | Sequence[str]) -> bool:
-    refs = [reference] if isinstance(reference, str) else list(reference)
-    return any(normalize_answer(prediction) == normalize_answer(r) for r in refs)
-
-
+# -- labelling one sample --------------------------------------------------------------------------------
 def default_labeler(rule: str = "grad", clamp: bool = True, max_new_tokens: int = 8,
                     keep_wrong: bool = False, head_chunk: int | None = None) -> Labeler:
     """Greedy answer; if it matches the reference (or ``keep_wrong``), R_v (Eq. 1, for the answer tokens)
@@ -120,7 +115,7 @@ def default_labeler(rule: str = "grad", clamp: bool = True, max_new_tokens: int 
     def labeler(vlm: Any, prompt: Any, sample: LabelSample) -> LabelOutput:
         gen = vlm.generate(prompt, max_new_tokens=max_new_tokens)
         ids = [t for t in gen.token_ids if t not in vlm.eos_token_ids]
-        correct = bool(ids) and answers_match(gen.text, sample.answer)
+        correct = bool(ids) and answers_match(gen.text, sample.answers)
         if not ids or not (correct or keep_wrong):
             return LabelOutput(gen.text, ids, False)
         rel = relevance(vlm, prompt, answer=ids, rule=rule, clamp=clamp, head_chunk=head_chunk)
@@ -146,7 +141,9 @@ SCHEMA = pa.schema([
     ("grid_shape", pa.list_(pa.int32())), ("visual_grid", pa.list_(pa.list_(pa.int32()))),
     ("attention", pa.list_(pa.list_(pa.float32()))), ("relevance", pa.list_(pa.float32())),
     ("region", pa.list_(pa.int32())), ("model", pa.string()), ("meta", pa.string()),
+    ("references", pa.list_(pa.string())),
 ])
+ON_ERROR = ("stop", "skip")
 
 
 def shard_path(out: str | Path, shard: int) -> Path:
@@ -154,24 +151,59 @@ def shard_path(out: str | Path, shard: int) -> Path:
 
 
 def write_shard(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    """Write one shard atomically: temp file in the same folder, then rename."""
+    """Write one shard atomically (temp file in the same folder, then rename), with parquet page checksums."""
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = {name: [r[name] for r in rows] for name in SCHEMA.names}
     table = pa.table(columns, schema=SCHEMA.with_metadata({META_KEY: json.dumps(meta, sort_keys=True)}))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, write_page_checksum=True)
 
 
 def shard_meta(path: Path) -> dict[str, Any]:
-    return json.loads(pq.read_schema(path).metadata[META_KEY])
+    try:
+        return json.loads(pq.read_schema(path).metadata[META_KEY])
+    except (pa.ArrowException, OSError, KeyError, TypeError) as err:
+        raise InputError(f"not a readable label shard ({err})", file=path,
+                         hint="delete it and rerun `explainprune label` with the same arguments to redo it") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_ok(path: Path) -> bool:
+    """Whether the shard file reads back whole (footer, metadata and every page's checksum)."""
+    try:
+        shard_meta(path)
+        pq.read_table(path, page_checksum_verification=True)
+    except (InputError, pa.ArrowException, OSError):
+        return False
+    return True
+
+
+def verify_index(out: str | Path, index: dict[str, Any]) -> None:
+    """Check every shard against the SHA-256 recorded in ``index.json``; InputError naming the first bad one."""
+    for s in index["shards"]:
+        path = Path(out) / s["file"]
+        if not path.is_file():
+            raise InputError("is missing", file=path, hint="rerun `explainprune label` with the same arguments")
+        if "sha256" in s and file_sha256(path) != s["sha256"]:
+            raise InputError("is damaged (its SHA-256 differs from the one in index.json)", file=path,
+                             hint="rerun `explainprune label` with the same arguments to redo it")
 
 
 def read_table(out: str | Path) -> pa.Table:
     """All labelled rows, in source order (requires a complete dataset: ``index.json``)."""
     index = read_index(out)
+    verify_index(out, index)
     tables = [pq.read_table(Path(out) / s["file"]) for s in index["shards"]]
-    return pa.concat_tables(tables).replace_schema_metadata(None) if tables else SCHEMA.empty_table()
+    if not tables:
+        return SCHEMA.empty_table()
+    return pa.concat_tables(tables, promote_options="default").replace_schema_metadata(None)  # old shards: no references
 
 
 def read_index(out: str | Path) -> dict[str, Any]:
@@ -179,7 +211,18 @@ def read_index(out: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no complete label set at {out} (index.json missing: rerun `explainprune "
                                 "label` with the same arguments to finish it)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"not valid JSON ({err})", file=path, hint="delete it and rerun `explainprune label` "
+                         "with the same arguments to rebuild it") from None
+
+
+def index_digest(index: dict[str, Any]) -> str:
+    """The identity of a label set: a digest of its run record and every shard's SHA-256 (or row counts)."""
+    shards = [[s["file"], s.get("sha256", s["rows"])] for s in index["shards"]]
+    keep = {k: index.get(k) for k in ("source", "samples", "config", "fingerprint")}
+    return hashlib.sha256(json.dumps([keep, shards], sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -232,17 +275,61 @@ def _run_record(source: SampleSource, config: LabelConfig, fingerprint: dict[str
             "config": config.to_json(), "fingerprint": fingerprint}
 
 
-def _check_run(out: Path, record: dict[str, Any]) -> None:
+def _revisable(old: dict[str, Any], record: dict[str, Any]) -> bool:
+    """Whether ``old`` is the same run on a revised copy of the same manifest (fixed lines, added lines):
+    then the finished shards whose samples are unchanged are kept."""
+    same = all(old.get(k) == record.get(k) for k in ("format", "version", "config", "fingerprint"))
+    o, n = old.get("source", {}), record.get("source", {})
+    return same and o.get("task") == n.get("task") == "manifest" and o.get("manifest") == n.get("manifest")
+
+
+def _check_run(out: Path, record: dict[str, Any]) -> bool:
+    """Record the run in ``out/run.json``, or check it is the one recorded; True when the recorded one was a
+    revision of the same manifest (its shards must then be checked sample by sample)."""
     path = out / "run.json"
     if path.is_file():
-        old = json.loads(path.read_text())
-        if old != record:
+        try:
+            old = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"not valid JSON ({err})", file=path, hint="choose another --out") from None
+        if old == record:
+            return False
+        if not _revisable(old, record):
             diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
-            raise ValueError(f"{out} holds labels of a different run (differs in {', '.join(diff)}); rerun the "
-                             "same command to resume it, or choose another --out")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
+            raise InputError(f"holds labels of a different run (differs in {', '.join(diff)})", file=out,
+                             hint="rerun the same command to resume it, or choose another --out")
+        (out / "index.json").unlink(missing_ok=True)
         write_json_atomic(path, record)
+        return True
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, record)
+    return False
+
+
+def _shard_digest(source: SampleSource, start: int, stop: int) -> str | None:
+    """Digest of the samples [start, stop) of ``source`` (None when the source cannot digest samples)."""
+    one = getattr(source, "sample_digest", None)
+    if one is None:
+        return None
+    return hashlib.sha256(" ".join(one(i) for i in range(start, stop)).encode()).hexdigest()[:16]
+
+
+def _shard_done(path: Path, source: SampleSource, start: int, stop: int, revised: bool,
+                index: dict[str, Any] | None) -> bool:
+    """Whether an existing shard file counts as finished: it reads back whole (and matches index.json's
+    SHA-256), and, after a manifest revision or when it skipped bad samples, its samples are unchanged."""
+    if not path.is_file():
+        return False
+    recorded = {s["file"]: s.get("sha256") for s in (index or {}).get("shards", [])}
+    sha = recorded.get(f"shards/{path.name}")
+    if (sha and file_sha256(path) != sha) or not shard_ok(path):
+        return False
+    meta = shard_meta(path)
+    if (meta.get("start"), meta.get("stop")) != (start, stop):
+        return False
+    if revised or meta.get("errors"):
+        return meta.get("digest") is not None and meta.get("digest") == _shard_digest(source, start, stop)
+    return True
 
 
 def _row(index: int, sample: LabelSample, prompt: Any, res: LabelOutput, task: str, model: str) -> dict:
@@ -253,7 +340,8 @@ def _row(index: int, sample: LabelSample, prompt: Any, res: LabelOutput, task: s
         raise ValueError(f"sample {sample.id}: the labeler returned attention {shapes[0]} and relevance "
                          f"{shapes[1]} for {n} visual tokens")
     return {"id": sample.id, "index": index, "task": task, "kind": str(sample.meta.get("kind", "")),
-            "question": sample.question, "reference": sample.answer, "answer": res.answer, "correct": res.correct,
+            "question": sample.question, "reference": display(sample.answers), "references": list(sample.answers),
+            "answer": res.answer, "correct": res.correct,
             "answer_ids": [int(t) for t in res.answer_ids], "num_heads": int(att.shape[0]), "num_visual": n,
             "grid_shape": list(prompt.grid_shape), "visual_grid": prompt.visual_grid.tolist(),
             "attention": att.float().tolist(), "relevance": rel.float().tolist(),
@@ -269,38 +357,45 @@ def finalize(out: str | Path) -> dict[str, Any] | None:
     paths = [shard_path(out, s) for s in range(n_shards)]
     if not all(p.is_file() for p in paths):
         return None
-    shards, labeled, skipped, wrong = [], 0, 0, 0
+    shards, labeled, skipped, wrong, errors = [], 0, 0, 0, []
     for p in paths:
         m = shard_meta(p)
         shards.append({"file": str(p.relative_to(out)), "rows": m["labeled"], "skipped": len(m["skipped"]),
-                       "start": m["start"], "stop": m["stop"]})
+                       "start": m["start"], "stop": m["stop"], "sha256": file_sha256(p)})
         labeled, skipped, wrong = labeled + m["labeled"], skipped + len(m["skipped"]), wrong + m["wrong"]
-    index = {**record, "shards": shards, "counts": {"samples": record["samples"], "labeled": labeled,
-                                                    "skipped_wrong": skipped, "wrong": wrong}}
+        errors += m.get("errors", [])
+    index = {**record, "shards": shards, "errors": errors,
+             "counts": {"samples": record["samples"], "labeled": labeled, "skipped_wrong": skipped, "wrong": wrong,
+                        "skipped_error": len(errors)}}
     write_json_atomic(out / "index.json", index)
     return index
 
 
 def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig = LabelConfig(),
           labeler: Labeler | None = None, progress: bool = True,
-          dist_timeout: timedelta | None = None) -> LabelReport:
+          dist_timeout: timedelta | None = None, on_error: str = "stop") -> LabelReport:
     """Label ``source`` with ``vlm`` into ``out`` (resumable; this rank's share under torchrun).
 
     ``labeler(vlm, prompt, sample) -> LabelOutput`` defaults to ``default_labeler`` (greedy answer,
     Eq. 1 relevance, first-layer attention). Returns this rank's report; rank 0's carries the totals.
     Under torchrun the process group (NCCL when ``vlm`` is on CUDA, else gloo) waits ``dist_timeout`` at
     its barriers (default ``DIST_TIMEOUT``, or ``EXPLAINPRUNE_DIST_TIMEOUT_HOURS``).
+    A sample whose media cannot be read (``InputError`` from the source) stops the run (``on_error="stop"``:
+    finished shards are kept) or is skipped and listed in its shard, ``index.json`` and the report ("skip").
     """
     from tqdm.auto import tqdm
 
     if config.shard_size < 1:
         raise ValueError(f"shard_size must be >= 1; got {config.shard_size}")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}; got {on_error!r}")
     out = Path(out)
     rank, world = dist_info()
     created = _init_dist(world, getattr(vlm, "device", None), dist_timeout or _dist_timeout())
     group = created or (world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized())
     fingerprint = vlm.fingerprint()
-    _check_run(out, _run_record(source, config, fingerprint))
+    revised = _check_run(out, _run_record(source, config, fingerprint))
+    old_index = json.loads((out / "index.json").read_text()) if (out / "index.json").is_file() else None
     if labeler is None:
         labeler = default_labeler(config.rule, config.clamp, config.max_new_tokens, config.keep_wrong,
                                   config.head_chunk)
@@ -308,7 +403,8 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
     model = json.dumps(fingerprint, sort_keys=True)
     n, size = len(source), config.shard_size
     mine = list(range(rank, -(-n // size), world))
-    todo = [s for s in mine if not shard_path(out, s).is_file()]
+    todo = [s for s in mine if not _shard_done(shard_path(out, s), source, s * size, min(n, (s + 1) * size),
+                                               revised, old_index)]
     total_mine = sum(min(n, (s + 1) * size) - s * size for s in todo)
     started, labeled, skipped = time.perf_counter(), 0, 0
     bar = tqdm(total=total_mine, unit="sample", disable=not progress or rank != 0,
@@ -316,10 +412,17 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
     for s in todo:
         for stale in shard_path(out, s).parent.glob(f".{shard_path(out, s).name}.tmp-*"):
             stale.unlink(missing_ok=True)  # a temp file left by a killed run (this shard is ours)
-        rows, wrong, n_wrong = [], [], 0
+        rows, wrong, n_wrong, errors = [], [], 0, []
         start, stop = s * size, min(n, (s + 1) * size)
         for i in range(start, stop):
-            sample = source[i]
+            try:
+                sample = source[i]
+            except InputError as err:
+                if on_error == "stop":
+                    raise
+                errors.append({"index": i, "line": err.line, "id": err.sample, "error": err.message})
+                bar.update(1)
+                continue
             prompt = vlm.prepare(images=sample.images, video=sample.video, question=sample.question)
             res = labeler(vlm, prompt, sample)
             if res.correct or (config.keep_wrong and res.attention is not None):
@@ -330,7 +433,8 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
             bar.update(1)
             bar.set_postfix(skipped=skipped + len(wrong), refresh=False)
         write_shard(shard_path(out, s), rows, {"shard": s, "start": start, "stop": stop, "labeled": len(rows),
-                                               "skipped": wrong, "wrong": n_wrong})
+                                               "skipped": wrong, "wrong": n_wrong, "errors": errors,
+                                               "digest": _shard_digest(source, start, stop)})
         labeled, skipped = labeled + len(rows), skipped + len(wrong)
     bar.close()
     if group:
@@ -342,7 +446,12 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
         torch.distributed.destroy_process_group()
     return LabelReport(str(out), n, labeled, skipped, len(todo), len(mine) - len(todo),
                        round(time.perf_counter() - started, 3), (out / "index.json").is_file(), rank, world,
-                       dict(index["counts"]) if index else {})
+                       dict(index["counts"]) if index else {},
+                       index["errors"] if index else [e for s in mine for e in _errors_of(shard_path(out, s))])
+
+
+def _errors_of(path: Path) -> list[dict[str, Any]]:
+    return shard_meta(path).get("errors", []) if path.is_file() else []
 
 
 def local_rank() -> int:

@@ -8,25 +8,34 @@ A source is a deterministic, indexable set of ``LabelSample``s (same index, same
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from explainprune.models.base import Video
+from explainprune.answers import normalize_answers
+from explainprune.errors import InputError
 
 
 @dataclass
 class LabelSample:
-    """One input to label. ``region``: ground-truth (frame, row, col) cells on the visual-token grid."""
+    """One input to label. ``answer``: the reference, or a tuple of acceptable ones (any counts);
+    ``region``: ground-truth (frame, row, col) cells on the visual-token grid."""
 
     id: str
     question: str
-    answer: str
+    answer: str | tuple[str, ...]
     images: Any = None
     video: Any = None
     region: list[tuple[int, int, int]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """Every acceptable answer (one for a plain string)."""
+        return normalize_answers(self.answer, f"sample {self.id}: answer")
 
 
 class SampleSource(Protocol):
@@ -43,6 +52,7 @@ class DigitsSource:
     def __init__(self, split: str = "train", seed: int = 0, n: int = 2000, **options: Any):
         from explainprune.tasks.digits import DigitsTask
 
+        check_limit(n, "--limit")
         self.options = {"split": split, "seed": seed, "n": n, **options}
         self.task = DigitsTask(split=split, seed=seed, n=n, **options)
 
@@ -58,12 +68,64 @@ class DigitsSource:
         return {"task": "digits", **{k: list(v) if isinstance(v, tuple) else v for k, v in self.options.items()}}
 
 
+MEDIA_FIELDS = ("image", "images", "video")
+
+
+def _check_record(rec: Any) -> list[str]:
+    """The paths a manifest record refers to, after checking its fields (InputError without location)."""
+    if not isinstance(rec, dict):
+        raise InputError(f"a line must be a JSON object; got {type(rec).__name__}")
+    question = rec.get("question")
+    if "question" not in rec or "answer" not in rec:
+        missing = [f for f in ("question", "answer") if f not in rec]
+        raise InputError(f"missing {', '.join(missing)}", hint="each line needs question, answer and "
+                         "image/images/video")
+    if not isinstance(question, str):
+        raise InputError(f"question must be a string; got {type(question).__name__}")
+    if not question.strip():
+        raise InputError("question is empty")
+    normalize_answers(rec["answer"])
+    if "id" in rec and (isinstance(rec["id"], bool) or not isinstance(rec["id"], (str, int))):
+        raise InputError(f"id must be a string or an integer; got {rec['id']!r}")
+    media = [f for f in MEDIA_FIELDS if f in rec]
+    if len(media) != 1:
+        raise InputError("needs exactly one of image, images, video" + (f" (has {', '.join(media)})" if media
+                                                                       else " (missing media)"))
+    value = rec[media[0]]
+    paths = [value] if isinstance(value, str) and media[0] != "images" else value
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+        kind = "a path" if media[0] == "image" else "a non-empty list of paths" + (
+            " or one video file" if media[0] == "video" else "")
+        raise InputError(f"{media[0]} must be {kind}; got {value!r}")
+    region = rec.get("region")
+    if region is not None and not (isinstance(region, list) and all(
+            isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in c)
+            for c in region)):
+        raise InputError(f"region must be a list of [frame, row, col] integer cells; got {region!r}")
+    if "kind" in rec and not isinstance(rec["kind"], str):
+        raise InputError(f"kind must be a string; got {rec['kind']!r}")
+    fps = rec.get("fps")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
+        raise InputError(f"fps must be a positive number; got {fps!r}")
+    return paths
+
+
+def check_limit(limit: int | None, flag: str = "--limit") -> int | None:
+    """``limit`` unchanged when it is None or a positive integer; InputError otherwise."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InputError(f"{flag} must be a positive number of samples; got {limit!r}")
+    return limit
+
+
 class ManifestSource:
     """A JSONL manifest, one sample a line: ``question``, ``answer`` and ``image`` (path), ``images`` (paths)
     or ``video`` (frame paths, or one video file, ``max_frames`` frames sampled evenly); optional ``id``,
     ``region`` ([[frame, row, col], ...] token cells), ``kind`` and ``fps`` (the rate the listed frames were
     sampled at; Qwen2.5-VL's temporal positions use it). Paths are relative to the manifest.
-    (``DigitsTask.export`` writes this format.)"""
+    ``answer`` is a string, a number or a list of acceptable answers. (``DigitsTask.export`` writes this
+    format.) Every line is checked when the source is built (fields, types, media files exist), so a bad
+    line fails before any model work, with its line number and sample id; the first ``limit`` lines are used.
+    """
 
     def __init__(self, path: str | Path, limit: int | None = None, max_frames: int = 8):
         self.path = Path(path)
@@ -71,22 +133,56 @@ class ManifestSource:
             self.path = self.path / "manifest.jsonl"
         if not self.path.is_file():
             raise FileNotFoundError(f"no manifest at {path}")
-        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-        self.records = []
-        for k, line in enumerate(lines[:limit]):
+        check_limit(limit)
+        if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
+            raise InputError(f"max_frames must be a positive integer; got {max_frames!r}")
+        try:
+            text = self.path.read_text()
+        except UnicodeDecodeError as err:
+            raise InputError(f"not a UTF-8 text file ({err})", file=self.path) from None
+        numbered = [(k + 1, ln) for k, ln in enumerate(text.splitlines()) if ln.strip()]
+        self.records: list[dict[str, Any]] = []
+        self.lines: list[int] = []
+        errors: list[InputError] = []
+        seen: dict[str, int] = {}
+        for line, raw in numbered[:limit]:
+            sample = None
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{self.path}:{k + 1}: not JSON ({err})") from None
-            missing = [f for f in ("question", "answer") if f not in rec]
-            if missing or not any(f in rec for f in ("image", "images", "video")):
-                raise ValueError(f"{self.path}:{k + 1}: needs question, answer and image/images/video "
-                                 f"(missing: {', '.join(missing) or 'media'})")
+                try:
+                    rec = json.loads(raw)
+                except json.JSONDecodeError as err:
+                    raise InputError(f"not JSON ({err})") from None
+                if isinstance(rec, dict) and "id" in rec:
+                    sample = str(rec["id"])
+                paths = _check_record(rec)
+                sid = str(rec.get("id", len(self.records)))
+                if sid in seen:
+                    raise InputError(f"id {sid!r} repeats line {seen[sid]}", hint="ids must be unique")
+                seen[sid] = line
+                for rel in paths:
+                    if not (self.path.parent / rel).is_file():
+                        raise InputError(f"no file {self.path.parent / rel}", hint="fix the path (relative to "
+                                         "the manifest) or remove the line")
+            except InputError as err:
+                errors.append(InputError(err.message, file=self.path, line=line, sample=sample, hint=err.hint))
+                continue
             self.records.append(rec)
+            self.lines.append(line)
+        if errors:
+            first = errors[0]
+            more = f" (and {len(errors) - 1} more bad line{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+            raise InputError(first.message + more, file=first.file, line=first.line, sample=first.sample,
+                             hint=first.hint)
+        if not self.records:
+            raise InputError("holds no samples", file=self.path)
         self.limit, self.max_frames = limit, max_frames
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def where(self, i: int) -> dict[str, Any]:
+        """Where sample ``i`` comes from (for messages): file, line and id."""
+        return {"file": str(self.path), "line": self.lines[i], "sample": str(self.records[i].get("id", i))}
 
     def _open(self, rel: str) -> Any:
         from PIL import Image
@@ -94,24 +190,43 @@ class ManifestSource:
         return Image.open(self.path.parent / rel).convert("RGB")
 
     def __getitem__(self, i: int) -> LabelSample:
+        """Sample ``i``, its media decoded; a corrupt or unreadable file raises InputError with the line."""
         rec = self.records[i]
         images = video = None
-        if "image" in rec:
-            images = self._open(rec["image"])
-        elif "images" in rec:
-            images = [self._open(p) for p in rec["images"]]
-        elif isinstance(rec["video"], str):
-            video = read_video(self.path.parent / rec["video"], self.max_frames)
-        else:
-            video = Video([self._open(p) for p in rec["video"]], fps=rec.get("fps"))
+        try:
+            if "image" in rec:
+                images = self._open(rec["image"])
+            elif "images" in rec:
+                images = [self._open(p) for p in rec["images"]]
+            elif isinstance(rec["video"], str):
+                video = read_video(self.path.parent / rec["video"], self.max_frames)
+            else:
+                video = Video([self._open(p) for p in rec["video"]], fps=rec.get("fps"))
+        except Exception as err:  # PIL / PyAV raise many types for damaged files
+            where = self.where(i)
+            raise InputError(f"cannot read its media ({type(err).__name__}: {err})", file=where["file"],
+                             line=where["line"], sample=where["sample"],
+                             hint="fix or replace the file, or pass --on-error skip") from None
         region = [tuple(c) for c in rec["region"]] if rec.get("region") is not None else None
         meta = {k: v for k, v in rec.items() if k in ("kind",)}
-        return LabelSample(str(rec.get("id", i)), rec["question"], rec["answer"], images=images, video=video,
+        answers = normalize_answers(rec["answer"])
+        answer = answers[0] if len(answers) == 1 else answers
+        return LabelSample(str(rec.get("id", i)), rec["question"], answer, images=images, video=video,
                            region=region, meta=meta)
 
-    def describe(self) -> dict[str, Any]:
-        import hashlib
+    def sample_digest(self, i: int) -> str:
+        """A digest of sample ``i``: its record and the bytes of its media files (same digest, same sample)."""
+        rec = self.records[i]
+        h = hashlib.sha256(json.dumps(rec, sort_keys=True).encode())
+        value = next(rec[f] for f in MEDIA_FIELDS if f in rec)
+        for rel in [value] if isinstance(value, str) else value:
+            try:
+                h.update((self.path.parent / rel).read_bytes())
+            except OSError:
+                h.update(b"<missing>")
+        return h.hexdigest()[:16]
 
+    def describe(self) -> dict[str, Any]:
         digest = hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
         return {"task": "manifest", "manifest": str(self.path.resolve()), "sha256": digest, "limit": self.limit,
                 "max_frames": self.max_frames}

@@ -1,0 +1,68 @@
+"""Reference answers and scoring: what a correct answer is, shared by ``label`` (its correct-only filter),
+``eval`` (accuracy) and the sample sources.
+
+A reference is a string, a number, or a list of them (VQA-style alternatives: any one counts). Matchers
+live in ``MATCHERS`` by name (one function each: ``(prediction, reference) -> bool``); ``is_correct`` asks
+whether the prediction matches any reference under one of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from explainprune.errors import InputError
+
+Matcher = Callable[[str, str], bool]
+
+
+def normalize_answer(text: Any) -> str:
+    """Lower-case, trim, collapse spaces, drop trailing punctuation: "  Seven. " -> "seven"."""
+    return " ".join(str(text).lower().split()).rstrip(".!?").strip()
+
+
+def _one(value: Any, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise InputError(f"{where} must be a string, a number or a list of them; got {type(value).__name__} "
+                         f"{value!r}")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InputError(f"{where} must be a finite number; got {value!r}")
+        value = int(value) if value.is_integer() else value
+    text = str(value)
+    if not text.strip():
+        raise InputError(f"{where} is empty")
+    return text
+
+
+def normalize_answers(value: Any, where: str = "answer") -> tuple[str, ...]:
+    """The acceptable answers of ``value``: a string or number -> (it,), a list of them -> all of them.
+    Numbers become strings (9 -> "9", 9.0 -> "9", 0.5 -> "0.5"). Raises InputError for anything else,
+    an empty string or an empty list; ``where`` names the field in the message."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise InputError(f"{where} is an empty list: give at least one acceptable answer")
+        return tuple(_one(v, f"{where}[{i}]") for i, v in enumerate(value))
+    return (_one(value, where),)
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """Equal after ``normalize_answer`` (case, spaces, trailing punctuation)."""
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+MATCHERS: dict[str, Matcher] = {"exact": exact_match}
+
+
+def is_correct(prediction: str, answers: str | Sequence[str], matcher: str = "exact") -> bool:
+    """Whether ``prediction`` matches any of ``answers`` (a reference or a list of acceptable ones)."""
+    if matcher not in MATCHERS:
+        raise ValueError(f"unknown answer matcher {matcher!r}; available: {', '.join(MATCHERS)}")
+    refs = [answers] if isinstance(answers, str) else list(answers)
+    return any(MATCHERS[matcher](prediction, r) for r in refs)
+
+
+def display(answers: str | Sequence[str]) -> str:
+    """One string for tables and reports: the answer, or the alternatives joined by " | "."""
+    return answers if isinstance(answers, str) else " | ".join(answers)
