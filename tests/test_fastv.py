@@ -168,3 +168,27 @@ def test_ragged_batch_equals_one_by_one(deep, fam, frames):
         alone = FastV(layer=2).generate(vlm, p, 0.25, max_new_tokens=5, output_logits=True)
         assert b.keep.tolist() == alone.keep.tolist() and b.token_ids == alone.token_ids
         torch.testing.assert_close(b.logits, alone.logits, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_fastv_ranks_with_layer_k_minus_1_by_value(deep):
+    """A case where layers K-1 and K rank the visual tokens differently: FastV's kept set is layer K-1's.
+    Layer K's queries are scaled up (sharper attention there), so the two rankings surely differ."""
+    vlm, eager = deep("qwen2_vl")
+    layer, ratio = 2, 0.25
+    p = vlm.prepare(images=random_image(0), question=QUESTION)
+    attn = [eager.language_model.layers[i].self_attn for i in (layer - 1, layer)]
+    saved = [a.q_proj.weight.clone() for a in attn]
+    try:
+        for a, sign in zip(attn, (1.0, -4.0)):
+            a.q_proj.weight.mul_(sign)
+        out = eager.model(inputs_embeds=p.inputs_embeds, position_ids=p.position_ids,
+                          attention_mask=p.attention_mask, output_attentions=True, use_cache=False)
+        per_layer = [out.attentions[i][0, :, -1].mean(0)[p.visual_pos] for i in (layer - 1, layer)]
+        keep_k1, keep_k = (select(s, ratio).tolist() for s in per_layer)
+        assert keep_k1 != keep_k  # the case discriminates
+        torch.testing.assert_close(FastV(layer=layer).score(eager, p), per_layer[0], atol=1e-6, rtol=1e-4)
+        assert FastV(layer=layer).keep(eager, p, ratio).tolist() == keep_k1
+    finally:
+        for a, w in zip(attn, saved):
+            a.q_proj.weight.copy_(w)

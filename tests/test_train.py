@@ -192,3 +192,88 @@ def test_cli_label_then_train(tmp_path, tiny_dirs, load_tiny, capsys):
     f.check_compatible(vlm)
     assert main(["train", "--labels", str(tmp_path / "nolabels"), "--out", str(tmp_path / "x")]) == 2
     assert "index.json missing" in capsys.readouterr().err
+
+
+def test_resume_with_other_labels_is_refused(toy_labels, tmp_path):
+    other = tmp_path / "other_labels"
+    label(FakeVLM(), ToySource(40), other, LabelConfig(shard_size=16), labeler=ToyLabeler(), progress=False)
+    train(toy_labels, tmp_path / "run", TrainConfig(epochs=1, **SMALL), progress=False)
+    with pytest.raises(ValueError, match="trained on another label set"):
+        train(other, tmp_path / "run", TrainConfig(epochs=2, **SMALL), resume=True, progress=False)
+    train(toy_labels, tmp_path / "run", TrainConfig(epochs=2, **SMALL), resume=True, progress=False)
+
+
+def test_damaged_checkpoint_names_the_file(toy_labels, tmp_path):
+    train(toy_labels, tmp_path / "run", TrainConfig(epochs=1, **SMALL), progress=False)
+    opt = next((tmp_path / "run" / "checkpoints").glob("epoch-*")) / "optimizer.safetensors"
+    opt.write_bytes(opt.read_bytes()[:100])
+    with pytest.raises(ValueError, match="optimizer.safetensors: cannot read the optimizer state"):
+        train(toy_labels, tmp_path / "run", TrainConfig(epochs=2, **SMALL), resume=True, progress=False)
+
+
+# -- the paper's definitions (Section 3.3 / 4.1), checked so that a changed default cannot pass ----------------
+def test_training_defaults_are_the_papers(toy_labels, tmp_path, monkeypatch):
+    c = TrainConfig()
+    assert (c.drop, c.power, c.batch_size, c.lr, c.epochs) == (0.5, 1.0, 128, 1e-3, 100)
+    assert c.channels == (32, 64, 128, 256, 512)
+    # the CLI's defaults are the library's
+    import explainprune.train as train_module
+    from explainprune.cli.main import main
+
+    seen = {}
+
+    def fake_train(labels, out, config, resume=False, progress=True):
+        seen["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    with pytest.raises(SystemExit):
+        main(["train", "--labels", str(toy_labels), "--out", str(tmp_path / "cli")])
+    assert seen["config"] == TrainConfig()
+    # Adam with default settings, as saved with the run
+    monkeypatch.undo()
+    train(toy_labels, tmp_path / "run", TrainConfig(epochs=1, **SMALL), progress=False)
+    ptr = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    group = json.loads((tmp_path / "run" / ptr["dir"] / "state.json").read_text())["param_groups"][0]
+    assert (tuple(group["betas"]), group["eps"], group["weight_decay"], group["amsgrad"]) == ((0.9, 0.999), 1e-8, 0, False)
+
+
+def test_first_logged_loss_is_kl_target_to_prediction(toy_labels, tmp_path):
+    """KL(R_v* || f_θ(A_v^0)) (Eq. 3), not the reverse: one batch per epoch, so the first logged loss is the
+    loss of the initial model, recomputed here sample by sample from the paper's definition."""
+    from explainprune.compressor import CompressorConfig
+    from explainprune.labels import load_records
+
+    cfg = TrainConfig(epochs=1, **{**SMALL, "batch_size": 1000})
+    train(toy_labels, tmp_path / "run", cfg, progress=False)
+    logged = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])["train_loss"]
+    records = load_records(toy_labels)
+    tr, _ = split(len(records), cfg.val_fraction, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    f = Compressor(CompressorConfig(in_channels=3, channels=cfg.channels)).eval()
+    forward, reverse = [], []
+    for i in tr:
+        r = records[i].relevance.double()
+        p = r.clamp(min=0)
+        p[torch.argsort(r)[: len(r) // 2]] = 0  # the bottom 50% zeroed ...
+        p = p / p.sum()  # ... then divided by the sum
+        with torch.no_grad():
+            q = f(records[i].attention).double()
+        on = p > 0
+        forward.append(float((p[on] * (p[on] / q[on]).log()).sum()))
+        reverse.append(float((q * (q / p.clamp(min=1e-300)).log()).sum()))
+    assert logged == pytest.approx(sum(forward) / len(forward), rel=1e-4)
+    assert abs(sum(reverse) / len(reverse) - logged) > 1.0  # the reverse direction is far off
+
+
+def test_relevance_target_with_mostly_negative_relevance():
+    """clamp=False R_v can be mostly negative: the bottom half (by signed value) is zeroed, negative kept
+    values count as 0, the rest is divided by its sum; all kept values negative -> uniform (documented)."""
+    r = torch.tensor([-0.5, 3.0, -2.0, -1.0, 1.0, -0.1])  # 4 of 6 negative
+    torch.testing.assert_close(relevance_target(r), torch.tensor([0.0, 0.75, 0.0, 0.0, 0.25, 0.0]))
+    r = torch.tensor([-3.0, -1.0, -2.0, 2.0, -4.0])  # 4 of 5 negative: -4, -3 dropped; -1, -2 count as 0
+    torch.testing.assert_close(relevance_target(r), torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0]))
+    r = torch.tensor([-3.0, -1.0, -2.0, -4.0])  # all negative
+    torch.testing.assert_close(relevance_target(r), torch.full((4,), 0.25))
+    # the least negative scores are the most relevant for ranking (select keeps the largest)
+    assert topk_recall(torch.tensor([0.0, 1.0, 0.0, 0.0]), torch.tensor([-3.0, -0.1, -2.0, -4.0]), 0.25) == 1.0

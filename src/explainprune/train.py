@@ -23,8 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from explainprune.compressor import Compressor, CompressorConfig, write_json_atomic
-from explainprune.labels import LabelRecord, load_records, read_index
+from explainprune.compressor import Compressor, CompressorConfig
+from explainprune.errors import InputError
+from explainprune.files import atomic_path, write_json_atomic
+from explainprune.labels import LabelRecord, index_digest, load_records, read_index
 from explainprune.pruning.base import select
 
 RATIOS = (0.5, 0.25, 0.1)
@@ -218,28 +220,42 @@ class TrainResult:
 
 
 def _save_checkpoint(out: Path, epoch: int, model: Compressor, opt: torch.optim.Optimizer,
-                     config: TrainConfig, seconds: float) -> None:
+                     config: TrainConfig, seconds: float, labels: str = "") -> None:
     """checkpoints/epoch-NNNN/ (weights + Adam state as safetensors, JSON), then the pointer, atomically."""
     d = out / "checkpoints" / f"epoch-{epoch:04d}"
     model.save_pretrained(d)
     sd = opt.state_dict()
     tensors = {f"{i}.{k}": v.detach().cpu().reshape(-1) if v.dim() == 0 else v.detach().cpu()
                for i, s in sd["state"].items() for k, v in s.items()}
-    save_file(tensors, str(d / "optimizer.safetensors"))
+    with atomic_path(d / "optimizer.safetensors") as tmp:
+        save_file(tensors, str(tmp))
     write_json_atomic(d / "state.json", {"epoch": epoch, "seconds": seconds, "config": config.to_json(),
-                                         "param_groups": sd["param_groups"]})
+                                         "param_groups": sd["param_groups"], "labels": labels})
     write_json_atomic(out / "checkpoint.json", {"epoch": epoch, "dir": str(d.relative_to(out))})
     for old in (out / "checkpoints").glob("epoch-*"):
         if old != d:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read it ({err})", file=path, hint="the checkpoint is damaged: start again "
+                         "in another --out") from None
+
+
 def _load_checkpoint(out: Path, model: Compressor, opt: torch.optim.Optimizer) -> tuple[int, float]:
-    ptr = json.loads((out / "checkpoint.json").read_text())
+    ptr = _read_json(out / "checkpoint.json")
     d = out / ptr["dir"]
-    state = json.loads((d / "state.json").read_text())
+    state = _read_json(d / "state.json")
     model.load_state_dict(Compressor.from_pretrained(d).state_dict())
-    flat = load_file(str(d / "optimizer.safetensors"))
+    try:
+        flat = load_file(str(d / "optimizer.safetensors"))
+    except Exception as err:  # SafetensorError for a truncated file
+        raise InputError(f"cannot read the optimizer state ({type(err).__name__}: {err})",
+                         file=d / "optimizer.safetensors", hint="the checkpoint is damaged: start again in "
+                         "another --out") from None
     opt_state: dict[int, dict[str, Tensor]] = {}
     for key, v in flat.items():
         i, k = key.split(".", 1)
@@ -249,18 +265,24 @@ def _load_checkpoint(out: Path, model: Compressor, opt: torch.optim.Optimizer) -
     return int(state["epoch"]), float(state["seconds"])
 
 
-def _check_resume(out: Path, config: TrainConfig, resume: bool) -> bool:
-    """True when a checkpoint is to be resumed; errors for a foreign or unrequested existing run."""
+def _check_resume(out: Path, config: TrainConfig, resume: bool, labels: str = "") -> bool:
+    """True when a checkpoint is to be resumed; errors for a foreign or unrequested existing run, or one
+    trained on another label set (``labels``: its ``index_digest``)."""
     if not (out / "checkpoint.json").is_file():
         return False
     if not resume:
-        raise ValueError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
-    ptr = json.loads((out / "checkpoint.json").read_text())
-    saved = json.loads((out / ptr["dir"] / "state.json").read_text())["config"]
+        raise InputError(f"{out} already holds a training run",
+                         hint="pass --resume to continue it, or choose another --out")
+    ptr = _read_json(out / "checkpoint.json")
+    state = _read_json(out / ptr["dir"] / "state.json")
+    saved = state["config"]
     mine, defaults = config.to_json(), TrainConfig().to_json()
     diff = sorted(k for k in mine if k != "epochs" and saved.get(k, defaults[k]) != mine[k])
     if diff:
-        raise ValueError(f"cannot resume {out}: options differ from the saved run ({', '.join(diff)})")
+        raise InputError(f"cannot resume {out}: options differ from the saved run ({', '.join(diff)})")
+    if labels and state.get("labels") and state["labels"] != labels:
+        raise InputError(f"cannot resume {out}: it was trained on another label set (digest {state['labels']}, "
+                         f"--labels has {labels})", hint="give the --labels it started with, or another --out")
     return True
 
 
@@ -277,7 +299,8 @@ def train(labels: str | Path, out: str | Path, config: TrainConfig = TrainConfig
     heads = {r.attention.shape[0] for r in records}
     if len(heads) != 1:
         raise ValueError(f"{labels} mixes A_v^0 with {sorted(heads)} heads (several models?)")
-    resuming = _check_resume(out, config, resume)
+    digest = index_digest(index)
+    resuming = _check_resume(out, config, resume, digest)
     out.mkdir(parents=True, exist_ok=True)
     targets = [relevance_target(r.relevance, config.drop, config.power) for r in records]
     tr, va = split(len(records), config.val_fraction, config.seed)
@@ -319,7 +342,7 @@ def train(labels: str | Path, out: str | Path, config: TrainConfig = TrainConfig
         with log_path.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
         bar.set_postfix(epoch=epoch, loss=f"{loss_avg:.4f}", val_kl=f"{metrics['kl']:.4f}", refresh=False)
-        _save_checkpoint(out, epoch, model, opt, config, time.perf_counter() - t0)
+        _save_checkpoint(out, epoch, model, opt, config, time.perf_counter() - t0, digest)
     bar.close()
     if not metrics:  # nothing left to train (resumed a finished run): evaluate the checkpoint
         val = [records[i] for i in val_ids]
