@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from explainprune.answers import display, normalize_answer  # noqa: F401 (normalize_answer: old import path)
+from explainprune.answers import display, normalize_answer, normalize_answers  # noqa: F401 (normalize_answer: old import path)
 from explainprune.answers import is_correct as answers_match
 from explainprune.errors import InputError
 from explainprune.files import atomic_path, write_json_atomic
@@ -115,7 +115,7 @@ def default_labeler(rule: str = "grad", clamp: bool = True, max_new_tokens: int 
     def labeler(vlm: Any, prompt: Any, sample: LabelSample) -> LabelOutput:
         gen = vlm.generate(prompt, max_new_tokens=max_new_tokens)
         ids = [t for t in gen.token_ids if t not in vlm.eos_token_ids]
-        correct = bool(ids) and answers_match(gen.text, sample.answers)
+        correct = bool(ids) and answers_match(gen.text, normalize_answers(sample.answer))
         if not ids or not (correct or keep_wrong):
             return LabelOutput(gen.text, ids, False)
         rel = relevance(vlm, prompt, answer=ids, rule=rule, clamp=clamp, head_chunk=head_chunk)
@@ -334,13 +334,14 @@ def _shard_done(path: Path, source: SampleSource, start: int, stop: int, revised
 
 def _row(index: int, sample: LabelSample, prompt: Any, res: LabelOutput, task: str, model: str) -> dict:
     att, rel = res.attention, res.relevance
+    answers = normalize_answers(sample.answer, f"sample {sample.id}: answer")
     n = int(prompt.num_visual)
     if att is None or rel is None or tuple(att.shape)[-1] != n or tuple(rel.shape) != (n,):
         shapes = [None if t is None else tuple(t.shape) for t in (att, rel)]
         raise ValueError(f"sample {sample.id}: the labeler returned attention {shapes[0]} and relevance "
                          f"{shapes[1]} for {n} visual tokens")
     return {"id": sample.id, "index": index, "task": task, "kind": str(sample.meta.get("kind", "")),
-            "question": sample.question, "reference": display(sample.answers), "references": list(sample.answers),
+            "question": sample.question, "reference": display(answers), "references": list(answers),
             "answer": res.answer, "correct": res.correct,
             "answer_ids": [int(t) for t in res.answer_ids], "num_heads": int(att.shape[0]), "num_visual": n,
             "grid_shape": list(prompt.grid_shape), "visual_grid": prompt.visual_grid.tolist(),

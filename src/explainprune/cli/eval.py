@@ -32,10 +32,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fastv-layer", type=int, help="K for 'fastv' (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length cap (default 8)")
     p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
+    p.add_argument("--on-error", default="stop", choices=["stop", "skip"],
+                   help="a sample whose image/video cannot be read: stop (default; finished samples are kept in "
+                   "OUT/records.jsonl and a rerun resumes) or skip it (listed in the report)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the aggregate results as JSON")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, kept=kept)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,18 +48,36 @@ def run(args: argparse.Namespace) -> int:
     options: dict[str, dict] = {}
     if args.compressor:
         options["learned"] = {"compressor": args.compressor}
+    if args.limit is not None:
+        from explainprune.sources import check_limit
+
+        check_limit(args.limit)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
     if args.fastv_layer is not None:
         options["fastv"] = {"layer": args.fastv_layer}
     config = EvalConfig(methods=tuple(args.methods), ratios=tuple(args.ratios), max_new_tokens=args.max_new_tokens,
                         method_options=options, progress=not args.no_progress)
     task = TaskConfig(name=args.task, split=args.split, seed=args.seed, limit=args.limit)
-    report, paths = evaluate(args.model, task, config, out=args.out, plots=not args.no_plots)
+    report, paths = evaluate(args.model, task, config, out=args.out, plots=not args.no_plots, on_error=args.on_error)
     if args.json:
         data = report.to_json()
         print(json.dumps({"results": data["results"], "files": {k: str(v) for k, v in paths.items()}}, indent=1))
     else:
         print(report.to_markdown())
+        if report.skipped:
+            print(f"{len(report.skipped)} samples skipped (unreadable media): "
+                  + ", ".join(f"line {e['line']} ({e['id']})" for e in report.skipped[:10]))
         print("files written:")
         for path in paths.values():
             print(f"  {path}")
     return 0
+
+
+def kept(args: argparse.Namespace) -> tuple[str, str]:
+    """After Ctrl-C: how many samples OUT/records.jsonl holds (the same command resumes from them)."""
+    from pathlib import Path
+
+    path = Path(args.out) / "records.jsonl"
+    n = max(0, len(path.read_text().splitlines()) - 1) if path.is_file() else 0
+    return f"{n} finished sample{'s' if n != 1 else ''} kept in {path}", ""

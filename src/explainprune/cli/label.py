@@ -42,10 +42,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-wrong", action="store_true",
                    help="also store wrongly answered samples (flagged correct=false; R_v of the model's own "
                    "answer). The paper keeps only correct ones (Appendix B)")
+    p.add_argument("--on-error", default="stop", choices=["stop", "skip"],
+                   help="a sample whose image/video cannot be read: stop the run (default; finished shards are "
+                   "kept) or skip it (listed in the summary and index.json)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--json", action="store_true", help="print the final numbers as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, kept=kept)
 
 
 def make_source(args: argparse.Namespace):
@@ -57,8 +60,6 @@ def make_source(args: argparse.Namespace):
     if args.kinds:
         options["kinds"] = [k.strip() for k in args.kinds.split(",") if k.strip()]
     n = 2000 if args.limit is None else args.limit
-    if n < 1:
-        raise ValueError(f"--limit must be >= 1; got {n}")
     return DigitsSource(split=args.split, seed=args.seed, n=n, **options)
 
 
@@ -66,11 +67,20 @@ def run(args: argparse.Namespace) -> int:
     import explainprune
     from explainprune.labels import LabelConfig, label
 
+    from explainprune.files import check_out_dir
+    from explainprune.sources import check_limit
+
+    check_limit(args.limit)
+    for flag in ("shard_size", "max_new_tokens", "max_frames", "head_chunk"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1; got {value}")
     source = make_source(args)
-    vlm = explainprune.load(args.model, device=args.device)
+    check_out_dir(args.out)
     config = LabelConfig(shard_size=args.shard_size, rule=args.rule, clamp=not args.no_clamp,
                          max_new_tokens=args.max_new_tokens, keep_wrong=args.keep_wrong, head_chunk=args.head_chunk)
-    rep = label(vlm, source, args.out, config, progress=not args.no_progress)
+    vlm = explainprune.load(args.model, device=args.device)
+    rep = label(vlm, source, args.out, config, progress=not args.no_progress, on_error=args.on_error)
     if args.json:
         print(json.dumps(rep.to_json(), indent=1))
     elif rep.rank == 0:
@@ -79,7 +89,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"{args.out}: {t['labeled']} samples labelled, {t['skipped_wrong']} skipped (wrong answer) "
                   f"of {t['samples']} ({t['wrong']} answered wrongly); this run: {rep.shards_written} shards in "
                   f"{rep.seconds:.1f} s, {rep.shards_reused} reused")
+            if rep.errors:
+                print(f"{len(rep.errors)} skipped (media unreadable; listed in {args.out}/index.json):")
+                for e in rep.errors[:10]:
+                    print(f"  line {e['line']}, sample {e['id']}: {e['error']}")
         else:
             print(f"{args.out}: rank 0 done ({rep.labeled} labelled, {rep.skipped_wrong} skipped); "
                   "other ranks still running")
     return 0
+
+
+def kept(args: argparse.Namespace) -> tuple[str, str]:
+    """After Ctrl-C: how many finished shards --out holds (rerunning the command resumes from them)."""
+    from pathlib import Path
+
+    done = len(list((Path(args.out) / "shards").glob("*.parquet")))
+    return f"{done} finished shard{'s' if done != 1 else ''} kept in {args.out}", ""

@@ -1,17 +1,22 @@
 """`explainprune` entry point: dispatches to one module per subcommand.
 
-Each subcommand module defines ``add_parser(subparsers)``, which registers its parser and sets
-``func`` (called with the parsed args, returns an exit code).
+Each subcommand module defines ``add_parser(subparsers)``, which registers its parser and sets ``func``
+(called with the parsed args, returns an exit code) and optionally ``kept`` (called after Ctrl-C with the
+args: a sentence saying what was kept on disk). Errors print one line ``explainprune <cmd>: error: ...``
+(exit 2 for bad input, 1 otherwise); ``--debug`` shows the traceback instead. Ctrl-C prints what was kept
+and the command that resumes it (exit 130).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
 # subcommand -> module under explainprune.cli (modules appear as their features land)
 SUBCOMMANDS = ("demo", "label", "train", "eval", "show", "flops")
+DEBUG_HELP = "show the Python traceback of an error (for bug reports)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         "LLaVA-OneVision, LLaVA).",
     )
     parser.add_argument("--version", action="version", version=f"explainprune {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
@@ -32,20 +38,50 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.add_parser(sub)
+    for p in sub.choices.values():  # `explainprune label ... --debug` works too
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
+def resume_command(argv: list[str], extra: str = "") -> str:
+    """The command line that reran ``argv`` (plus ``extra`` when it is not there yet)."""
+    args = list(argv)
+    if extra and extra not in args:
+        args.append(extra)
+    return "explainprune " + shlex.join(args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from explainprune.errors import InputError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    prefix = f"explainprune {args.command}:"
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"explainprune {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        kept = getattr(args, "kept", None)
+        what, extra = kept(args) if kept else ("nothing was written", "")
+        again = f"; to resume: {resume_command(argv, extra)}" if extra is not None and kept else ""
+        print(f"\n{prefix} interrupted: {what}{again}", file=sys.stderr)
+        return 130
+    except (InputError, ValueError, FileNotFoundError) as err:
+        if args.debug:
+            raise
+        print(f"{prefix} error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # a bug, or an environment problem: one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"{prefix} error: {type(err).__name__}: {err} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print the final numbers as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, kept=kept)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,8 +42,15 @@ def run(args: argparse.Namespace) -> int:
 
     from explainprune.train import TrainConfig, train
 
+    from explainprune.files import check_out_dir
+    from explainprune.labels import read_index
+
     if args.epochs < 1 or args.batch_size < 1:
         raise ValueError("--epochs and --batch-size must be >= 1")
+    if not args.lr > 0 or not args.target_power > 0 or (args.threads is not None and args.threads < 1):
+        raise ValueError("--lr, --target-power and --threads must be > 0")
+    read_index(args.labels)
+    check_out_dir(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction,
@@ -58,3 +65,15 @@ def run(args: argparse.Namespace) -> int:
         print(res.to_markdown())
         print(f"compressor: {args.out}/compressor")
     return 0
+
+
+def kept(args: argparse.Namespace) -> tuple[str, str]:
+    """After Ctrl-C: the last finished epoch's checkpoint (``--resume`` continues from it)."""
+    import json
+    from pathlib import Path
+
+    ptr = Path(args.out) / "checkpoint.json"
+    if not ptr.is_file():
+        return "no epoch had finished, nothing kept", ""
+    epoch = json.loads(ptr.read_text())["epoch"]
+    return f"the checkpoint of epoch {epoch} is kept in {args.out}", "--resume"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from explainprune.evaluation.report import VANILLA, Report
+from explainprune.files import atomic_path
 
 AXES = {
     "retention": ("average_retention", 100.0, "average retention ratio over LLM layers (%)"),
@@ -49,8 +50,11 @@ def plot_tradeoff(report: Report, x: str, path: str | Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from explainprune.files import write_text_atomic
+
 VANILLA = "vanilla"
 
 
@@ -152,6 +154,7 @@ class Report:
     environment: dict[str, Any]
     results: list[MethodResult]
     samples: list[SampleRecord] = field(repr=False, default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # samples whose media could not be read
 
     @classmethod
     def from_records(cls, records: list[SampleRecord], **meta: Any) -> Report:
@@ -168,13 +171,13 @@ class Report:
         """Plain JSON data (NaN written as null)."""
         return _clean({"model": self.model, "task": self.task, "config": self.config, "shape": self.shape,
                        "environment": self.environment, "results": [asdict(r) for r in self.results],
-                       "samples": [asdict(s) for s in self.samples]})
+                       "samples": [asdict(s) for s in self.samples], "skipped": self.skipped})
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Report:
         return cls(model=data["model"], task=data["task"], config=data["config"], shape=data["shape"],
                    environment=data["environment"], results=[MethodResult(**r) for r in data["results"]],
-                   samples=[SampleRecord(**s) for s in data["samples"]])
+                   samples=[SampleRecord(**s) for s in data["samples"]], skipped=data.get("skipped", []))
 
     def accuracy_table(self) -> str:
         """Tables 1-3 shape: accuracy (%) per kind, overall, and Avg. (%) preservation."""
@@ -206,7 +209,10 @@ class Report:
     def to_markdown(self) -> str:
         n = max((r.n for r in self.results), default=0)
         task = ", ".join(f"{k}={v}" for k, v in self.task.items())
-        return (f"# explainprune evaluation\n\nmodel: `{self.model}`  \ntask: {task}  \nsamples: {n}\n\n"
+        skipped = "".join(f"- skipped: line {e.get('line')}, sample {e.get('id')}: {e.get('error')}\n"
+                          for e in self.skipped)
+        skipped = f"{len(self.skipped)} samples skipped (unreadable media):\n\n{skipped}\n" if skipped else ""
+        return (f"# explainprune evaluation\n\nmodel: `{self.model}`  \ntask: {task}  \nsamples: {n}\n\n{skipped}"
                 f"## Accuracy\n\n{self.accuracy_table()}\n\n## Efficiency\n\n{self.efficiency_table()}\n\n"
                 "FLOPs: Appendix D, Eq. 4 per layer with that layer's visual tokens (+ Eq. 5-6 for the "
                 "compressor); times are per-sample means measured on this machine.\n")
@@ -217,8 +223,8 @@ class Report:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         paths = {"json": d / "report.json", "markdown": d / "report.md"}
-        paths["json"].write_text(json.dumps(self.to_json(), indent=1, allow_nan=False))
-        paths["markdown"].write_text(self.to_markdown())
+        write_text_atomic(paths["json"], json.dumps(self.to_json(), indent=1, allow_nan=False))
+        write_text_atomic(paths["markdown"], self.to_markdown())
         if plots:
             try:
                 import matplotlib  # noqa: F401

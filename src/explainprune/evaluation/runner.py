@@ -8,16 +8,22 @@ prefill), the KV-cache bytes right after prefill (the actual cache tensors), and
 Appendix D from the pruner's declared ``layer`` and the kept count (plus Eq. 5-6 when the pruner carries a
 ``compressor``). A pruner's ``score`` runs once per sample and is shared by its ratios (its time is
 still counted in every record's ``score_s`` and ``total_s``).
+
+With a ``records`` file (``OUT/records.jsonl`` under ``explainprune eval``) every finished sample's records
+are appended as they are made; an interrupted evaluation with the same samples, methods and options
+resumes from them, and a finished one is rebuilt from them without running the model.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +31,8 @@ import torch
 from explainprune.evaluation import DEFAULT_METHODS, DEFAULT_RATIOS
 from explainprune.evaluation.flops import LLMShape, account, compressor_channels
 from explainprune.evaluation.report import VANILLA, Report, SampleRecord
+from explainprune.answers import display, is_correct, normalize_answers
+from explainprune.errors import InputError
 from explainprune.evaluation.tasks import TaskConfig, load_task, sample_kind
 
 
@@ -155,7 +163,7 @@ def measure(model: torch.nn.Module) -> Iterator[Meter]:
 
 def normalize(text: str) -> str:
     """Answers are compared after stripping and lower-casing (and trailing punctuation, as labelling)."""
-    from explainprune.labels import normalize_answer
+    from explainprune.answers import normalize_answer
 
     return normalize_answer(text)
 
@@ -204,12 +212,13 @@ def run_one(vlm: Any, pruner: Any, label: str, prompt: Any, sample: Any, ratio: 
         score_s = scores.seconds
         total += scores.seconds - scores.spent_now
     layer = int(getattr(pruner, "layer", 0))
+    answers = normalize_answers(sample.answer, f"sample {sample.id}: answer")
     n_visual, kept = prompt.num_visual, int(out.visual_tokens)
     acc = account(shape, n_visual, layer=layer, kept=kept,
                   compressor=compressor_channels(getattr(pruner, "compressor", None)))
     return SampleRecord(
         id=str(sample.id), kind=sample_kind(sample), method=label, ratio=float(ratio), question=sample.question,
-        reference=str(sample.answer), prediction=out.text, correct=normalize(out.text) == normalize(sample.answer),
+        reference=display(answers), prediction=out.text, correct=is_correct(out.text, answers),
         n_visual=n_visual, kept=kept, layer=layer, average_retention=acc.average_retention, flops_llm=acc.llm,
         flops_overhead=acc.attention + acc.conv, prefill_s=meter.prefill_s, decode_s=meter.decode_s,
         total_s=total, new_tokens=len(out.token_ids), kv_bytes=meter.kv_bytes, score_s=score_s)
@@ -219,48 +228,156 @@ def _prepare(vlm: Any, sample: Any) -> Any:
     return vlm.prepare(images=sample.images, video=sample.video, question=sample.question)
 
 
+def check_config(config: EvalConfig) -> list[tuple[str, Any]]:
+    """Validate ratios and method specs (building every pruner, e.g. loading a compressor) before any model
+    work; returns the pruners."""
+    if not config.ratios:
+        raise InputError("give at least one retention ratio")
+    for r in config.ratios:
+        from explainprune.pruning.base import _as_ratio
+
+        r = _as_ratio(r)
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < float(r) <= 1.0:
+            raise InputError(f"ratios must be in (0, 1] (the share of visual tokens kept); got {r!r}")
+    if isinstance(config.max_new_tokens, bool) or not isinstance(config.max_new_tokens, int) or \
+            config.max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be >= 1; got {config.max_new_tokens!r}")
+    return build_pruners(config)
+
+
+RECORDS_FORMAT = "explainprune-eval-records"
+
+
+def _records_header(model_name: str, task_info: dict[str, Any], config: EvalConfig, n: int) -> dict[str, Any]:
+    conf = {k: v for k, v in config.to_json().items() if k not in ("progress", "warmup")}
+    return {"format": RECORDS_FORMAT, "version": 1, "model": model_name, "task": task_info, "samples": n,
+            "config": conf}
+
+
+def _read_records(path: Path, header: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Finished samples of an earlier run with the same header (index -> line); {} when none or another run.
+    A torn last line (killed while writing) is dropped; the file is cut back to the good lines."""
+    if not path.is_file():
+        return {}
+    done: dict[int, dict[str, Any]] = {}
+    good = 0
+    with path.open("rb") as fh:
+        for k, raw in enumerate(fh):
+            try:
+                line = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                break
+            if k == 0:
+                if line != header:
+                    return {}
+            elif not raw.endswith(b"\n"):
+                break
+            else:
+                done[int(line["sample"])] = line
+            good += len(raw)
+    with path.open("r+b") as fh:
+        fh.truncate(good)
+    return done
+
+
+def _append(fh: Any, line: dict[str, Any]) -> None:
+    fh.write(json.dumps(line) + "\n")
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
 def run_eval(vlm: Any, samples: Any, config: EvalConfig | None = None, *, model_name: str = "",
-             task_info: dict[str, Any] | None = None) -> Report:
-    """Evaluate ``vlm`` on ``samples`` (indexable LabelSamples) with every method x ratio of ``config``."""
+             task_info: dict[str, Any] | None = None, records: str | Path | None = None,
+             on_error: str = "stop") -> Report:
+    """Evaluate ``vlm`` on ``samples`` (indexable LabelSamples) with every method x ratio of ``config``.
+
+    ``records``: a JSONL file the per-sample records are streamed to and resumed from (see the module
+    docstring). A sample whose media cannot be read (InputError) stops the run (``on_error="stop"``) or is
+    skipped and listed in the report's ``skipped`` ("skip").
+    """
     from tqdm.auto import tqdm
 
     config = config or EvalConfig()
-    for r in config.ratios:
-        if not 0.0 < float(r) <= 1.0:
-            raise ValueError(f"ratios must be in (0, 1]; got {r}")
+    if on_error not in ("stop", "skip"):
+        raise ValueError(f"on_error must be 'stop' or 'skip'; got {on_error!r}")
     if len(samples) == 0:
         raise ValueError("the task has no samples")
-    pruners = build_pruners(config)
+    pruners = check_config(config)
     shape = LLMShape.from_config(vlm.text_config)
-    if config.warmup:  # one untimed short run, so the first timed sample pays no one-off costs
-        vlm.generate(_prepare(vlm, samples[0]), max_new_tokens=2)
-    records: list[SampleRecord] = []
-    bar = tqdm(range(len(samples)), desc="eval", unit="sample", disable=not config.progress)
-    for i in bar:
-        sample = samples[i]
-        prompt = _prepare(vlm, sample)
-        for label, pruner in pruners:
-            with shared_scores(pruner) as scores:
-                for ratio in ((1.0,) if label == VANILLA else config.ratios):
-                    records.append(run_one(vlm, pruner, label, prompt, sample, float(ratio), shape,
-                                           config.max_new_tokens, scores))
-        base = [r.correct for r in records if r.method == VANILLA]
-        bar.set_postfix(vanilla_acc=f"{sum(base) / len(base):.2f}")
+    task_info = dict(task_info or {})
+    header = _records_header(model_name, dict(task_info), config, len(samples))
+    done = _read_records(Path(records), header) if records else {}
+    fh = None
+    if records:
+        fh = Path(records).open("a" if done else "w")
+        if not done:
+            _append(fh, header)
+    try:
+        todo = [i for i in range(len(samples)) if i not in done]
+        if config.warmup and todo:  # one untimed short run, so the first timed sample pays no one-off costs
+            try:
+                vlm.generate(_prepare(vlm, samples[todo[0]]), max_new_tokens=2)
+            except InputError:
+                pass  # met (and handled) again below
+        bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc="eval", unit="sample",
+                   disable=not config.progress)
+        for i in todo:
+            try:
+                sample = samples[i]
+            except InputError as err:
+                if on_error == "stop":
+                    raise
+                done[i] = {"sample": i, "error": {"index": i, "line": err.line, "id": err.sample,
+                                                  "error": err.message}}
+                if fh:
+                    _append(fh, done[i])
+                bar.update(1)
+                continue
+            prompt = _prepare(vlm, sample)
+            mine: list[SampleRecord] = []
+            for label, pruner in pruners:
+                with shared_scores(pruner) as scores:
+                    for ratio in ((1.0,) if label == VANILLA else config.ratios):
+                        mine.append(run_one(vlm, pruner, label, prompt, sample, float(ratio), shape,
+                                            config.max_new_tokens, scores))
+            done[i] = {"sample": i, "records": [asdict(r) for r in mine]}
+            if fh:
+                _append(fh, done[i])
+            bar.update(1)
+            base = [r["correct"] for d in done.values() for r in d.get("records", []) if r["method"] == VANILLA]
+            if base:
+                bar.set_postfix(vanilla_acc=f"{sum(base) / len(base):.2f}")
+        bar.close()
+    finally:
+        if fh:
+            fh.close()
+    ordered = [done[i] for i in sorted(done)]
+    all_records = [SampleRecord(**r) for d in ordered for r in d.get("records", [])]
     environment = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(vlm.device),
                    "machine": platform.machine(), "python": platform.python_version()}
-    return Report.from_records(records, model=model_name, task=task_info or {}, config=config.to_json(),
-                               shape=asdict(shape), environment=environment)
+    return Report.from_records(all_records, model=model_name, task=task_info, config=config.to_json(),
+                               shape=asdict(shape), environment=environment,
+                               skipped=[d["error"] for d in ordered if "error" in d])
 
 
 def evaluate(model: str, task: TaskConfig | None = None, config: EvalConfig | None = None,
-             out: str | None = None, plots: bool = True, vlm: Any = None) -> tuple[Report, dict[str, Any]]:
-    """Load ``model`` (path or "demo"), run ``task`` and, with ``out``, write the report files there."""
+             out: str | None = None, plots: bool = True, vlm: Any = None,
+             on_error: str = "stop") -> tuple[Report, dict[str, Any]]:
+    """Load ``model`` (path or "demo"), run ``task`` and, with ``out``, write the report files there
+    (``out/records.jsonl`` streams the per-sample records: an interrupted run resumes). Everything that can
+    be checked (task, methods, ratios, ``out``) is checked before the model loads."""
+    from explainprune.files import check_out_dir
+
     task, config = task or TaskConfig(), config or EvalConfig()
+    samples = load_task(task)
+    check_config(config)
+    if out:
+        check_out_dir(out)
     if vlm is None:
         from explainprune.models import load
 
         vlm = load(model)
-    samples = load_task(task)
-    report = run_eval(vlm, samples, config, model_name=str(model), task_info=samples.describe())
+    report = run_eval(vlm, samples, config, model_name=str(model), task_info=samples.describe(),
+                      records=Path(out) / "records.jsonl" if out else None, on_error=on_error)
     paths = report.save(out, plots=plots) if out else {}
     return report, paths

@@ -40,7 +40,7 @@ def load_task(config: TaskConfig) -> Any:
     from explainprune.labels import DigitsSource, ManifestSource
 
     if config.name == "digits":
-        n = DIGITS_DEFAULT_N if config.limit is None else int(config.limit)
+        n = DIGITS_DEFAULT_N if config.limit is None else config.limit  # checked by the source
         return DigitsSource(split=config.split, seed=config.seed, n=n, **config.options)
     path = Path(config.name)
     if not path.exists():

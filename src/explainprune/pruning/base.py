@@ -26,7 +26,9 @@ def select(scores: Tensor, ratio: float, num_visual: int | None = None) -> Tenso
     scores: Tensor[N_v], on any device (top-k runs there). ``num_visual`` (optional) is the prompt's
     N_v, checked against the scores.
     Raises ValueError for a ratio outside (0, 1], a wrong length, NaN scores or no visual tokens.
+    ``ratio`` may be a Python number, a numpy scalar or a 0-d tensor.
     """
+    ratio = _as_ratio(ratio)
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not (0.0 < float(ratio) <= 1.0):
         raise ValueError(f"ratio must be a number in (0, 1] (the share of visual tokens kept); got {ratio!r}")
     scores = torch.as_tensor(scores)
@@ -85,11 +87,37 @@ def get_pruner(name: str, **options: Any) -> Pruner:
         hint = f" did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"unknown pruner {name!r}.{hint} available: {', '.join(available())}")
     cls = _REGISTRY[name]
+    _check_option_types(name, cls, options)
     try:
         return cls(**options)
     except TypeError as err:
         fields = [f for f in getattr(cls, "__dataclass_fields__", {})]
         raise ValueError(f"pruner {name!r} accepts options {fields}; got {sorted(options)} ({err})") from None
+
+
+_SIMPLE_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_option_types(name: str, cls: type, options: dict[str, Any]) -> None:
+    """Options declared ``int`` / ``float`` / ``bool`` / ``str`` on the pruner's dataclass must have that type
+    (``fastv:layer=abc`` fails here, before any model work)."""
+    fields = getattr(cls, "__dataclass_fields__", {})
+    for key, value in options.items():
+        if key not in fields:
+            continue
+        kinds = _SIMPLE_TYPES.get(str(fields[key].type))
+        if kinds and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
+            raise ValueError(f"pruner {name!r}: option {key} must be {fields[key].type}; got {value!r}")
+
+
+def _as_ratio(ratio: Any) -> Any:
+    """A plain float for numpy scalars and 0-d tensors (anything else is returned as is)."""
+    if isinstance(ratio, Tensor) and ratio.dim() == 0 and not ratio.dtype == torch.bool:
+        return float(ratio)
+    if type(ratio).__module__ == "numpy" and getattr(ratio, "shape", None) == () and \
+            getattr(getattr(ratio, "dtype", None), "kind", "") in "iuf":
+        return float(ratio)
+    return ratio
 
 
 @dataclass

@@ -239,6 +239,11 @@ class FastV(Pruner):
 
     layer: int = 2  # type: ignore[misc]  # overrides the ClassVar default: the layer it prunes at
 
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise ValueError(f"fastv's layer K must be an integer >= 1 (layers 0..K-1 see every token); "
+                             f"got {self.layer!r}")
+
     @torch.no_grad()
     def score(self, vlm: VLM, prompt: Prompt) -> Tensor:
         """Tensor[N_v]: the last prompt token's attention at layer K-1, averaged over heads."""
