@@ -235,7 +235,8 @@ def test_training_defaults_are_the_papers(toy_labels, tmp_path, monkeypatch):
     train(toy_labels, tmp_path / "run", TrainConfig(epochs=1, **SMALL), progress=False)
     ptr = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
     group = json.loads((tmp_path / "run" / ptr["dir"] / "state.json").read_text())["param_groups"][0]
-    assert (tuple(group["betas"]), group["eps"], group["weight_decay"], group["amsgrad"]) == ((0.9, 0.999), 1e-8, 0, False)
+    adam = (tuple(group["betas"]), group["eps"], group["weight_decay"], group["amsgrad"])
+    assert adam == ((0.9, 0.999), 1e-8, 0, False)
 
 
 def test_first_logged_loss_is_kl_target_to_prediction(toy_labels, tmp_path):

@@ -203,7 +203,8 @@ def read_table(out: str | Path) -> pa.Table:
     tables = [pq.read_table(Path(out) / s["file"]) for s in index["shards"]]
     if not tables:
         return SCHEMA.empty_table()
-    return pa.concat_tables(tables, promote_options="default").replace_schema_metadata(None)  # old shards: no references
+    # promote: shards written before the references column existed read with it null
+    return pa.concat_tables(tables, promote_options="default").replace_schema_metadata(None)
 
 
 def read_index(out: str | Path) -> dict[str, Any]:

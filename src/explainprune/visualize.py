@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from explainprune.files import atomic_path
 from explainprune.models.base import Prompt
 from explainprune.pruning.base import select
 
@@ -159,7 +160,11 @@ def relevance_figure(prompt: Prompt, scores: Tensor, ratio: float = 0.25, out: s
     fig.suptitle("\n".join(lines), fontsize=9, y=1 - 0.1 * TITLE_INCHES / height)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in fig.canvas.get_supported_filetypes():
+        fmt = "png"  # written to exactly ``out`` (matplotlib would append ".png" and report another name)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=fmt)
     width, height = fig.canvas.get_width_height()
     return Picture(path=path, width=int(width), height=int(height))
 

@@ -44,15 +44,36 @@ def _shape(args: argparse.Namespace):
         config_file = path / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"no config.json in {path}")
-        config = json.loads(config_file.read_text())
+        from explainprune.errors import InputError
+        from explainprune.models import supported_model_types
+
+        try:
+            config = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"not valid JSON ({err})", file=config_file) from None
+        model_type = config.get("model_type") if isinstance(config, dict) else None
+        if model_type not in supported_model_types():
+            raise InputError(f"model_type {model_type!r} is not a supported multimodal model (supported: "
+                             f"{', '.join(supported_model_types())})", file=config_file,
+                             hint="give its shape with --hidden/--intermediate/--layers instead")
         text = config.get("text_config", config)
-        shape = LLMShape(int(text["hidden_size"]), int(text["intermediate_size"]),
-                         int(text["num_hidden_layers"]), args.ffn_matrices)
+        try:
+            shape = LLMShape(int(text["hidden_size"]), int(text["intermediate_size"]),
+                             int(text["num_hidden_layers"]), args.ffn_matrices)
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(f"its text config lacks a usable {err}", file=config_file) from None
     else:
         missing = [f"--{n}" for n in ("hidden", "intermediate", "layers") if getattr(args, n) is None]
         if missing:
             raise ValueError(f"give --model, or the shape: missing {', '.join(missing)}")
         shape = LLMShape(args.hidden, args.intermediate, args.layers, args.ffn_matrices)
+    for flag, value in (("--hidden", shape.hidden), ("--intermediate", shape.intermediate),
+                        ("--layers", shape.layers), ("--ffn-matrices", shape.ffn_matrices)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1; got {value}")
+    if args.method == "fastv" and not 1 <= args.fastv_layer < shape.layers:
+        raise ValueError(f"--fastv-layer must be in 1..{shape.layers - 1} (the model has {shape.layers} layers); "
+                         f"got {args.fastv_layer}")
     return shape
 
 

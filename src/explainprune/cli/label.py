@@ -65,9 +65,8 @@ def make_source(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     import explainprune
-    from explainprune.labels import LabelConfig, label
-
     from explainprune.files import check_out_dir
+    from explainprune.labels import LabelConfig, label
     from explainprune.sources import check_limit
 
     check_limit(args.limit)

@@ -64,18 +64,41 @@ def read_frames(path: str | Path, count: int = 8) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from PIL import Image
 
+    from explainprune.errors import InputError
+    from explainprune.files import check_out_file
     from explainprune.models import load
+    from explainprune.pruning.base import select
     from explainprune.visualize import show
 
     if not args.image and not args.video:
         raise ValueError("give --image FILE and/or --video FILE_OR_DIR")
+    if not args.question.strip():
+        raise InputError("--question is empty")
+    if args.frames < 1 or args.max_new_tokens < 1:
+        raise InputError("--frames and --max-new-tokens must be >= 1")
+    select(torch.ones(1), args.ratio)  # the ratio, checked with the usual message
     for f in args.image:
         if not Path(f).is_file():
             raise FileNotFoundError(f"no image at {f}")
-    images = [Image.open(f).convert("RGB") for f in args.image] or None
-    video = read_frames(args.video, args.frames) if args.video else None
+    try:
+        images = [Image.open(f).convert("RGB") for f in args.image] or None
+        video = read_frames(args.video, args.frames) if args.video else None
+    except (InputError, FileNotFoundError):
+        raise
+    except Exception as err:  # PIL / PyAV errors for damaged files
+        raise InputError(f"cannot read {' '.join(args.image) or args.video} ({type(err).__name__}: {err})") from None
+    if args.compressor:
+        from explainprune.compressor import Compressor
+
+        Compressor.from_pretrained(args.compressor)
+    if args.compare:
+        from explainprune.pruning import get_pruner
+
+        get_pruner(args.compare)
+    check_out_file(args.out)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     vlm = load(args.model)
     print("generating and explaining the answer (Eq. 1) ...", file=sys.stderr, flush=True)

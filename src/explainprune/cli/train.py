@@ -40,10 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from explainprune.train import TrainConfig, train
-
     from explainprune.files import check_out_dir
     from explainprune.labels import read_index
+    from explainprune.train import TrainConfig, train
 
     if args.epochs < 1 or args.batch_size < 1:
         raise ValueError("--epochs and --batch-size must be >= 1")

@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
+from explainprune.answers import display, is_correct, normalize_answers
+from explainprune.errors import InputError
 from explainprune.evaluation import DEFAULT_METHODS, DEFAULT_RATIOS
 from explainprune.evaluation.flops import LLMShape, account, compressor_channels
 from explainprune.evaluation.report import VANILLA, Report, SampleRecord
-from explainprune.answers import display, is_correct, normalize_answers
-from explainprune.errors import InputError
 from explainprune.evaluation.tasks import TaskConfig, load_task, sample_kind
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from explainprune.errors import InputError
 from explainprune.models.base import VLM, GenerationResult, Prompt
 from explainprune.models.llava import Llava
 from explainprune.models.llava_onevision import LlavaOnevision
@@ -29,12 +30,24 @@ def adapter_for(model_type: str) -> type[VLM]:
     )
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
+
+
 def _model_type(path: str | Path, trust_remote_code: bool) -> str:
     config_file = Path(path) / "config.json"
+    if Path(path).is_dir() and not config_file.is_file():
+        raise InputError(f"no config.json in {path}", hint="give a transformers checkpoint folder, a hub id or 'demo'")
     if config_file.is_file():
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        try:
+            config = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"not valid JSON ({err})", file=config_file) from None
+        model_type = config.get("model_type") if isinstance(config, dict) else None
         if not model_type:
-            raise ValueError(f"{config_file} has no model_type")
+            raise InputError("has no model_type", file=config_file)
+        if not any(any(Path(path).glob(p)) for p in WEIGHT_PATTERNS):
+            raise InputError(f"no weights in {path} (no {', '.join(WEIGHT_PATTERNS[:2])} file beside config.json)",
+                             hint="copy the checkpoint's weight files there too")
         return model_type
     from transformers import AutoConfig  # a hub id: resolved (and cached) by transformers
 

@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     model.model.language_model.config._attn_implementation = "eager"
     tok = AutoTokenizer.from_pretrained(a.init)
     banks_dir = Path(a.banks)
-    train = torch.load(banks_dir / "banks_train.pt", weights_only=False)
-    test = torch.load(banks_dir / "banks_test.pt", weights_only=False)
+    train = dl.banks_from_state(torch.load(banks_dir / "banks_train.pt", weights_only=True))
+    test = dl.banks_from_state(torch.load(banks_dir / "banks_test.pt", weights_only=True))
     side = int(round(train[0].feats.shape[1] ** 0.5))
     model.model.visual.requires_grad_(False)
     params = [p_ for n, p_ in model.named_parameters() if not n.startswith("model.visual")]

@@ -29,6 +29,19 @@ class Bank:
     boards: Boards
 
 
+BOARD_FIELDS = ("glyph", "digit", "frame", "marks")
+
+
+def banks_state(banks: list[Bank]) -> list[dict[str, torch.Tensor]]:
+    """Banks as plain tensors (loadable with ``torch.load(..., weights_only=True)``: nothing pickled)."""
+    return [{"feats": b.feats, **{k: torch.from_numpy(np.ascontiguousarray(getattr(b.boards, k)))
+                                  for k in BOARD_FIELDS}} for b in banks]
+
+
+def banks_from_state(state: list[dict[str, torch.Tensor]]) -> list[Bank]:
+    return [Bank(s["feats"], Boards(*(s[k].numpy() for k in BOARD_FIELDS))) for s in state]
+
+
 @torch.no_grad()
 def make_bank(visual: Any, maker: dd.BoardMaker, n: int, frame: int, marks: float, seed: int,
               strong: bool, batch: int = 64) -> Bank:
@@ -200,14 +213,14 @@ def answer_loss(model: Any, batch: dict[str, torch.Tensor], attn_weight: float =
 def _bank_cache(visual: Any, cfg: Any, work: Path, gen: dd.BoardMaker, split: str) -> list[Bank]:
     path = work / f"banks_{split}.pt"
     if path.is_file():
-        return torch.load(path, weights_only=False)
+        return banks_from_state(torch.load(path, weights_only=True))
     if split == "train":
         banks = make_banks(visual, gen, cfg.bank_images, cfg.bank_frames, cfg.seed, strong=True)
     else:
         from explainprune.tasks.digits_train import _test_maker
 
         banks = make_banks(visual, _test_maker(cfg), 512, 128, cfg.seed + 1, strong=False)
-    torch.save(banks, path)
+    torch.save(banks_state(banks), path)
     return banks
 
 

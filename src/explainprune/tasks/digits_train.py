@@ -242,7 +242,7 @@ def _save(path: Path, step: int, objs: dict[str, Any]) -> None:
 def _load(path: Path, objs: dict[str, Any]) -> int:
     if not path.is_file():
         return 0
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     for k, o in objs.items():
         o.load_state_dict(state[k])
     _print(f"resumed {path.name} at step {state['step']}")
