@@ -250,8 +250,9 @@ RECORDS_FORMAT = "explainprune-eval-records"
 
 def _records_header(model_name: str, task_info: dict[str, Any], config: EvalConfig, n: int) -> dict[str, Any]:
     conf = {k: v for k, v in config.to_json().items() if k not in ("progress", "warmup")}
-    return {"format": RECORDS_FORMAT, "version": 1, "model": model_name, "task": task_info, "samples": n,
-            "config": conf}
+    header = {"format": RECORDS_FORMAT, "version": 1, "model": model_name, "task": task_info, "samples": n,
+              "config": conf}
+    return json.loads(json.dumps(header, default=str))  # as read back (tuples become lists)
 
 
 def _read_records(path: Path, header: dict[str, Any]) -> dict[int, dict[str, Any]]:
