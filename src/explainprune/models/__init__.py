@@ -45,9 +45,6 @@ def _model_type(path: str | Path, trust_remote_code: bool) -> str:
         model_type = config.get("model_type") if isinstance(config, dict) else None
         if not model_type:
             raise InputError("has no model_type", file=config_file)
-        if not any(any(Path(path).glob(p)) for p in WEIGHT_PATTERNS):
-            raise InputError(f"no weights in {path} (no {', '.join(WEIGHT_PATTERNS[:2])} file beside config.json)",
-                             hint="copy the checkpoint's weight files there too")
         return model_type
     from transformers import AutoConfig  # a hub id: resolved (and cached) by transformers
 
@@ -69,6 +66,9 @@ def load(name_or_path: str | Path, **kwargs: Any) -> VLM:
     if not path.exists() and (str(name_or_path).startswith((".", "/")) or path.suffix):
         raise FileNotFoundError(f"no checkpoint at {name_or_path}")
     adapter = adapter_for(_model_type(name_or_path, bool(kwargs.get("trust_remote_code", False))))
+    if path.is_dir() and not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
+        raise InputError(f"no weights in {path} (no {', '.join(WEIGHT_PATTERNS[:2])} file beside config.json)",
+                         hint="copy the checkpoint's weight files there too")
     return adapter.from_pretrained(name_or_path, **kwargs)
 
 
