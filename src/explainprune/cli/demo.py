@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default 1: fastest for the small demo model)")
     p.add_argument("--json", action="store_true", help="print every number as JSON at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, kept=kept)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
     for key in ("label_samples", "epochs", "eval_samples", "threads"):
         if key in overrides and overrides[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1; got {overrides[key]}")
+    from explainprune.files import check_out_dir
+
+    check_out_dir(overrides["out"])
     config = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     print(f"explainprune {__version__} demo -> {config.out}")
     result = run_demo(config)
@@ -45,3 +48,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(summary(result))
     return 0
+
+
+def kept(args: argparse.Namespace) -> tuple[str, str]:
+    """After Ctrl-C: the finished steps (labels shards, training checkpoints, eval records) stay in --out."""
+    out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
+    return f"the finished work (label shards, the last training epoch, eval records) is kept in {out}", ""
