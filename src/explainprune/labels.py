@@ -17,7 +17,8 @@ rank's model belongs on ``cuda:LOCAL_RANK`` (``rank_device``); the process group
 CPU), and its barriers wait ``dist_timeout`` (default 12 hours: ranks finish their shares at different
 times of an hours-long run).
 
-The sample sources (``LabelSample``, ``DigitsSource``, ``ManifestSource``) are in ``explainprune.sources``.
+The sample sources (``LabelSample``, ``DigitsSource``, ``ManifestSource``) are in ``explainprune.sources``,
+the shard files (schema, page checksums, SHA-256 checks) in ``explainprune.shards``.
 """
 
 from __future__ import annotations
@@ -41,13 +42,21 @@ from torch import Tensor
 from explainprune.answers import display, normalize_answer, normalize_answers  # noqa: F401 (normalize_answer: old import path)
 from explainprune.answers import is_correct as answers_match
 from explainprune.errors import InputError
-from explainprune.files import atomic_path, write_json_atomic
+from explainprune.files import write_json_atomic
+from explainprune.shards import (  # noqa: F401  (SCHEMA, write_shard: also imported from here)
+    SCHEMA,
+    file_sha256,
+    shard_meta,
+    shard_ok,
+    shard_path,
+    verify_index,
+    write_shard,
+)
 
 # DigitsSource, ManifestSource, read_video live in explainprune.sources; re-exported here for old imports
 from explainprune.sources import DigitsSource, LabelSample, ManifestSource, SampleSource, read_video  # noqa: F401
 
 FORMAT = "explainprune-labels"
-META_KEY = b"explainprune"
 DIST_TIMEOUT = timedelta(hours=12)  # barrier wait under torchrun; env EXPLAINPRUNE_DIST_TIMEOUT_HOURS overrides
 
 
@@ -133,67 +142,8 @@ def region_indices(region: Sequence[Sequence[int]] | None, visual_grid: Tensor) 
     return [i for i, cell in enumerate(visual_grid.tolist()) if tuple(cell) in cells]
 
 
-# -- storage ---------------------------------------------------------------------------------------------
-SCHEMA = pa.schema([
-    ("id", pa.string()), ("index", pa.int64()), ("task", pa.string()), ("kind", pa.string()),
-    ("question", pa.string()), ("reference", pa.string()), ("answer", pa.string()), ("correct", pa.bool_()),
-    ("answer_ids", pa.list_(pa.int64())), ("num_heads", pa.int32()), ("num_visual", pa.int32()),
-    ("grid_shape", pa.list_(pa.int32())), ("visual_grid", pa.list_(pa.list_(pa.int32()))),
-    ("attention", pa.list_(pa.list_(pa.float32()))), ("relevance", pa.list_(pa.float32())),
-    ("region", pa.list_(pa.int32())), ("model", pa.string()), ("meta", pa.string()),
-    ("references", pa.list_(pa.string())),
-])
+# -- storage (shard files: explainprune.shards) ------------------------------------------------------------
 ON_ERROR = ("stop", "skip")
-
-
-def shard_path(out: str | Path, shard: int) -> Path:
-    return Path(out) / "shards" / f"{shard:05d}.parquet"
-
-
-def write_shard(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    """Write one shard atomically (temp file in the same folder, then rename), with parquet page checksums."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = {name: [r[name] for r in rows] for name in SCHEMA.names}
-    table = pa.table(columns, schema=SCHEMA.with_metadata({META_KEY: json.dumps(meta, sort_keys=True)}))
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, write_page_checksum=True)
-
-
-def shard_meta(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(pq.read_schema(path).metadata[META_KEY])
-    except (pa.ArrowException, OSError, KeyError, TypeError) as err:
-        raise InputError(f"not a readable label shard ({err})", file=path,
-                         hint="delete it and rerun `explainprune label` with the same arguments to redo it") from None
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def shard_ok(path: Path) -> bool:
-    """Whether the shard file reads back whole (footer, metadata and every page's checksum)."""
-    try:
-        shard_meta(path)
-        pq.read_table(path, page_checksum_verification=True)
-    except (InputError, pa.ArrowException, OSError):
-        return False
-    return True
-
-
-def verify_index(out: str | Path, index: dict[str, Any]) -> None:
-    """Check every shard against the SHA-256 recorded in ``index.json``; InputError naming the first bad one."""
-    for s in index["shards"]:
-        path = Path(out) / s["file"]
-        if not path.is_file():
-            raise InputError("is missing", file=path, hint="rerun `explainprune label` with the same arguments")
-        if "sha256" in s and file_sha256(path) != s["sha256"]:
-            raise InputError("is damaged (its SHA-256 differs from the one in index.json)", file=path,
-                             hint="rerun `explainprune label` with the same arguments to redo it")
 
 
 def read_table(out: str | Path) -> pa.Table:
