@@ -192,3 +192,19 @@ def test_files_get_the_usual_permissions(tmp_path):
             assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
     finally:
         os.umask(old)
+
+
+def test_fixed_manifest_seen_by_a_second_rank_after_rank_0_recorded_it(tmp_path):
+    """Under torchrun another rank may find run.json already updated: its shards still know their revision."""
+    import explainprune.labels as labels
+
+    d = tmp_path / "data"
+    path = write_manifest(d, rows(4))
+    out = tmp_path / "out"
+    cfg = LabelConfig(shard_size=2)
+    label(ImageVLM(), ManifestSource(path), out, cfg, labeler=NineLabeler(), progress=False)
+    write_manifest(d, rows(4, r3={"id": "q3", "question": "q fixed", "answer": "9", "image": "0.png"}))
+    labels._check_run(out, labels._run_record(ManifestSource(path), cfg, ImageVLM().fingerprint()))  # rank 0
+    lab = NineLabeler()
+    label(ImageVLM(), ManifestSource(path), out, cfg, labeler=lab, progress=False)
+    assert lab.seen == ["q2", "q3"]

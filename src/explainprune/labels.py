@@ -266,9 +266,10 @@ def _shard_digest(source: SampleSource, start: int, stop: int) -> str | None:
 
 
 def _shard_done(path: Path, source: SampleSource, start: int, stop: int, revised: bool,
-                index: dict[str, Any] | None) -> bool:
+                index: dict[str, Any] | None, source_id: str = "") -> bool:
     """Whether an existing shard file counts as finished: it reads back whole (and matches index.json's
-    SHA-256), and, after a manifest revision or when it skipped bad samples, its samples are unchanged."""
+    SHA-256), and, when it was written from another revision of the manifest (``source_id``) or skipped bad
+    samples, its samples are unchanged."""
     if not path.is_file():
         return False
     recorded = {s["file"]: s.get("sha256") for s in (index or {}).get("shards", [])}
@@ -278,7 +279,8 @@ def _shard_done(path: Path, source: SampleSource, start: int, stop: int, revised
     meta = shard_meta(path)
     if (meta.get("start"), meta.get("stop")) != (start, stop):
         return False
-    if revised or meta.get("errors"):
+    other_revision = revised or ("source" in meta and meta["source"] != source_id)  # (old shards: no key)
+    if other_revision or meta.get("errors"):
         return meta.get("digest") is not None and meta.get("digest") == _shard_digest(source, start, stop)
     return True
 
@@ -346,7 +348,9 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
     created = _init_dist(world, getattr(vlm, "device", None), dist_timeout or _dist_timeout())
     group = created or (world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized())
     fingerprint = vlm.fingerprint()
-    revised = _check_run(out, _run_record(source, config, fingerprint))
+    record = _run_record(source, config, fingerprint)
+    revised = _check_run(out, record)
+    source_id = hashlib.sha256(json.dumps(record["source"], sort_keys=True).encode()).hexdigest()[:16]
     old_index = json.loads((out / "index.json").read_text()) if (out / "index.json").is_file() else None
     if labeler is None:
         labeler = default_labeler(config.rule, config.clamp, config.max_new_tokens, config.keep_wrong,
@@ -356,7 +360,7 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
     n, size = len(source), config.shard_size
     mine = list(range(rank, -(-n // size), world))
     todo = [s for s in mine if not _shard_done(shard_path(out, s), source, s * size, min(n, (s + 1) * size),
-                                               revised, old_index)]
+                                               revised, old_index, source_id)]
     total_mine = sum(min(n, (s + 1) * size) - s * size for s in todo)
     started, labeled, skipped = time.perf_counter(), 0, 0
     bar = tqdm(total=total_mine, unit="sample", disable=not progress or rank != 0,
@@ -386,7 +390,8 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
             bar.set_postfix(skipped=skipped + len(wrong), refresh=False)
         write_shard(shard_path(out, s), rows, {"shard": s, "start": start, "stop": stop, "labeled": len(rows),
                                                "skipped": wrong, "wrong": n_wrong, "errors": errors,
-                                               "digest": _shard_digest(source, start, stop)})
+                                               "digest": _shard_digest(source, start, stop),
+                                               "source": source_id})
         labeled, skipped = labeled + len(rows), skipped + len(wrong)
     bar.close()
     if group:
