@@ -30,16 +30,13 @@ def _one(value: Any, where: str) -> str:
         if not math.isfinite(value):
             raise InputError(f"{where} must be a finite number; got {value!r}")
         value = int(value) if value.is_integer() else value
-    text = str(value)
-    if not text.strip():
-        raise InputError(f"{where} is empty")
-    return text
+    return str(value)  # an empty string is allowed: it matches an empty answer
 
 
 def normalize_answers(value: Any, where: str = "answer") -> tuple[str, ...]:
     """The acceptable answers of ``value``: a string or number -> (it,), a list of them -> all of them.
-    Numbers become strings (9 -> "9", 9.0 -> "9", 0.5 -> "0.5"). Raises InputError for anything else,
-    an empty string or an empty list; ``where`` names the field in the message."""
+    Numbers become strings (9 -> "9", 9.0 -> "9", 0.5 -> "0.5"). Raises InputError for anything else or an
+    empty list; ``where`` names the field in the message."""
     if isinstance(value, (list, tuple)):
         if not value:
             raise InputError(f"{where} is an empty list: give at least one acceptable answer")

@@ -43,11 +43,13 @@ from explainprune.answers import display, normalize_answer, normalize_answers  #
 from explainprune.answers import is_correct as answers_match
 from explainprune.errors import InputError
 from explainprune.files import write_json_atomic
-from explainprune.shards import (  # noqa: F401  (SCHEMA, write_shard: also imported from here)
+from explainprune.shards import (  # noqa: F401  (SCHEMA, write_shard, index_digest: also imported from here)
     SCHEMA,
     file_sha256,
+    index_digest,
+    samples_digest,
+    shard_done,
     shard_meta,
-    shard_ok,
     shard_path,
     verify_index,
     write_shard,
@@ -169,13 +171,6 @@ def read_index(out: str | Path) -> dict[str, Any]:
                          "with the same arguments to rebuild it") from None
 
 
-def index_digest(index: dict[str, Any]) -> str:
-    """The identity of a label set: a digest of its run record and every shard's SHA-256 (or row counts)."""
-    shards = [[s["file"], s.get("sha256", s["rows"])] for s in index["shards"]]
-    keep = {k: index.get(k) for k in ("source", "samples", "config", "fingerprint")}
-    return hashlib.sha256(json.dumps([keep, shards], sort_keys=True).encode()).hexdigest()[:16]
-
-
 @dataclass
 class LabelRecord:
     """One stored sample, as tensors: attention [H, N_v], relevance [N_v], region (indices) or None."""
@@ -257,34 +252,6 @@ def _check_run(out: Path, record: dict[str, Any]) -> bool:
     return False
 
 
-def _shard_digest(source: SampleSource, start: int, stop: int) -> str | None:
-    """Digest of the samples [start, stop) of ``source`` (None when the source cannot digest samples)."""
-    one = getattr(source, "sample_digest", None)
-    if one is None:
-        return None
-    return hashlib.sha256(" ".join(one(i) for i in range(start, stop)).encode()).hexdigest()[:16]
-
-
-def _shard_done(path: Path, source: SampleSource, start: int, stop: int, revised: bool,
-                index: dict[str, Any] | None, source_id: str = "") -> bool:
-    """Whether an existing shard file counts as finished: it reads back whole (and matches index.json's
-    SHA-256), and, when it was written from another revision of the manifest (``source_id``) or skipped bad
-    samples, its samples are unchanged."""
-    if not path.is_file():
-        return False
-    recorded = {s["file"]: s.get("sha256") for s in (index or {}).get("shards", [])}
-    sha = recorded.get(f"shards/{path.name}")
-    if (sha and file_sha256(path) != sha) or not shard_ok(path):
-        return False
-    meta = shard_meta(path)
-    if (meta.get("start"), meta.get("stop")) != (start, stop):
-        return False
-    other_revision = revised or ("source" in meta and meta["source"] != source_id)  # (old shards: no key)
-    if other_revision or meta.get("errors"):
-        return meta.get("digest") is not None and meta.get("digest") == _shard_digest(source, start, stop)
-    return True
-
-
 def _row(index: int, sample: LabelSample, prompt: Any, res: LabelOutput, task: str, model: str) -> dict:
     att, rel = res.attention, res.relevance
     answers = normalize_answers(sample.answer, f"sample {sample.id}: answer")
@@ -359,7 +326,7 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
     model = json.dumps(fingerprint, sort_keys=True)
     n, size = len(source), config.shard_size
     mine = list(range(rank, -(-n // size), world))
-    todo = [s for s in mine if not _shard_done(shard_path(out, s), source, s * size, min(n, (s + 1) * size),
+    todo = [s for s in mine if not shard_done(shard_path(out, s), source, s * size, min(n, (s + 1) * size),
                                                revised, old_index, source_id)]
     total_mine = sum(min(n, (s + 1) * size) - s * size for s in todo)
     started, labeled, skipped = time.perf_counter(), 0, 0
@@ -390,7 +357,7 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
             bar.set_postfix(skipped=skipped + len(wrong), refresh=False)
         write_shard(shard_path(out, s), rows, {"shard": s, "start": start, "stop": stop, "labeled": len(rows),
                                                "skipped": wrong, "wrong": n_wrong, "errors": errors,
-                                               "digest": _shard_digest(source, start, stop),
+                                               "digest": samples_digest(source, start, stop),
                                                "source": source_id})
         labeled, skipped = labeled + len(rows), skipped + len(wrong)
     bar.close()

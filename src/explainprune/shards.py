@@ -1,7 +1,8 @@
 """Label shard files: the parquet schema, atomic writes with page checksums, SHA-256s and read-back checks.
 
 One shard holds samples [start, stop) of a label run (``explainprune.labels``): rows of the correctly
-answered samples and, in its schema metadata, the skipped ids, counts, errors and a digest of its samples.
+answered samples and, in its schema metadata, the skipped ids, counts, errors, a digest of its samples and
+the manifest revision it came from. ``shard_done`` decides whether a rerun may keep it.
 """
 
 from __future__ import annotations
@@ -78,3 +79,38 @@ def verify_index(out: str | Path, index: dict[str, Any]) -> None:
         if "sha256" in s and file_sha256(path) != s["sha256"]:
             raise InputError("is damaged (its SHA-256 differs from the one in index.json)", file=path,
                              hint="rerun `explainprune label` with the same arguments to redo it")
+
+
+def index_digest(index: dict[str, Any]) -> str:
+    """The identity of a label set: a digest of its run record and every shard's SHA-256 (or row counts)."""
+    shards = [[s["file"], s.get("sha256", s["rows"])] for s in index["shards"]]
+    keep = {k: index.get(k) for k in ("source", "samples", "config", "fingerprint")}
+    return hashlib.sha256(json.dumps([keep, shards], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def samples_digest(source: Any, start: int, stop: int) -> str | None:
+    """Digest of the samples [start, stop) of ``source`` (None when the source cannot digest samples)."""
+    one = getattr(source, "sample_digest", None)
+    if one is None:
+        return None
+    return hashlib.sha256(" ".join(one(i) for i in range(start, stop)).encode()).hexdigest()[:16]
+
+
+def shard_done(path: Path, source: Any, start: int, stop: int, revised: bool,
+                index: dict[str, Any] | None, source_id: str = "") -> bool:
+    """Whether an existing shard file counts as finished: it reads back whole (and matches index.json's
+    SHA-256), and, when it was written from another revision of the manifest (``source_id``) or skipped bad
+    samples, its samples are unchanged."""
+    if not path.is_file():
+        return False
+    recorded = {s["file"]: s.get("sha256") for s in (index or {}).get("shards", [])}
+    sha = recorded.get(f"shards/{path.name}")
+    if (sha and file_sha256(path) != sha) or not shard_ok(path):
+        return False
+    meta = shard_meta(path)
+    if (meta.get("start"), meta.get("stop")) != (start, stop):
+        return False
+    other_revision = revised or ("source" in meta and meta["source"] != source_id)  # (old shards: no key)
+    if other_revision or meta.get("errors"):
+        return meta.get("digest") is not None and meta.get("digest") == samples_digest(source, start, stop)
+    return True

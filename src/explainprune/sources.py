@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from explainprune.models.base import Video
 from explainprune.answers import normalize_answers
 from explainprune.errors import InputError
+from explainprune.models.base import Video
 
 
 @dataclass
