@@ -299,3 +299,19 @@ def test_show_out_without_suffix_writes_the_printed_path(tiny_dirs, tmp_path, ca
     assert (tmp_path / "name").is_file() and not (tmp_path / "name.png").exists()
     with Image.open(tmp_path / "name") as img:
         assert img.format == "PNG"
+
+
+def test_ctrl_c_in_demo_points_at_the_same_command(monkeypatch, tmp_path, capsys):
+    import explainprune.demo as demo
+
+    def stop(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_demo", stop)
+    argv = ["demo", "--quick", "--out", str(tmp_path / "d")]
+    assert main(argv) == 130
+    line = interrupted(capsys, "demo")
+    assert f"kept in {tmp_path / 'd'}; to resume: explainprune {shlex.join(argv)}" in line
+    (tmp_path / "f").write_text("x")
+    assert main(["demo", "--quick", "--out", str(tmp_path / "f")]) == 2
+    one_error_line(capsys, "demo", "is a file, not a folder")
