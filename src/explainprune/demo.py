@@ -8,7 +8,7 @@ videos), the report files, a few relevance pictures, and the table printed at th
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ class DemoConfig:
     """Sizes of the demo. ``quick()`` gives the `--quick` variant."""
 
     model: str = "demo"
+    model_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of explainprune.load
     out: str = "runs/demo"
     label_samples: int = 800
     epochs: int = 30
@@ -72,7 +73,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    vlm = explainprune.load(config.model)
+    vlm = explainprune.load(config.model, **config.model_options)
     _say(f"loaded {config.model} ({vlm.config.model_type}, {vlm.text_config.num_hidden_layers} LLM layers)")
 
     _say(f"1/4 labels: A_v^0 and R_v (Eq. 1) on {config.label_samples} digits train samples -> {out / 'labels'}")

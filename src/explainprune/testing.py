@@ -200,3 +200,32 @@ def random_image(seed: int = 0, size: tuple[int, int] = (112, 140)):
 
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+
+
+def put_in_hub_cache(checkpoint: str | Path, repo_id: str, cache_dir: str | Path, revision: str = "main",
+                     commit: str | None = None) -> Path:
+    """Copy a checkpoint directory into a hub cache laid out as huggingface_hub lays it out.
+
+    ``cache_dir/models--org--name/blobs/<sha256>``, ``snapshots/<commit>/<file>`` (relative symlinks to the
+    blobs) and ``refs/<revision>`` holding the commit hash, so ``from_pretrained(repo_id)`` finds it with
+    ``HF_HUB_OFFLINE=1``. Returns the snapshot directory.
+    """
+    import hashlib
+    import os
+
+    checkpoint, repo = Path(checkpoint), Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    commit = commit or hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for file in sorted(f for f in checkpoint.rglob("*") if f.is_file()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / file.relative_to(checkpoint)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return snapshot

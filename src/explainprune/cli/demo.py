@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from explainprune.cli.common import add_model_options, load_options
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -23,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default 1: fastest for the small demo model)")
     p.add_argument("--json", action="store_true", help="print every number as JSON at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_model_options(p)
     p.set_defaults(func=run, kept=kept)
 
 
@@ -34,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
                                    "epochs": args.epochs, "eval_samples": args.eval_samples, "threads": args.threads,
                                    "progress": not args.no_progress}.items() if v is not None}
     overrides["out"] = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
+    overrides["model_options"] = load_options(args)
     for key in ("label_samples", "epochs", "eval_samples", "threads"):
         if key in overrides and overrides[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1; got {overrides[key]}")

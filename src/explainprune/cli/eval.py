@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from explainprune.cli.common import add_model_options, load_options
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from explainprune.evaluation import DEFAULT_METHODS, DEFAULT_RATIOS
@@ -38,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the aggregate results as JSON")
+    add_model_options(p)
     p.set_defaults(func=run, kept=kept)
 
 
@@ -59,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     config = EvalConfig(methods=tuple(args.methods), ratios=tuple(args.ratios), max_new_tokens=args.max_new_tokens,
                         method_options=options, progress=not args.no_progress)
     task = TaskConfig(name=args.task, split=args.split, seed=args.seed, limit=args.limit)
-    report, paths = evaluate(args.model, task, config, out=args.out, plots=not args.no_plots, on_error=args.on_error)
+    report, paths = evaluate(args.model, task, config, out=args.out, plots=not args.no_plots, on_error=args.on_error,
+                             load_options=load_options(args))
     if args.json:
         data = report.to_json()
         print(json.dumps({"results": data["results"], "files": {k: str(v) for k, v in paths.items()}}, indent=1))

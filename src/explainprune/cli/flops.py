@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "Give --model (a checkpoint directory or 'demo'; only its config is read) or the shape by hand.",
         epilog="example (the paper's setting): explainprune flops --hidden 3584 --intermediate 18944 "
         "--layers 28 --visual-tokens 1568 --ratio 0.25 --method learned")
-    p.add_argument("--model", help="checkpoint directory or 'demo' (reads config.json only)")
+    p.add_argument("--model", help="checkpoint directory, hub id or 'demo' (reads config.json only)")
     p.add_argument("--hidden", type=int, help="hidden size d")
     p.add_argument("--intermediate", type=int, help="FFN intermediate size m")
     p.add_argument("--layers", type=int, help="number of LLM layers N_L")
@@ -38,15 +37,12 @@ def _shape(args: argparse.Namespace):
     if args.model and any(getattr(args, n) is not None for n in ("hidden", "intermediate", "layers")):
         raise ValueError("give either --model or --hidden/--intermediate/--layers, not both")
     if args.model:
-        from explainprune.models import DEMO_PATH
+        from explainprune.models.hub import checkpoint_file, resolve
 
-        path = DEMO_PATH if args.model == "demo" else Path(args.model)
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"no config.json in {path}")
         from explainprune.errors import InputError
         from explainprune.models import supported_model_types
 
+        config_file = checkpoint_file(resolve(args.model), "config.json")
         try:
             config = json.loads(config_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from explainprune.cli.common import add_model_options, load_options
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -45,9 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--on-error", default="stop", choices=["stop", "skip"],
                    help="a sample whose image/video cannot be read: stop the run (default; finished shards are "
                    "kept) or skip it (listed in the summary and index.json)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--json", action="store_true", help="print the final numbers as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_options(p)
     p.set_defaults(func=run, kept=kept)
 
 
@@ -66,7 +68,7 @@ def make_source(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import explainprune
     from explainprune.files import check_out_dir
-    from explainprune.labels import LabelConfig, label
+    from explainprune.labels import LabelConfig, label, rank_device
     from explainprune.sources import check_limit
 
     check_limit(args.limit)
@@ -76,9 +78,13 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1; got {value}")
     source = make_source(args)
     check_out_dir(args.out)
+    options = load_options(args)
+    if "device_map" not in options:  # under torchrun with CUDA: rank r on cuda:LOCAL_RANK (cuda or no --device)
+        device = rank_device(options.pop("device", None))
+        options.update({"device": device} if device is not None else {})
     config = LabelConfig(shard_size=args.shard_size, rule=args.rule, clamp=not args.no_clamp,
                          max_new_tokens=args.max_new_tokens, keep_wrong=args.keep_wrong, head_chunk=args.head_chunk)
-    vlm = explainprune.load(args.model, device=args.device)
+    vlm = explainprune.load(args.model, **options)
     rep = label(vlm, source, args.out, config, progress=not args.no_progress, on_error=args.on_error)
     if args.json:
         print(json.dumps(rep.to_json(), indent=1))

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from explainprune.cli.common import add_model_options, load_options
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -38,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16, help="length limit of the generated answer")
     p.add_argument("--out", default="relevance.png", help="PNG to write (default relevance.png)")
     p.add_argument("--json", action="store_true", help="print the numbers (answer, scores, kept) as JSON")
+    add_model_options(p)
     p.set_defaults(func=run)
 
 
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from explainprune.pruning.base import select
     from explainprune.visualize import show
 
+    options = load_options(args)
     if not args.image and not args.video:
         raise ValueError("give --image FILE and/or --video FILE_OR_DIR")
     if not args.question.strip():
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         get_pruner(args.compare)
     check_out_file(args.out)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    vlm = load(args.model)
+    vlm = load(args.model, **options)
     print("generating and explaining the answer (Eq. 1) ...", file=sys.stderr, flush=True)
     result = show(vlm, args.question, images=images, video=video, answer=args.answer, ratio=args.ratio,
                   out=args.out, rule=args.rule, clamp=not args.no_clamp, compressor=args.compressor,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from explainprune.cli.common import add_device_option
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -32,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="input scaling: divide each head by its mean over the tokens (default), or none")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    add_device_option(p, "f_θ's training")
     p.add_argument("--json", action="store_true", help="print the final numbers as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run, kept=kept)
@@ -55,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction,
                          seed=args.seed, power=args.target_power, average_heads=args.average_heads,
                          normalize=args.normalize)
-    res = train(args.labels, args.out, config, resume=args.resume, progress=not args.no_progress)
+    res = train(args.labels, args.out, config, resume=args.resume, progress=not args.no_progress,
+                device=args.device or "cpu")
     if args.json:
         print(json.dumps(res.to_json(), indent=1))
     else:

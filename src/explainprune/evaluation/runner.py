@@ -363,10 +363,11 @@ def run_eval(vlm: Any, samples: Any, config: EvalConfig | None = None, *, model_
 
 def evaluate(model: str, task: TaskConfig | None = None, config: EvalConfig | None = None,
              out: str | None = None, plots: bool = True, vlm: Any = None,
-             on_error: str = "stop") -> tuple[Report, dict[str, Any]]:
-    """Load ``model`` (path or "demo"), run ``task`` and, with ``out``, write the report files there
-    (``out/records.jsonl`` streams the per-sample records: an interrupted run resumes). Everything that can
-    be checked (task, methods, ratios, ``out``) is checked before the model loads."""
+             on_error: str = "stop", load_options: dict[str, Any] | None = None) -> tuple[Report, dict[str, Any]]:
+    """Load ``model`` (path, hub id or "demo"; ``load_options`` go to ``explainprune.load``), run ``task``
+    and, with ``out``, write the report files there (``out/records.jsonl`` streams the per-sample records:
+    an interrupted run resumes). Everything that can be checked (task, methods, ratios, ``out``) is checked
+    before the model loads."""
     from explainprune.files import check_out_dir
 
     task, config = task or TaskConfig(), config or EvalConfig()
@@ -377,7 +378,7 @@ def evaluate(model: str, task: TaskConfig | None = None, config: EvalConfig | No
     if vlm is None:
         from explainprune.models import load
 
-        vlm = load(model)
+        vlm = load(model, **(load_options or {}))
     report = run_eval(vlm, samples, config, model_name=str(model), task_info=samples.describe(),
                       records=Path(out) / "records.jsonl" if out else None, on_error=on_error)
     paths = report.save(out, plots=plots) if out else {}

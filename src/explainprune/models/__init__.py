@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from explainprune.errors import InputError
 from explainprune.models.base import VLM, GenerationResult, Prompt
+from explainprune.models.hub import DEMO_PATH, checkpoint_file, resolve
 from explainprune.models.llava import Llava
 from explainprune.models.llava_onevision import LlavaOnevision
 from explainprune.models.qwen2_vl import Qwen2VL
 from explainprune.models.qwen3_vl import Qwen3VL
 
 ADAPTERS: tuple[type[VLM], ...] = (Qwen2VL, Qwen3VL, LlavaOnevision, Llava)
-DEMO_PATH = Path(__file__).resolve().parent.parent / "assets" / "demo"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def supported_model_types() -> list[str]:
@@ -33,43 +37,66 @@ def adapter_for(model_type: str) -> type[VLM]:
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
 
 
-def _model_type(path: str | Path, trust_remote_code: bool) -> str:
-    config_file = Path(path) / "config.json"
-    if Path(path).is_dir() and not config_file.is_file():
-        raise InputError(f"no config.json in {path}", hint="give a transformers checkpoint folder, a hub id or 'demo'")
-    if config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(f"not valid JSON ({err})", file=config_file) from None
-        model_type = config.get("model_type") if isinstance(config, dict) else None
-        if not model_type:
-            raise InputError("has no model_type", file=config_file)
-        return model_type
-    from transformers import AutoConfig  # a hub id: resolved (and cached) by transformers
-
-    return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code).model_type
+def _model_type(config_file: Path) -> str:
+    """``model_type`` of a checkpoint's config.json (InputError naming the file when it is unusable)."""
+    try:
+        config = json.loads(Path(config_file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"not valid JSON ({err})", file=config_file) from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not model_type:
+        raise InputError("has no model_type", file=config_file)
+    return model_type
 
 
-def load(name_or_path: str | Path, **kwargs: Any) -> VLM:
+def check_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    """``"auto"`` (the checkpoint's own dtype), a torch dtype, or its name (float32, bfloat16, float16)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)} or a torch.dtype")
+    return dtype if dtype == "auto" else getattr(torch, dtype)
+
+
+def load(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
+         device: str | torch.device | None = None, device_map: str | dict | None = None,
+         attn_implementation: str = "sdpa", revision: str | None = None, trust_remote_code: bool = False,
+         **processor_options: Any) -> VLM:
     """Load a checkpoint behind the adapter protocol.
 
-    ``"demo"`` is the shipped digits model; anything else is a transformers checkpoint directory or hub id
-    of a supported family. Keyword options: ``dtype``, ``device``, ``attn_implementation`` ("sdpa"),
-    ``trust_remote_code`` (False; only passed on when you ask).
+    ``name_or_path``: ``"demo"`` (the shipped digits model), a checkpoint directory, or a hub id
+    (``org/name``) resolved as ``from_pretrained`` resolves it (hub cache; ``HF_HUB_OFFLINE=1`` works
+    with a populated cache) at ``revision``.
+    ``dtype``: "auto" (the checkpoint's own), "float32", "bfloat16", "float16" or a torch dtype.
+    ``device``: where the whole model goes (default cpu); ``device_map`` instead ("auto", "cuda",
+    {"module": device}, ...; needs accelerate: ``pip install 'explainprune[gpu]'``) places it through
+    accelerate and the model is not moved afterwards.
+    ``processor_options``: image-processor settings such as ``min_pixels`` / ``max_pixels`` (Qwen) or
+    ``size``, checked against the processor's accepted options.
     """
-    if str(name_or_path) == "demo":
-        if not (DEMO_PATH / "config.json").is_file():
-            raise FileNotFoundError(f"the demo model is not installed at {DEMO_PATH}")
-        name_or_path = DEMO_PATH
-    path = Path(name_or_path)
-    if not path.exists() and (str(name_or_path).startswith((".", "/")) or path.suffix):
-        raise FileNotFoundError(f"no checkpoint at {name_or_path}")
-    adapter = adapter_for(_model_type(name_or_path, bool(kwargs.get("trust_remote_code", False))))
-    if path.is_dir() and not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
-        raise InputError(f"no weights in {path} (no {', '.join(WEIGHT_PATTERNS[:2])} file beside config.json)",
+    if device is not None and device_map is not None:
+        raise InputError("give device or device_map, not both (device_map places the model itself)")
+    dtype = check_dtype(dtype)
+    if device_map is not None and not _accelerate_available():
+        raise InputError("device_map needs the accelerate package",
+                         hint="pip install 'explainprune[gpu]' (or pip install accelerate)")
+    source = resolve(name_or_path)
+    if isinstance(source, Path) and not (source / "config.json").is_file():
+        raise InputError(f"no config.json in {source}", hint="give a transformers checkpoint folder, a hub id or 'demo'")
+    adapter = adapter_for(_model_type(checkpoint_file(source, "config.json", revision=revision)))
+    if isinstance(source, Path) and not any(any(source.glob(p)) for p in WEIGHT_PATTERNS):
+        raise InputError(f"no weights in {source} (no {', '.join(WEIGHT_PATTERNS[:2])} file beside config.json)",
                          hint="copy the checkpoint's weight files there too")
-    return adapter.from_pretrained(name_or_path, **kwargs)
+    return adapter.from_pretrained(source, dtype=dtype, device=device, device_map=device_map,
+                                   attn_implementation=attn_implementation, revision=revision,
+                                   trust_remote_code=trust_remote_code, **processor_options)
 
 
-__all__ = ["ADAPTERS", "VLM", "GenerationResult", "Prompt", "adapter_for", "load", "supported_model_types"]
+def _accelerate_available() -> bool:
+    from transformers.utils import is_accelerate_available
+
+    return bool(is_accelerate_available())
+
+
+__all__ = ["ADAPTERS", "DEMO_PATH", "DTYPES", "VLM", "GenerationResult", "Prompt", "adapter_for", "check_dtype", "load",
+           "supported_model_types"]

@@ -216,23 +216,41 @@ class VLM:
 
     # -- loading -------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str = torch.float32,
-                        device: str | torch.device = "cpu", attn_implementation: str = "sdpa",
-                        trust_remote_code: bool = False) -> VLM:
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str = "auto",
+                        device: str | torch.device | None = None, device_map: str | dict | None = None,
+                        attn_implementation: str = "sdpa", revision: str | None = None,
+                        trust_remote_code: bool = False, **processor_options: Any) -> VLM:
+        """Load ``path`` (a directory or a hub id; see ``explainprune.load``). With ``device_map`` the model
+        is placed by accelerate and not moved; otherwise it goes to ``device`` (default cpu)."""
         from transformers import AutoTokenizer
 
-        model = cls._load(path, dtype=dtype, attn_implementation=attn_implementation,
-                          trust_remote_code=trust_remote_code).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        return cls(model, tokenizer, cls._image_processor(path), _read_chat_template(path, tokenizer))
+        from explainprune.models.hub import checkpoint_file
+
+        image_processor = cls._image_processor(path, revision=revision,
+                                               **check_processor_options(cls._processor_class(), processor_options))
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        templates = {name: checkpoint_file(path, name, revision=revision, required=False)
+                     for name in ("chat_template.jinja", "chat_template.json")}
+        options = {"device_map": device_map} if device_map is not None else {}
+        model = cls._load(path, dtype=dtype, attn_implementation=attn_implementation, revision=revision,
+                          trust_remote_code=trust_remote_code, **options)
+        if device_map is None:
+            model = model.to(device or "cpu")
+        return cls(model.eval(), tokenizer, image_processor, _read_chat_template(templates, tokenizer))
 
     @classmethod
-    def _load(cls, path, **kwargs):  # pragma: no cover - abstract
+    def _load(cls, path, **options):  # pragma: no cover - abstract
+        """The model, from ``model_class.from_pretrained(path, **options)``."""
         raise NotImplementedError
 
     @classmethod
-    def _image_processor(cls, path):  # pragma: no cover - abstract
+    def _processor_class(cls) -> type:  # pragma: no cover - abstract
+        """The (PIL) image-processor class of the family."""
         raise NotImplementedError
+
+    @classmethod
+    def _image_processor(cls, path, **options):
+        return cls._processor_class().from_pretrained(path, **options)
 
     # -- the protocol --------------------------------------------------------------------------------
     def prepare(self, images: Any = None, video: Any = None, question: str = "", **kwargs: Any) -> Prompt:
@@ -253,7 +271,8 @@ class VLM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the device of the input embeddings (the first layer when sharded by device_map)."""
+        return self.model.get_input_embeddings().weight.device
 
     def fingerprint(self) -> dict[str, Any]:
         """What a compressor trained for this model must match."""
@@ -439,11 +458,28 @@ def _cut_at_eos(ids: list[int], eos: list[int]) -> list[int]:
     return ids
 
 
-def _read_chat_template(path: str | Path, tokenizer: Any) -> str | None:
-    """The chat template a checkpoint ships: chat_template.jinja, chat_template.json, or the tokenizer's."""
-    p = Path(path)
-    if (p / "chat_template.jinja").is_file():
-        return (p / "chat_template.jinja").read_text()
-    if (p / "chat_template.json").is_file():
-        return json.loads((p / "chat_template.json").read_text())["chat_template"]
+# per-call settings of an image processor, not options of the loaded processor
+_CALL_ONLY = frozenset({"return_tensors", "data_format", "input_data_format", "device"})
+
+
+def check_processor_options(processor_class: type, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` unchanged when ``processor_class`` accepts them all; ValueError naming the rest otherwise."""
+    accepted = sorted({k for t in getattr(processor_class, "valid_kwargs", dict).__mro__
+                       for k in getattr(t, "__annotations__", {})} - _CALL_ONLY)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for load(): not a load option (dtype, device, device_map, "
+            f"attn_implementation, revision, trust_remote_code) nor an option of {processor_class.__name__} "
+            f"({', '.join(accepted)})")
+    return options
+
+
+def _read_chat_template(files: dict[str, Path | None], tokenizer: Any) -> str | None:
+    """The chat template a checkpoint ships: chat_template.jinja, chat_template.json, or the tokenizer's.
+    ``files`` maps those file names to their resolved local paths (None when the checkpoint lacks one)."""
+    if files.get("chat_template.jinja"):
+        return Path(files["chat_template.jinja"]).read_text()
+    if files.get("chat_template.json"):
+        return json.loads(Path(files["chat_template.json"]).read_text())["chat_template"]
     return getattr(tokenizer, "chat_template", None)

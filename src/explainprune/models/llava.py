@@ -20,17 +20,16 @@ class Llava(VLM):
     family = "llava"
 
     @classmethod
-    def _load(cls, path, *, dtype, attn_implementation, trust_remote_code):
+    def _load(cls, path, **options):
         from transformers import LlavaForConditionalGeneration
 
-        return LlavaForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+        return LlavaForConditionalGeneration.from_pretrained(path, **options)
 
     @classmethod
-    def _image_processor(cls, path):
+    def _processor_class(cls) -> type:
         from transformers import CLIPImageProcessorPil
 
-        return CLIPImageProcessorPil.from_pretrained(path)
+        return CLIPImageProcessorPil
 
     @torch.no_grad()
     def prepare(self, images: Any = None, video: Any = None, question: str = "", **kwargs: Any) -> Prompt:

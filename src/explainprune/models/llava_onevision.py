@@ -50,17 +50,16 @@ class LlavaOnevision(VLM):
     family = "llava_onevision"
 
     @classmethod
-    def _load(cls, path, *, dtype, attn_implementation, trust_remote_code):
+    def _load(cls, path, **options):
         from transformers import LlavaOnevisionForConditionalGeneration
 
-        return LlavaOnevisionForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+        return LlavaOnevisionForConditionalGeneration.from_pretrained(path, **options)
 
     @classmethod
-    def _image_processor(cls, path):
+    def _processor_class(cls) -> type:
         from transformers import LlavaOnevisionImageProcessorPil
 
-        return LlavaOnevisionImageProcessorPil.from_pretrained(path)
+        return LlavaOnevisionImageProcessorPil
 
     def _feature_kwargs(self) -> dict[str, Any]:
         c = self.config

@@ -73,22 +73,22 @@ class Qwen2VL(VLM):
     family = "qwen2_vl"
 
     @classmethod
-    def _load(cls, path, *, dtype, attn_implementation, trust_remote_code):
+    def _load(cls, path, **options):
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, revision=options.get("revision"),
+                                            trust_remote_code=options.get("trust_remote_code", False))
         if config.model_type == "qwen2_5_vl":
             from transformers import Qwen2_5_VLForConditionalGeneration as model_cls
         else:
             from transformers import Qwen2VLForConditionalGeneration as model_cls
-        return model_cls.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
-                                         trust_remote_code=trust_remote_code)
+        return model_cls.from_pretrained(path, config=config, **options)
 
     @classmethod
-    def _image_processor(cls, path):
+    def _processor_class(cls) -> type:
         from transformers import Qwen2VLImageProcessorPil
 
-        return Qwen2VLImageProcessorPil.from_pretrained(path)
+        return Qwen2VLImageProcessorPil
 
     @property
     def merge(self) -> int:

@@ -41,16 +41,16 @@ class Qwen3VL(Qwen2VL):
     family = "qwen3_vl"
 
     @classmethod
-    def _load(cls, path, *, dtype, attn_implementation, trust_remote_code, **options):
+    def _load(cls, path, **options):
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **options)
+        config = AutoConfig.from_pretrained(path, revision=options.get("revision"),
+                                            trust_remote_code=options.get("trust_remote_code", False))
         if config.model_type == "qwen3_vl_moe":
             from transformers import Qwen3VLMoeForConditionalGeneration as model_cls
         else:
             from transformers import Qwen3VLForConditionalGeneration as model_cls
-        return model_cls.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
-                                         trust_remote_code=trust_remote_code, **options)
+        return model_cls.from_pretrained(path, config=config, **options)
 
     def _video_text(self, thw: Tensor, video: Any, fps: float | None) -> str:
         """The placeholder text of one video: per temporal frame ``<t seconds>`` + a vision block."""
