@@ -7,7 +7,11 @@ BIN := $(VENV)/bin
 # torch is pinned to the CPU build available on these machines so nothing pulls a CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install demo test test-gpu lint clean
+# the lowest transformers the declared range allows (pyproject.toml); the newest is what `make test` installs
+TRANSFORMERS_LOWEST := transformers==5.18.0
+LOWEST := .venv-lowest
+
+.PHONY: install demo test test-gpu test-lowest lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,8 +35,14 @@ test-gpu: install
 	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: error: no CUDA device visible to torch ' + torch.__version__ + ' (a CUDA build of torch and a GPU are needed)')"
 	$(BIN)/python -m pytest -q -m gpu tests/gpu
 
+test-lowest:
+	test -x $(LOWEST)/bin/python || $(PY) -m venv $(LOWEST)
+	$(LOWEST)/bin/pip install -q $(TORCH_PIN)
+	$(LOWEST)/bin/pip install -q -e ".[test]" $(TORCH_PIN) $(TRANSFORMERS_LOWEST)
+	$(LOWEST)/bin/python -m pytest -q
+
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(LOWEST) build *.egg-info src/*.egg-info

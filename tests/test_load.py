@@ -61,7 +61,8 @@ def _template_only_in_json(checkpoint: Path, template: str) -> None:
     cfg_file.write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize(("family", "repo_id"), [("qwen2_5_vl", QWEN_ID), ("llava", LLAVA_ID)])
+@pytest.mark.parametrize(("family", "repo_id"), [
+    ("qwen2_5_vl", QWEN_ID), ("llava", LLAVA_ID), ("llava_onevision", "llava-hf/llava-onevision-qwen2-7b-ov-hf")])
 def test_hub_id_with_dots_loads_from_the_offline_cache(tmp_path, hub_cache, monkeypatch, family, repo_id,
                                                         tiny_dirs, load_tiny):
     put_in_hub_cache(tiny_dirs(family), repo_id, hub_cache)
@@ -170,6 +171,7 @@ def test_bad_dtype_is_rejected_before_loading():
 
 
 def test_device_map_places_without_moving(tiny_dirs, monkeypatch):
+    pytest.importorskip("accelerate")  # the [gpu] / [test] extra
     moved = []
     original = torch.nn.Module.to
 
