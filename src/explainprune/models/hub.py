@@ -93,19 +93,19 @@ def checkpoint_file(source: str | Path, filename: str, *, revision: str | None =
     except OSError as err:
         if not required:
             return None
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        from huggingface_hub import constants
+
         at = f" at revision {revision!r}" if revision else ""
+        if constants.HF_HUB_OFFLINE:
+            raise FileNotFoundError(
+                f"no local directory {source!r}, and the hub id is not in the hub cache {constants.HF_HUB_CACHE}"
+                f"{at} (HF_HUB_OFFLINE is set, so nothing is downloaded); {_did_you_mean(str(source))}"
+                "download it once online, or give a local checkpoint directory") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FileNotFoundError(
             f"no local directory {source!r}, and the hub could not provide it{at}: {first} "
-            f"{_did_you_mean(str(source))}({_cache_note()})") from err
+            f"({_did_you_mean(str(source))}hub cache: {constants.HF_HUB_CACHE}; set HF_HUB_OFFLINE=1 to use "
+            "only the cache)") from err
     if found is None and required:  # cached_file returns None for a missing config.json
         raise FileNotFoundError(f"{source} has no {filename}")
     return Path(found) if found else None
-
-
-def _cache_note() -> str:
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return f"HF_HUB_OFFLINE is set: only the hub cache {constants.HF_HUB_CACHE} was searched"
-    return f"hub cache: {constants.HF_HUB_CACHE}; set HF_HUB_OFFLINE=1 to use only the cache"
