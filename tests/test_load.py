@@ -76,11 +76,15 @@ def test_hub_id_with_dots_loads_from_the_offline_cache(tmp_path, hub_cache, monk
     assert prompt.num_visual > 0
 
 
-def test_chat_template_json_of_a_hub_checkpoint_is_read(tmp_path, hub_cache, monkeypatch):
-    from explainprune.models.offline import QWEN_CHAT_TEMPLATE
+def _own_template(checkpoint: Path) -> str:
+    return (checkpoint / "chat_template.jinja").read_text()
 
+
+def test_chat_template_json_of_a_hub_checkpoint_is_read(tmp_path, hub_cache, monkeypatch):
     ckpt = build_tiny("qwen2_vl", tmp_path / "ckpt")
-    marked = QWEN_CHAT_TEMPLATE.replace("<|im_start|>assistant\n", "<|im_start|>assistant\nthe ")
+    original = _own_template(ckpt)
+    marked = original.replace("<|im_start|>assistant\n", "<|im_start|>assistant\nthe ")
+    assert marked != original
     _template_only_in_json(ckpt, marked)
     put_in_hub_cache(ckpt, "Qwen/Qwen2-VL-2B-Instruct", hub_cache)
     _no_network(monkeypatch)
@@ -92,11 +96,9 @@ def test_chat_template_json_of_a_hub_checkpoint_is_read(tmp_path, hub_cache, mon
 
 
 def test_revision_selects_the_snapshot_for_weights_processor_and_template(tmp_path, hub_cache, monkeypatch):
-    from explainprune.models.offline import QWEN_CHAT_TEMPLATE
-
     main = build_tiny("qwen2_vl", tmp_path / "main", layers=2)
     v2 = build_tiny("qwen2_vl", tmp_path / "v2", layers=3, max_pixels=28 * 28 * 4)
-    _template_only_in_json(v2, QWEN_CHAT_TEMPLATE + "{# v2 #}")
+    _template_only_in_json(v2, _own_template(v2) + "{# v2 #}")
     put_in_hub_cache(main, "org/tiny-qwen", hub_cache)
     put_in_hub_cache(v2, "org/tiny-qwen", hub_cache, revision="v2")
     _no_network(monkeypatch)
