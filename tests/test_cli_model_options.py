@@ -81,6 +81,22 @@ def test_bad_values_are_refused_by_argparse(command, option, value, accepted, tm
     assert recorded == []
 
 
+def test_label_under_torchrun_puts_each_rank_on_its_card(tmp_path, recorded, monkeypatch):
+    import torch
+
+    for key, value in dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for extra, expected in ((["--device", "cuda"], torch.device("cuda", 1)), ([], torch.device("cuda", 1)),
+                            (["--device", "cuda:0"], "cuda:0"), (["--device", "cpu"], "cpu")):
+        recorded.clear()
+        assert main(_argv("label", tmp_path) + extra) == 2
+        assert recorded[0][1]["device"] == expected, extra
+    recorded.clear()
+    assert main(_argv("label", tmp_path) + ["--device-map", "cuda"]) == 2  # transformers maps it to LOCAL_RANK
+    assert "device" not in recorded[0][1] and recorded[0][1]["device_map"] == "cuda"
+
+
 def test_device_and_device_map_together_is_one_line_error(tmp_path, recorded, capsys):
     assert main(_argv("show", tmp_path) + ["--device", "cuda", "--device-map", "auto"]) == 2
     err = capsys.readouterr().err.strip()

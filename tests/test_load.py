@@ -62,7 +62,8 @@ def _template_only_in_json(checkpoint: Path, template: str) -> None:
 
 
 @pytest.mark.parametrize(("family", "repo_id"), [
-    ("qwen2_5_vl", QWEN_ID), ("llava", LLAVA_ID), ("llava_onevision", "llava-hf/llava-onevision-qwen2-7b-ov-hf")])
+    ("qwen2_5_vl", QWEN_ID), ("llava", LLAVA_ID), ("llava_onevision", "llava-hf/llava-onevision-qwen2-7b-ov-hf"),
+    ("qwen3_vl", "Qwen/Qwen3-VL-8B-Instruct"), ("qwen3_vl_moe", "Qwen/Qwen3-VL-30B-A3B-Instruct")])
 def test_hub_id_with_dots_loads_from_the_offline_cache(tmp_path, hub_cache, monkeypatch, family, repo_id,
                                                         tiny_dirs, load_tiny):
     put_in_hub_cache(tiny_dirs(family), repo_id, hub_cache)
