@@ -117,9 +117,11 @@ def test_one_shared_definition():
 
 
 def test_train_takes_device(tmp_path, monkeypatch):
+    import explainprune.labels as labels
     import explainprune.train as train_module
 
     seen = {}
+    monkeypatch.setattr(labels, "read_index", lambda d: {})  # checked before training
 
     def fake_train(labels, out, config, resume=False, progress=True, device="cpu"):
         seen["device"] = device

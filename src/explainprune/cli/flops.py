@@ -37,10 +37,9 @@ def _shape(args: argparse.Namespace):
     if args.model and any(getattr(args, n) is not None for n in ("hidden", "intermediate", "layers")):
         raise ValueError("give either --model or --hidden/--intermediate/--layers, not both")
     if args.model:
-        from explainprune.models.hub import checkpoint_file, resolve
-
         from explainprune.errors import InputError
         from explainprune.models import supported_model_types
+        from explainprune.models.hub import checkpoint_file, resolve
 
         config_file = checkpoint_file(resolve(args.model), "config.json")
         try:

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
                          seed=args.seed, power=args.target_power, average_heads=args.average_heads,
                          normalize=args.normalize)
     res = train(args.labels, args.out, config, resume=args.resume, progress=not args.no_progress,
-                device=args.device or "cpu")
+                **({"device": args.device} if args.device else {}))
     if args.json:
         print(json.dumps(res.to_json(), indent=1))
     else:

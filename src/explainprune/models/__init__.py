@@ -82,7 +82,8 @@ def load(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
                          hint="pip install 'explainprune[gpu]' (or pip install accelerate)")
     source = resolve(name_or_path)
     if isinstance(source, Path) and not (source / "config.json").is_file():
-        raise InputError(f"no config.json in {source}", hint="give a transformers checkpoint folder, a hub id or 'demo'")
+        raise InputError(f"no config.json in {source}",
+                         hint="give a transformers checkpoint folder, a hub id or 'demo'")
     adapter = adapter_for(_model_type(checkpoint_file(source, "config.json", revision=revision)))
     if isinstance(source, Path) and not any(any(source.glob(p)) for p in WEIGHT_PATTERNS):
         raise InputError(f"no weights in {source} (no {', '.join(WEIGHT_PATTERNS[:2])} file beside config.json)",

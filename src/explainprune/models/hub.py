@@ -52,7 +52,7 @@ def _did_you_mean(name: str) -> str:
 
 def resolve(name_or_path: str | os.PathLike) -> str | Path:
     """``"demo"`` -> the shipped model's directory; an existing directory -> its Path; a well-formed hub id
-    -> the id (looked up later by transformers). Raises FileNotFoundError / ValueError otherwise."""
+    -> the id (looked up later by transformers). Raises FileNotFoundError / InputError otherwise."""
     name = str(name_or_path)
     if name == DEMO_NAME:
         if not (DEMO_PATH / "config.json").is_file():
@@ -67,7 +67,9 @@ def resolve(name_or_path: str | os.PathLike) -> str | Path:
         raise FileNotFoundError(f"no checkpoint directory at {name}")
     if is_hub_id(name):
         return name
-    raise ValueError(
+    from explainprune.errors import InputError
+
+    raise InputError(
         f"{name!r} is neither a local checkpoint directory nor a hub id of the form org/name; "
         f"{_did_you_mean(name)}(the shipped model is 'demo'; e.g. 'Qwen/Qwen2-VL-2B-Instruct' is a hub id)")
 
