@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from explainprune.evaluation.plots import series
+from explainprune.evaluation.plots import save_plots, series
 from explainprune.evaluation.report import Report, SampleRecord, aggregate
 
 
@@ -73,6 +73,7 @@ def test_markdown_json_roundtrip_and_files(tmp_path):
     with pytest.raises(KeyError, match="no result"):
         report.result("oracle")
     paths = report.save(tmp_path)
+    paths.update(save_plots(report, tmp_path))
     assert json.loads(paths["json"].read_text())["samples"][0]["prediction"] == "7"
     assert paths["markdown"].read_text() == md
     for key in ("plot_retention", "plot_flops"):

@@ -10,7 +10,7 @@ from explainprune.cli.common import add_model_options, load_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from explainprune.evaluation import DEFAULT_METHODS, DEFAULT_RATIOS
+    from explainprune.evaluation import DEFAULT_METHODS, DEFAULT_RATIOS, METHODS
 
     p = sub.add_parser(
         "eval", help="evaluate pruning methods x retention ratios on a task",
@@ -27,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="number of samples (digits default 200; manifest: all)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                    help="registry names, options as name:key=value,... e.g. fastv:layer=4 "
-                   f"(default: {' '.join(DEFAULT_METHODS)})")
+                   f"(default: {' '.join(DEFAULT_METHODS)}; available: {' '.join(METHODS)}; e.g. "
+                   "oracle:rule=mean is Table 4's head-mean ablation)")
     p.add_argument("--ratios", nargs="+", type=float, default=list(DEFAULT_RATIOS),
                    help="retention ratios (default 0.5 0.25 0.1)")
     p.add_argument("--compressor", help="trained compressor directory, given to 'learned'")

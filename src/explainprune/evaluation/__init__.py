@@ -5,3 +5,6 @@ Import the submodules (``evaluation.runner``, ``evaluation.flops``, ...); this p
 
 DEFAULT_METHODS = ("vanilla", "random", "uniform", "fastv")
 DEFAULT_RATIOS = (0.5, 0.25, 0.1)
+METHODS = ("vanilla", "random", "uniform", "layer0", "learned", "oracle", "fastv", "pdrop", "dart", "divprune",
+           "visionzip")
+"""Every registered pruner (a test keeps this equal to ``pruning.available()``), for ``eval --help``."""

@@ -97,10 +97,11 @@ class FlopsAccount:
     attention: int = 0
     conv: int = 0
     tokens_per_layer: list[int] = field(default_factory=list)
+    selection: int = 0  # a baseline's own selection cost (``Pruner.overhead_flops``): similarity, stages, ...
 
     @property
     def total(self) -> int:
-        return self.llm + self.attention + self.conv
+        return self.llm + self.attention + self.conv + self.selection
 
     @property
     def average_retention(self) -> float:
@@ -133,11 +134,14 @@ def _fmt(x: int) -> str:
 
 
 def account(shape: LLMShape, n_visual: int, ratio: float = 1.0, layer: int = 0, *,
-            kept: int | None = None, compressor: dict[str, Any] | None = None) -> FlopsAccount:
-    """Eq. 4 for a method keeping ``ratio`` (or ``kept``) of ``n_visual`` tokens from ``layer`` on; with
-    ``compressor`` (``in_channels``, ``channels``, ``kernel_size``) also its Eq. 5 + Eq. 6 overhead."""
+            kept: int | None = None, compressor: dict[str, Any] | None = None,
+            tokens_per_layer: Sequence[int] | None = None) -> FlopsAccount:
+    """Eq. 4 for a method keeping ``ratio`` (or ``kept``) of ``n_visual`` tokens from ``layer`` on (or, for a
+    multi-stage method, the visual tokens of each layer ``tokens_per_layer``); with ``compressor``
+    (``in_channels``, ``channels``, ``kernel_size``) also its Eq. 5 + Eq. 6 overhead."""
     kept = kept_count(n_visual, ratio) if kept is None else int(kept)
-    per_layer = visual_tokens_per_layer(n_visual, kept, layer, shape.layers)
+    per_layer = (list(tokens_per_layer) if tokens_per_layer
+                 else visual_tokens_per_layer(n_visual, kept, layer, shape.layers))
     attn = conv = 0
     if compressor is not None:
         attn = attention_flops(n_visual, shape.hidden)

@@ -1,5 +1,7 @@
 """Trade-off plots of a Report (Figure 3 style): preservation vs average retention over layers, and
-preservation vs FLOPs; one line per method, vanilla as a star. matplotlib is imported only here, lazily."""
+preservation vs FLOPs (with the matched-cost budgets as dotted lines, so the method that wins at equal FLOPs
+is the highest point left of a line); one line per method, vanilla as a star. matplotlib is imported only
+here, lazily. This module reads a Report; ``report.py`` never imports it."""
 
 from __future__ import annotations
 
@@ -43,6 +45,9 @@ def plot_tradeoff(report: Report, x: str, path: str | Path) -> Path:
             ax.plot(xs, ys, "o-", label=method)
     if x == "flops":
         ax.set_xscale("log")
+        for q, cost in report.budgets():
+            ax.axvline(cost, color="grey", linestyle=":", linewidth=0.8)
+            ax.annotate(f"{100 * q:g}%", (cost, ax.get_ylim()[0]), fontsize=7, color="grey")
     ax.set_xlabel(label)
     ax.set_ylabel("performance preservation (%)")
     ax.set_title(f"{Path(report.model).name}: {report.task.get('task', '')}")
@@ -62,3 +67,15 @@ def plot_tradeoffs(report: Report, directory: str | Path) -> dict[str, Any]:
     """Both plots into ``directory``: preservation_vs_retention.png and preservation_vs_flops.png."""
     d = Path(directory)
     return {f"plot_{x}": plot_tradeoff(report, x, d / f"preservation_vs_{x}.png") for x in AXES}
+
+
+def save_plots(report: Report, directory: str | Path) -> dict[str, Any]:
+    """``plot_tradeoffs``, or nothing (with a warning) when matplotlib is not installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        import warnings
+
+        warnings.warn("matplotlib is not installed: no plots (pip install 'explainprune[plot]')", stacklevel=2)
+        return {}
+    return plot_tradeoffs(report, directory)

@@ -1,5 +1,6 @@
-"""Evaluation results as dataclasses: per-sample records, per (method, ratio) aggregates, and the Report
-with ``to_json`` / ``to_markdown`` / ``save`` (report.json, report.md and the plots)."""
+"""Evaluation results as dataclasses: per-sample records, per (method, ratio) aggregates with 95% intervals,
+and the Report with ``to_json`` / ``to_markdown`` / ``save`` (report.json, report.md). The plots live in
+``evaluation.plots``, which reads a Report; this module never imports it."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ class MethodResult:
     accuracy: share of exact (normalised) matches; preservation: accuracy / vanilla accuracy * 100;
     avg_preservation: mean over kinds of the per-kind preservation (the paper's "Avg. (%)" with kinds as
     benchmarks); average_retention: mean over samples of the mean-over-layers kept share (Figure 3);
-    flops: mean Eq. 4 (+ Eq. 5-6 overhead); times and KV-cache bytes are per-sample means.
+    flops: mean Eq. 4 (+ Eq. 5-6 overhead, + the method's own selection cost); times and KV-cache bytes
+    are per-sample means; ``accuracy_ci`` / ``preservation_ci``: 95% intervals (``evaluation.stats``).
     """
 
     method: str
@@ -73,6 +75,8 @@ class MethodResult:
     total_s: float
     kv_bytes: float
     score_s: float = 0.0
+    accuracy_ci: list[float] | None = None      # 95% Wilson interval of the accuracy (0-1)
+    preservation_ci: list[float] | None = None  # 95% paired bootstrap interval of the preservation (%)
 
 
 def _mean(xs: list[float]) -> float:
@@ -91,6 +95,7 @@ def aggregate(records: list[SampleRecord]) -> list[MethodResult]:
     base = next((g for (m, _), g in groups.items() if m == VANILLA), [])
     base_acc = _mean([float(r.correct) for r in base])
     base_kind = _by_kind(base)
+    base_by_id = {r.id: float(r.correct) for r in base}
     out = []
     for (method, ratio), rows in groups.items():
         acc = _mean([float(r.correct) for r in rows])
@@ -107,8 +112,18 @@ def aggregate(records: list[SampleRecord]) -> list[MethodResult]:
             prefill_s=_mean([r.prefill_s for r in rows]), decode_s=_mean([r.decode_s for r in rows]),
             decode_per_token_s=sum(r.decode_s for r in rows) / new if new else float("nan"),
             total_s=_mean([r.total_s for r in rows]), kv_bytes=_mean([float(r.kv_bytes) for r in rows]),
-            score_s=_mean([r.score_s for r in rows])))
+            score_s=_mean([r.score_s for r in rows]), **_intervals(rows, base_by_id)))
     return out
+
+
+def _intervals(rows: list[SampleRecord], base_by_id: dict[str, float]) -> dict[str, list[float] | None]:
+    """95% intervals of one group: Wilson for the accuracy, paired bootstrap for the preservation."""
+    from explainprune.evaluation.stats import paired_ratio_ci, wilson
+
+    acc = wilson(sum(bool(r.correct) for r in rows), len(rows))
+    pairs = [(float(r.correct), base_by_id[r.id]) for r in rows if r.id in base_by_id]
+    pres = paired_ratio_ci(*zip(*pairs)) if len(pairs) == len(rows) and len(pairs) > 1 else None
+    return {"accuracy_ci": list(acc) if acc else None, "preservation_ci": list(pres) if pres else None}
 
 
 def _by_kind(rows: list[SampleRecord]) -> dict[str, float]:
@@ -182,12 +197,14 @@ class Report:
     def accuracy_table(self) -> str:
         """Tables 1-3 shape: accuracy (%) per kind, overall, and Avg. (%) preservation."""
         kinds = sorted({k for r in self.results for k in r.accuracy_by_kind})
-        head = ["Method", "Retention", *kinds, "Acc.", "Preservation (%)", "Avg. (%)"]
+        head = ["Method", "Retention", *kinds, "Acc.", "Preservation (%)", "Avg. (%)", "Acc. 95% CI",
+                "Preservation 95% CI"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.results:
             cells = [r.method, f"{100 * r.ratio:g}%"]
             cells += [_pct(100 * r.accuracy_by_kind[k]) if k in r.accuracy_by_kind else "–" for k in kinds]
-            cells += [_pct(100 * r.accuracy), _pct(r.preservation), _pct(r.avg_preservation)]
+            cells += [_pct(100 * r.accuracy), _pct(r.preservation), _pct(r.avg_preservation),
+                      _interval(r.accuracy_ci, 100.0), _interval(r.preservation_ci, 1.0)]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -196,13 +213,15 @@ class Report:
         scale, unit = _unit(max((r.flops for r in self.results), default=0.0), FLOPS_UNITS)
         bscale, bunit = _unit(max((r.kv_bytes for r in self.results), default=0.0), BYTE_UNITS)
         head = ["Method", "Retention", "Avg. retention over layers", f"FLOPs ({unit})", "Scoring (ms)",
-                "Prefill (ms)", "Decode (ms/token)", f"KV cache ({bunit})", "Preservation (%)"]
+                "Prefill (ms)", "Decode (ms/token)", f"KV cache ({bunit})", "Preservation (%)",
+                "FLOPs (% of vanilla)"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        base = next((r.flops for r in self.results if r.method == VANILLA), 0.0)
         for r in self.results:
             cells = [r.method, f"{100 * r.ratio:g}%", f"{100 * r.average_retention:.1f}%",
                      f"{r.flops / scale:.3f}", f"{1e3 * r.score_s:.1f}", f"{1e3 * r.prefill_s:.1f}",
                      _pct(1e3 * r.decode_per_token_s, 2),
-                     f"{r.kv_bytes / bscale:.1f}", _pct(r.preservation)]
+                     f"{r.kv_bytes / bscale:.1f}", _pct(r.preservation), _pct(_ratio(r.flops, base))]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -215,26 +234,58 @@ class Report:
         return (f"# explainprune evaluation\n\nmodel: `{self.model}`  \ntask: {task}  \nsamples: {n}\n\n{skipped}"
                 f"## Accuracy\n\n{self.accuracy_table()}\n\n## Efficiency\n\n{self.efficiency_table()}\n\n"
                 "FLOPs: Appendix D, Eq. 4 per layer with that layer's visual tokens (+ Eq. 5-6 for the "
-                "compressor); times are per-sample means measured on this machine.\n")
+                "compressor, + each method's own selection cost); times are per-sample means measured on this "
+                f"machine.\n\n## Preservation at matched FLOPs\n\n{self.matched_cost_table()}\n\n"
+                "Each column is a FLOPs budget: the cost of keeping that share of the visual tokens before the "
+                "LLM (mean over samples). A cell is the best preservation (%) the method reaches at a cost within "
+                "the budget (+2%); – when none of its settings is that cheap; the best of each column is bold. "
+                "Intervals: 95% (Wilson for accuracy, paired bootstrap over samples for preservation).\n")
 
-    def save(self, directory: str | Path, plots: bool = True) -> dict[str, Path]:
-        """Write report.json, report.md and the two trade-off plots (skipped with a warning when matplotlib
-        is not installed); returns the paths."""
+    def budgets(self) -> list[tuple[float, float]]:
+        """(ratio, FLOPs) budgets: Eq. 4 of keeping ``ratio`` of the visual tokens before the LLM, mean over
+        the samples, for every ratio evaluated (from the per-sample records' token counts)."""
+        from explainprune.evaluation.flops import LLMShape, kept_count, llm_flops
+
+        if not self.samples or not {"hidden", "intermediate", "layers"} <= set(self.shape):
+            return []
+        shape = LLMShape(**self.shape)
+        ns = [s.n_visual for s in self.samples if s.method == VANILLA] or [s.n_visual for s in self.samples]
+        ratios = sorted({r.ratio for r in self.results if r.method != VANILLA}, reverse=True)
+        return [(q, _mean([float(llm_flops([kept_count(n, q)] * shape.layers, shape)) for n in ns])) for q in ratios]
+
+    def matched_cost_table(self, slack: float = 0.02) -> str:
+        """Best preservation per method within each FLOPs budget (see ``to_markdown``)."""
+        budgets = self.budgets()
+        if not budgets:
+            return "(no per-sample records: no budgets)"
+        methods = [m for m in dict.fromkeys(r.method for r in self.results) if m != VANILLA]
+        best: dict[tuple[str, float], float] = {}
+        for m in methods:
+            for q, cost in budgets:
+                ok = [r.preservation for r in self.results if r.method == m and r.preservation is not None
+                      and r.flops <= cost * (1 + slack)]
+                if ok:
+                    best[(m, q)] = max(ok)
+        head = ["Method", *[f"≤ cost of {100 * q:g}% before the LLM" for q, _ in budgets]]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        top = {q: max((v for (m, qq), v in best.items() if qq == q), default=None) for q, _ in budgets}
+        for m in methods:
+            cells = [m]
+            for q, _ in budgets:
+                v = best.get((m, q))
+                cells.append("–" if v is None else (f"**{v:.1f}**" if v == top[q] else f"{v:.1f}"))
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def save(self, directory: str | Path) -> dict[str, Path]:
+        """Write report.json and report.md; returns the paths (plots: ``evaluation.plots.save_plots``)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         paths = {"json": d / "report.json", "markdown": d / "report.md"}
         write_text_atomic(paths["json"], json.dumps(self.to_json(), indent=1, allow_nan=False))
         write_text_atomic(paths["markdown"], self.to_markdown())
-        if plots:
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError:
-                import warnings
-
-                warnings.warn("matplotlib is not installed: no plots (pip install 'explainprune[plot]')",
-                              stacklevel=2)
-                return paths
-            from explainprune.evaluation.plots import plot_tradeoffs
-
-            paths.update(plot_tradeoffs(self, d))
         return paths
+
+
+def _interval(ci: list[float] | None, scale: float) -> str:
+    return "–" if not ci else f"[{scale * ci[0]:.1f}, {scale * ci[1]:.1f}]"

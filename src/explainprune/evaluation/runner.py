@@ -214,13 +214,15 @@ def run_one(vlm: Any, pruner: Any, label: str, prompt: Any, sample: Any, ratio: 
     layer = int(getattr(pruner, "layer", 0))
     answers = normalize_answers(sample.answer, f"sample {sample.id}: answer")
     n_visual, kept = prompt.num_visual, int(out.visual_tokens)
-    acc = account(shape, n_visual, layer=layer, kept=kept,
+    acc = account(shape, n_visual, layer=layer, kept=kept, tokens_per_layer=getattr(out, "visual_per_layer", None),
                   compressor=compressor_channels(getattr(pruner, "compressor", None)))
+    own = getattr(pruner, "overhead_flops", None)  # the method's own selection cost (VisionZip, DivPrune, ...)
+    acc.selection = int(own(shape.hidden, n_visual, acc.tokens_per_layer)) if own else 0
     return SampleRecord(
         id=str(sample.id), kind=sample_kind(sample), method=label, ratio=float(ratio), question=sample.question,
         reference=display(answers), prediction=out.text, correct=is_correct(out.text, answers),
         n_visual=n_visual, kept=kept, layer=layer, average_retention=acc.average_retention, flops_llm=acc.llm,
-        flops_overhead=acc.attention + acc.conv, prefill_s=meter.prefill_s, decode_s=meter.decode_s,
+        flops_overhead=acc.attention + acc.conv + acc.selection, prefill_s=meter.prefill_s, decode_s=meter.decode_s,
         total_s=total, new_tokens=len(out.token_ids), kv_bytes=meter.kv_bytes, score_s=score_s)
 
 
@@ -381,5 +383,9 @@ def evaluate(model: str, task: TaskConfig | None = None, config: EvalConfig | No
         vlm = load(model, **(load_options or {}))
     report = run_eval(vlm, samples, config, model_name=str(model), task_info=samples.describe(),
                       records=Path(out) / "records.jsonl" if out else None, on_error=on_error)
-    paths = report.save(out, plots=plots) if out else {}
+    paths = report.save(out) if out else {}
+    if out and plots:
+        from explainprune.evaluation.plots import save_plots
+
+        paths.update(save_plots(report, out))
     return report, paths

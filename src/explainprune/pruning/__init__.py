@@ -1,7 +1,17 @@
 """Pruning methods, as siblings in one registry (``get_pruner``) sharing one ``select``."""
 
 # importing a method's module registers it
-from explainprune.pruning import baselines, fastv, learned, oracle  # noqa: F401
+from explainprune.pruning import (  # noqa: F401
+    baselines,
+    dart,
+    divprune,
+    fastv,
+    layer0,
+    learned,
+    oracle,
+    pdrop,
+    visionzip,
+)
 from explainprune.pruning.base import Pruner, available, get_pruner, register, select
 
 __all__ = ["Pruner", "available", "get_pruner", "register", "select"]

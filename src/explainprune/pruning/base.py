@@ -136,6 +136,11 @@ class Pruner:
             raise ValueError("the prompt has no visual tokens: nothing to prune (give an image or a video)")
         return select(self.score(vlm, prompt), ratio, prompt.num_visual)
 
+    def overhead_flops(self, d: int, n_visual: int, tokens_per_layer: list[int]) -> int:
+        """FLOPs the method spends choosing tokens, beyond Eq. 4's layers (hidden size ``d``; the visual
+        tokens of each LLM layer). 0 unless a method says otherwise; the evaluation adds it to the total."""
+        return 0
+
     def generate(self, vlm: VLM, prompt: Prompt, ratio: float, max_new_tokens: int = 16,
                  **kwargs: Any) -> GenerationResult:
         """Generate keeping ``self.keep(...)`` (any device; see ``as_keep``)."""

@@ -28,19 +28,38 @@ class Vanilla(Pruner):
 @register("random")
 @dataclass
 class Random(Pruner):
-    """Uniformly random scores, seeded by ``seed`` and the prompt's content (same prompt, same choice).
+    """Uniformly random scores, seeded by ``seed`` and the sample's identity (same sample, same choice).
 
-    The content is the token ids AND the visual features: two images asked the same question get
-    different draws (the token ids alone are the same for them).
+    The identity is the token ids, N_v and the raw media (the PIL pixels the prompt was prepared from),
+    never the features: the draw is the same on every device and dtype (fp32 and bf16 keep the same
+    tokens), and two images asked the same question still get different draws. A prompt built without
+    media is identified by its token ids and N_v alone.
     """
 
     seed: int = 0
 
     def score(self, vlm: VLM, prompt: Prompt) -> Tensor:
-        visual = prompt.inputs_embeds[0, prompt.visual_pos].detach().float().cpu().numpy()
-        digest = zlib.crc32(visual.tobytes(), zlib.crc32(prompt.input_ids.numpy().tobytes()))
+        digest = zlib.crc32(prompt.input_ids.cpu().numpy().astype("int64").tobytes())
+        digest = zlib.crc32(str(prompt.num_visual).encode(), digest)
+        for item in _media_items(prompt.media):
+            digest = zlib.crc32(item, digest)
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + digest) % (2**63))
         return torch.rand(prompt.num_visual, generator=gen)
+
+
+def _media_items(media: list) -> list[bytes]:
+    """Raw bytes of every image / frame in a prompt's media (nested lists for videos), in order."""
+    import numpy as np
+
+    out: list[bytes] = []
+    for m in media:
+        if isinstance(m, (list, tuple)):
+            out += _media_items(list(m))
+        elif hasattr(m, "tobytes") and hasattr(m, "size") and hasattr(m, "mode"):  # PIL
+            out.append(f"{m.mode}{m.size}".encode() + m.tobytes())
+        else:
+            out.append(np.ascontiguousarray(np.asarray(m)).tobytes())
+    return out
 
 
 def spread_order(rows: Tensor, cols: Tensor) -> Tensor:
