@@ -57,14 +57,8 @@ def reference(eager, prompt, choosers: dict, steps: int):
             h = embeds
             remaining = torch.arange(n_v)
             for i, layer in enumerate(lm.layers):
-                def mask_for(upto: int):
-                    m = causal.clone()
-                    for k, d in dropped_from.items():
-                        if k <= upto:
-                            m[:, vis[d]] = False
-                    return torch.zeros(1, 1, n, n).masked_fill(~m, neg)
-                if step == 0 and i in choosers:
-                    layer(h, attention_mask=mask_for(i - 1), position_embeddings=rope)  # weights before the drop
+                if step == 0 and i in choosers:  # weights before the drop:
+                    layer(h, attention_mask=_mask(causal, dropped_from, vis, i - 1, neg), position_embeddings=rope)
                     info = {"hidden": h, "weights": seen[f"w{i}"], "k_prev": seen[f"k{i - 1}"],
                             "remaining": remaining}
                     keep = torch.sort(choosers[i](info)).values
@@ -74,7 +68,7 @@ def reference(eager, prompt, choosers: dict, steps: int):
                 if dropped_from:
                     remaining = torch.tensor([j for j in range(n_v) if not any(
                         j in d.tolist() for k, d in dropped_from.items() if k <= i)], dtype=torch.long)
-                h = layer(h, attention_mask=mask_for(i), position_embeddings=rope)
+                h = layer(h, attention_mask=_mask(causal, dropped_from, vis, i, neg), position_embeddings=rope)
             last = model.lm_head(lm.norm(h))[0, -1]
             logits.append(last)
             embeds = torch.cat([embeds, table(last.argmax().view(1, 1))], 1)
@@ -83,6 +77,15 @@ def reference(eager, prompt, choosers: dict, steps: int):
         for hd in handles:
             hd.remove()
     return kept_after, torch.stack(logits)
+
+
+def _mask(causal, dropped_from: dict, vis, upto: int, neg: float):
+    """Additive [1, 1, n, n] mask: causal, with the visual tokens dropped at stages <= ``upto`` hidden."""
+    m = causal.clone()
+    for k, d in dropped_from.items():
+        if k <= upto:
+            m[:, vis[d]] = False
+    return torch.zeros(1, 1, *m.shape).masked_fill(~m, neg)
 
 
 def pdrop_choosers(prompt, layers, shares):

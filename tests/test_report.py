@@ -91,3 +91,53 @@ def test_series_sorted_and_matplotlib_lazy():
             "explainprune.evaluation.plots, explainprune.cli.main; print('matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_intervals_wilson_and_paired_bootstrap():
+    from explainprune.evaluation.stats import paired_ratio_ci, wilson
+
+    lo, hi = wilson(5, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)  # the textbook Wilson interval
+    assert wilson(0, 10)[0] == 0.0 and round(wilson(0, 10)[1], 4) == 0.2775 and wilson(0, 0) is None
+    same = [1, 0, 1, 1, 0, 1] * 20
+    assert paired_ratio_ci(same, same) == pytest.approx((100.0, 100.0))  # paired: identical answers
+    lo, hi = paired_ratio_ci([1] * 60 + [0] * 60, [1] * 120)
+    assert lo < 50.0 < hi and hi - lo < 25
+    res = {r.method: r for r in aggregate(records())}
+    assert res["fastv"].accuracy_ci == pytest.approx(list(wilson(2, 4)))
+    assert res["vanilla"].preservation_ci == pytest.approx([100.0, 100.0])
+    lo, hi = res["fastv"].preservation_ci
+    assert lo <= res["fastv"].preservation <= hi
+
+
+def test_matched_cost_table_compares_at_equal_flops():
+    """An in-LLM method costs more at the same ratio: at the 10% budget it has no entry, and the cheaper
+    method wins where both fit."""
+    shape = {"hidden": 8, "intermediate": 16, "layers": 4, "ffn_matrices": 3}
+    from explainprune.evaluation.flops import LLMShape, kept_count, llm_flops
+
+    s = LLMShape(**shape)
+
+    def row(method, ratio, correct, kept, layer):
+        per_layer = [20] * layer + [kept] * (4 - layer)
+        r = rec(method, ratio, "image", correct, kept=kept, layer=layer)
+        r.flops_llm, r.flops_overhead = llm_flops(per_layer, s), 0
+        return r
+
+    rows = [row("vanilla", 1.0, True, 20, 0) for _ in range(4)]
+    for q in (0.5, 0.1):
+        k = kept_count(20, q)
+        rows += [row("pre", q, i < (3 if q == 0.5 else 1), k, 0) for i in range(4)]
+        rows += [row("inllm", q, True, k, 2) for _ in range(4)]
+    report = Report.from_records(rows, model="m", task={}, config={}, shape=shape, environment={})
+    assert [q for q, _ in report.budgets()] == [0.5, 0.1]
+    table = report.matched_cost_table()
+    assert "| pre | **75.0** | **25.0** |" in table  # in-LLM at 10% costs more than 'pre' at 50%: no entry
+    assert "| inllm | – | – |" in table
+    assert "Preservation at matched FLOPs" in report.to_markdown() and "Preservation 95% CI" in report.to_markdown()
+
+
+def test_report_does_not_import_plots():
+    code = "import sys, explainprune.evaluation.report; print('explainprune.evaluation.plots' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -181,3 +181,23 @@ def test_scores_shared_across_ratios(qwen):
     assert [r.kept for r in recs] == [math.ceil(f * p.num_visual) for f in (0.5, 0.25, 0.1)]
     assert recs[0].score_s == recs[2].score_s == timing.seconds > 0
     assert all(r.total_s >= r.score_s + r.prefill_s + r.decode_s for r in recs)
+
+
+def test_baseline_selection_flops_and_stage_layers_are_accounted(qwen):
+    """Each method's own selection cost is in flops_overhead; PyramidDrop's FLOPs sum its stages' layers."""
+    from explainprune.evaluation.flops import attention_flops, llm_flops
+
+    p = qwen.prepare(images=random_image(8), question="what digit is in row 2 column 3 ?")
+    sample = type("S", (), {"id": "z", "question": p.question, "answer": "7", "video": None, "meta": {}})()
+    shape = LLMShape.from_config(qwen.text_config)
+    n, d = p.num_visual, shape.hidden
+    div = run_one(qwen, get_pruner("divprune"), "divprune", p, sample, 0.25, shape, 3)
+    assert div.flops_overhead == n * n * d + div.kept * n
+    pd = run_one(qwen, get_pruner("pdrop"), "pdrop", p, sample, 0.5, shape, 3)
+    out = get_pruner("pdrop").generate(qwen, p, 0.5, max_new_tokens=1)
+    assert pd.flops_llm == llm_flops(out.visual_per_layer, shape) and pd.layer == 1
+    assert pd.average_retention == pytest.approx(sum(out.visual_per_layer) / (2 * n))
+    assert pd.flops_overhead == attention_flops(out.visual_per_layer[0], d)  # 2 layers: one boundary
+    dart = run_one(qwen, get_pruner("dart", layer=1), "dart", p, sample, 0.25, shape, 3)
+    assert dart.flops_overhead == n * d + 8 * n * d and dart.layer == 1
+    assert run_one(qwen, get_pruner("random"), "random", p, sample, 0.25, shape, 3).flops_overhead == 0

@@ -95,7 +95,9 @@ def aggregate(records: list[SampleRecord]) -> list[MethodResult]:
     base = next((g for (m, _), g in groups.items() if m == VANILLA), [])
     base_acc = _mean([float(r.correct) for r in base])
     base_kind = _by_kind(base)
-    base_by_id = {r.id: float(r.correct) for r in base}
+    base_by_id: dict[str, list[float]] = defaultdict(list)  # an id seen twice pairs by occurrence
+    for r in base:
+        base_by_id[r.id].append(float(r.correct))
     out = []
     for (method, ratio), rows in groups.items():
         acc = _mean([float(r.correct) for r in rows])
@@ -116,12 +118,18 @@ def aggregate(records: list[SampleRecord]) -> list[MethodResult]:
     return out
 
 
-def _intervals(rows: list[SampleRecord], base_by_id: dict[str, float]) -> dict[str, list[float] | None]:
-    """95% intervals of one group: Wilson for the accuracy, paired bootstrap for the preservation."""
+def _intervals(rows: list[SampleRecord], base_by_id: dict[str, list[float]]) -> dict[str, list[float] | None]:
+    """95% intervals of one group: Wilson for the accuracy, paired bootstrap (pairs = same sample id, the
+    vanilla answer) for the preservation."""
     from explainprune.evaluation.stats import paired_ratio_ci, wilson
 
     acc = wilson(sum(bool(r.correct) for r in rows), len(rows))
-    pairs = [(float(r.correct), base_by_id[r.id]) for r in rows if r.id in base_by_id]
+    seen: dict[str, int] = defaultdict(int)
+    pairs = []
+    for r in rows:
+        if seen[r.id] < len(base_by_id.get(r.id, [])):
+            pairs.append((float(r.correct), base_by_id[r.id][seen[r.id]]))
+        seen[r.id] += 1
     pres = paired_ratio_ci(*zip(*pairs)) if len(pairs) == len(rows) and len(pairs) > 1 else None
     return {"accuracy_ci": list(acc) if acc else None, "preservation_ci": list(pres) if pres else None}
 
