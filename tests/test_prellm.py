@@ -171,3 +171,17 @@ def test_eval_help_lists_every_registered_method():
     text = " ".join(sub.format_help().split())
     for name in available():
         assert name in text
+
+
+@pytest.mark.parametrize("name", ["divprune", "visionzip", "layer0", "random"])
+def test_pre_llm_ragged_batch_equals_one_by_one(load_tiny, frames, name):
+    vlm = load_tiny("qwen2_vl")
+    prompts = [vlm.prepare(images=random_image(7, (56, 84)), question=QUESTION),
+               vlm.prepare(video=frames, question="in frame 2 what digit is in row 1 column 2 ?")]
+    assert prompts[0].length != prompts[1].length
+    pruner = get_pruner(name)
+    batch = pruner.generate(vlm, prompts, 0.25, max_new_tokens=4, output_logits=True)
+    for p, b in zip(prompts, batch):
+        alone = pruner.generate(vlm, p, 0.25, max_new_tokens=4, output_logits=True)
+        assert b.token_ids == alone.token_ids and b.visual_tokens == alone.visual_tokens
+        torch.testing.assert_close(b.logits, alone.logits, atol=1e-4, rtol=0)

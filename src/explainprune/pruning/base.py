@@ -141,8 +141,13 @@ class Pruner:
         tokens of each LLM layer). 0 unless a method says otherwise; the evaluation adds it to the total."""
         return 0
 
-    def generate(self, vlm: VLM, prompt: Prompt, ratio: float, max_new_tokens: int = 16,
-                 **kwargs: Any) -> GenerationResult:
-        """Generate keeping ``self.keep(...)`` (any device; see ``as_keep``)."""
-        keep = as_keep(self.keep(vlm, prompt, ratio), prompt.num_visual)
-        return vlm.generate(prompt, keep=keep, max_new_tokens=max_new_tokens, **kwargs)
+    def generate(self, vlm: VLM, prompt: Prompt | list[Prompt], ratio: float, max_new_tokens: int = 16,
+                 **kwargs: Any) -> GenerationResult | list[GenerationResult]:
+        """Generate keeping ``self.keep(...)`` (any device; see ``as_keep``); a list of prompts runs as one
+        left-padded (ragged) batch."""
+        if isinstance(prompt, Prompt):
+            keep = as_keep(self.keep(vlm, prompt, ratio), prompt.num_visual)
+            return vlm.generate(prompt, keep=keep, max_new_tokens=max_new_tokens, **kwargs)
+        prompts = list(prompt)
+        keeps = [as_keep(self.keep(vlm, p, ratio), p.num_visual) for p in prompts]
+        return vlm.generate(prompts, keep=keeps, max_new_tokens=max_new_tokens, **kwargs)

@@ -225,10 +225,15 @@ class VisionZip(Pruner):
     def keep(self, vlm: VLM, prompt: Prompt, ratio: float) -> Tensor:
         return self.plan(vlm, prompt, ratio).keep
 
-    def generate(self, vlm: VLM, prompt: Prompt, ratio: float, max_new_tokens: int = 16,
-                 **kwargs: Any) -> GenerationResult:
-        plan = self.plan(vlm, prompt, ratio)
-        return vlm.generate(merged_prompt(prompt, plan), keep=plan.keep, max_new_tokens=max_new_tokens, **kwargs)
+    def generate(self, vlm: VLM, prompt: Prompt | list[Prompt], ratio: float, max_new_tokens: int = 16,
+                 **kwargs: Any) -> GenerationResult | list[GenerationResult]:
+        """Generation on the merged prompt(s); a list runs as one left-padded (ragged) batch."""
+        if isinstance(prompt, Prompt):
+            plan = self.plan(vlm, prompt, ratio)
+            return vlm.generate(merged_prompt(prompt, plan), keep=plan.keep, max_new_tokens=max_new_tokens, **kwargs)
+        plans = [self.plan(vlm, p, ratio) for p in prompt]
+        return vlm.generate([merged_prompt(p, z) for p, z in zip(prompt, plans)], keep=[z.keep for z in plans],
+                            max_new_tokens=max_new_tokens, **kwargs)
 
     def overhead_flops(self, d: int, n_visual: int, tokens_per_layer: list[int]) -> int:
         """Key similarity of the merged tokens to the targets ((N - k) c d_k) plus their means (N d).
