@@ -160,7 +160,7 @@ def test_select_and_pruners_take_numpy_and_0d_ratios(load_tiny):
     for name in available():
         if name in ("learned", "oracle"):
             continue
-        pruner = get_pruner(name, **({"layer": 1} if name == "fastv" else {}))
+        pruner = get_pruner(name, **({"layer": 1} if name in ("fastv", "dart") else {}))  # a 2-layer LLM
         assert torch.equal(torch.as_tensor(pruner.keep(vlm, p, np.float32(0.25))),
                            torch.as_tensor(pruner.keep(vlm, p, 0.25))), name
         assert torch.equal(torch.as_tensor(pruner.keep(vlm, p, torch.tensor(0.25))),

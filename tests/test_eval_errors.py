@@ -118,8 +118,11 @@ def test_unreadable_image_stops_or_is_skipped(qwen, manifest, tmp_path):  # noqa
 
 
 def test_report_files_are_replaced_atomically(qwen, manifest, tmp_path, monkeypatch):  # noqa: F811
+    from explainprune.evaluation.plots import save_plots
+
     rep = run_eval(qwen, ManifestSource(manifest), EvalConfig(**CONFIG))
     paths = rep.save(tmp_path)
+    paths.update(save_plots(rep, tmp_path))
     before = {k: p.read_bytes() for k, p in paths.items()}
     real = pathlib.Path.write_text
 
@@ -139,6 +142,6 @@ def test_report_files_are_replaced_atomically(qwen, manifest, tmp_path, monkeypa
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn_png)
     with pytest.raises(KeyboardInterrupt):
-        rep.save(tmp_path)
+        save_plots(rep, tmp_path)
     assert {k: p.read_bytes() for k, p in paths.items()} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

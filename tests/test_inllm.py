@@ -69,6 +69,9 @@ def reference(eager, prompt, choosers: dict, steps: int):
                     remaining = torch.tensor([j for j in range(n_v) if not any(
                         j in d.tolist() for k, d in dropped_from.items() if k <= i)], dtype=torch.long)
                 h = layer(h, attention_mask=_mask(causal, dropped_from, vis, i, neg), position_embeddings=rope)
+                if i in prompt.visual_residuals:  # Qwen3-VL DeepStack: added at every visual row (dropped ones
+                    h = h.clone()                 # too: masked, they reach no other token)
+                    h[0, vis] += prompt.visual_residuals[i]
             last = model.lm_head(lm.norm(h))[0, -1]
             logits.append(last)
             embeds = torch.cat([embeds, table(last.argmax().view(1, 1))], 1)
@@ -146,7 +149,11 @@ def dart_choosers(vlm, prompt, layer, ratio, n_img=4, n_txt=4):
     def choose(info):
         lm = vlm.language_model
         feats = lm.norm(info["hidden"])[0].float()
-        l1 = info["k_prev"][0].float().abs().sum(-1)
+        keys = info["k_prev"][0]
+        attn = lm.layers[layer - 1].self_attn
+        if hasattr(attn, "k_norm"):  # Qwen3: the key states after the per-head norm
+            keys = attn.k_norm(keys.view(keys.shape[0], -1, attn.head_dim)).flatten(1)
+        l1 = keys.float().abs().sum(-1)
         vis, k = prompt.visual_pos, kept_count(prompt.num_visual, ratio)
         text = torch.arange(int(vis.max()) + 1, prompt.length)
         img_piv = torch.argsort(-l1[vis], stable=True)[:min(n_img, k)]

@@ -137,6 +137,9 @@ def test_visionzip_llava_cls_and_unsupported_family(load_tiny):
     q = ov.prepare(images=random_image(4), question=QUESTION)
     with pytest.raises(ValueError, match="does not support the 'llava_onevision' family"):
         get_pruner("visionzip").keep(ov, q, 0.5)
+    q3 = load_tiny("qwen3_vl")
+    with pytest.raises(ValueError, match="does not support the 'qwen3_vl' family"):
+        get_pruner("visionzip").keep(q3, q3.prepare(images=random_image(4), question=QUESTION), 0.5)
 
 
 def test_layer0_ranks_by_head_mean_of_first_layer_attention(load_tiny, family):

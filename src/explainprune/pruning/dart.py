@@ -14,7 +14,8 @@ int(N_v * keep / 8) tokens on top of the image pivots; here the quotas split exa
 ceil(ratio * N_v) - (image pivots) over the pivots (the first ones get the remainder), so DART keeps
 exactly what the other methods keep. Pivots are visited image pivots first, then text pivots, each by
 decreasing norm (the authors iterate a Python set, whose order is arbitrary).
-Works on all four families; ragged batches; the KV cache of layers >= K holds only the kept tokens.
+Works on every supported family (tested on all six of ``testing.FAMILIES``, Qwen3-VL DeepStack rows
+following the kept tokens); ragged batches; the KV cache of layers >= K holds only the kept tokens.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ one farthest from its nearest neighbour; then, repeatedly, the token whose dista
 is the greedy subset of that size, so ``score`` returns minus the order and the shared ``select`` keeps
 the top ceil(ratio * N_v) (the authors keep round(ratio * N_v); their default ratio is 0.098).
 Already chosen tokens are never picked again (the authors' loop could re-pick one when every remaining
-distance is 0). Works on all four families (it only reads ``inputs_embeds``).
+distance is 0). Works on every supported family (it only reads ``inputs_embeds``).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Scores = the head-averaged first-layer attention from the instruction tokens to 
 (``first_layer_attention(vlm, prompt).mean(0)``), exactly the quantity the compressor reads, with no
 network on top. (The shipped compressor configuration takes A_v^0 per head, each head divided by its mean
 over the visual tokens (``CompressorConfig.normalize="mean"``), not this head mean; the ranking here uses
-the plain head mean.) Same cost as ``learned`` minus f_θ: Eq. 5 only. Works on all four families.
+the plain head mean.) Same cost as ``learned`` minus f_θ: Eq. 5 only. Works on every supported family.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ round(3L/4) (distinct, in 1..L-1), and ``ratio`` is the AVERAGE retention over l
 Table 7 reports PyramidDrop at its average): λ is solved so that mean over layers of kept / N_v = ratio.
 A ratio below K_1 / L (the layers before the first boundary keep everything) cannot be reached: λ = 0 is
 used then (one visual token after K_1), and the report shows the average retention actually reached.
-Works on all four families; ragged batches; the KV cache of every stage holds only its kept tokens.
+Works on every supported family (tested on all six of ``testing.FAMILIES``, Qwen3-VL DeepStack rows
+following the kept tokens); ragged batches; the KV cache of every stage holds only its kept tokens.
 """
 
 from __future__ import annotations

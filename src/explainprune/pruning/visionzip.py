@@ -22,7 +22,8 @@ Choices of this implementation (documented, tested):
     its (t, h, w) M-RoPE position), so the kept tokens stay in sequence order;
   - one selection over all the prompt's visual tokens (images and frames together).
 Not supported: LLaVA-OneVision (its anyres tiles, unpadding and newline tokens have no one-to-one map
-from encoder patches to LLM tokens); it raises a ValueError saying so.
+from encoder patches to LLM tokens) and Qwen3-VL / Qwen3-VL-MoE (their DeepStack features, added inside
+the LLM at the visual rows, would have to be merged too); both raise a ValueError saying so.
 """
 
 from __future__ import annotations
@@ -181,8 +182,10 @@ def vision_scores(vlm: VLM, prompt: Prompt) -> tuple[Tensor, Tensor]:
         elif family == "llava":
             scores, keys = _clip_pass(vlm, inputs["pixel_values"])
         else:
-            raise ValueError(f"visionzip does not support the {family or type(vlm).__name__!r} family: its encoder "
-                             "patches have no one-to-one map to LLM tokens (supported: Qwen2-VL, Qwen2.5-VL, LLaVA)")
+            raise ValueError(f"visionzip does not support the {family or type(vlm).__name__!r} family (supported: "
+                             "Qwen2-VL, Qwen2.5-VL, LLaVA). LLaVA-OneVision's anyres tiles and newline tokens have no "
+                             "one-to-one map from encoder patches to LLM tokens; Qwen3-VL's DeepStack features from "
+                             "several encoder layers would have to be merged too. Use another method for it")
     if len(scores) != prompt.num_visual:  # pragma: no cover - defensive
         raise RuntimeError(f"visionzip got {len(scores)} encoder scores for {prompt.num_visual} visual tokens")
     return scores, keys
