@@ -1,7 +1,7 @@
 """DART (Wen et al., 2025, "Stop Looking for Important Tokens in Multimodal Language Models: Duplication
 Matters More"): keep the visual tokens LEAST duplicated with a few pivot tokens, inside the LLM at layer K.
 
-Followed: Section 3 of the paper and the authors' ``get_retained_image_token`` (Qwen2-VL variant,
+Followed: the paper's method and the authors' ``get_retained_image_token`` (Qwen2-VL variant,
 ``Qwen2-VL/Qwen2VL_DART/modeling_qwen2_vl_self.py``), read, not copied:
   1. before layer K, pivots are the ``pivot_image`` visual tokens and the ``pivot_text`` text tokens after
      the image with the largest L1 norm of layer K-1's key states (heads concatenated; here the k_proj

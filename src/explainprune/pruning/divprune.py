@@ -1,7 +1,7 @@
 """DivPrune (Alvar et al., CVPR 2025, "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal
 Models"): keep a maximally DIVERSE subset of the visual tokens, before the LLM, training-free.
 
-Followed: Section 3 (Max-Min Diversity Problem) and the authors' ``DivPrune`` in
+Followed: the paper's Max-Min Diversity formulation and the authors' ``DivPrune`` in
 ``LLaVA/llava/model/llava_arch.py`` (read, not copied). Distance = 1 - cosine similarity between the
 visual tokens' features as the LLM receives them (after the projector). Greedy: the first token is the
 one farthest from its nearest neighbour; then, repeatedly, the token whose distance to the chosen set

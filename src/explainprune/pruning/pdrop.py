@@ -2,7 +2,7 @@
 Pyramid Visual Redundancy Reduction"), inference-only variant.
 
 The LLM is split into S stages at layers K_1 < ... < K_{S-1}; at each boundary a share of the remaining
-visual tokens is dropped, so stage s keeps λ^s of them (Section 3.2). The ranking at a boundary is the
+visual tokens is dropped, so stage s keeps λ^s of them (the paper's method). The ranking at a boundary is the
 attention of the LAST instruction token to the visual tokens, computed lightly with the boundary layer's
 own ``input_layernorm`` / ``q_proj`` / ``k_proj`` on the hidden states entering it (the authors'
 ``pdrop_rank_drop`` in ``llava/model/modeling_llama_pdrop.py``: query = last token, keys = all tokens,

@@ -2,11 +2,12 @@
 Models"): before the LLM, keep DOMINANT tokens (most attended in the vision encoder) and merge the rest
 into a few CONTEXTUAL tokens by key similarity. Training-free.
 
-Followed: Section 3.2 of the paper and the authors' ``CLIPVisionTower_VisionZip.forward``
+Followed: the paper's method and the authors' ``CLIPVisionTower_VisionZip.forward``
 (``visionzip/clip_encoder.py``, read, not copied):
   - dominant: with a CLS token (LLaVA's CLIP), the CLS row of the attention in the layer the features
-    come from (``vision_feature_layer``, -2), summed over heads; without one (Qwen2-VL / Qwen2.5-VL, as in
-    the authors' Qwen2.5-VL variant), the attention each patch RECEIVES in the encoder's last block
+    come from (``vision_feature_layer``, -2), summed over heads; without one (Qwen2-VL / Qwen2.5-VL,
+    for which the authors have a Qwen2.5-VL variant whose code was not available here: this is this
+    implementation's reading), the attention each patch RECEIVES in the encoder's last block
     (mean over heads and queries, within each image / frame), averaged over the merger's patch group so
     that there is one score per LLM token;
   - contextual: among the other tokens, ``contextual`` targets taken uniformly (every step-th), every
