@@ -138,6 +138,15 @@ def test_matched_cost_table_compares_at_equal_flops():
 
 
 def test_report_does_not_import_plots():
+    """plots.py reads a Report; report.py imports plots nowhere (not even lazily inside a function)."""
+    import ast
+
+    import explainprune.evaluation.report as report_module
+
+    tree = ast.parse(open(report_module.__file__).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any("plots" in (m or "") for m in imported), imported
     code = "import sys, explainprune.evaluation.report; print('explainprune.evaluation.plots' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
