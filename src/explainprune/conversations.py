@@ -1,0 +1,362 @@
+"""Label sources in the formats public instruction data ships in, read with the ``datasets`` library.
+
+``ConversationSource`` reads local JSON / JSONL / parquet files or folders (or a hub id when you have
+network) in one of two schemas:
+
+  llava     {"id", "image" | "images" | "video", "conversations": [{"from": "human", "value": "<image>\\n..."},
+            {"from": "gpt", "value": ...}, ...]}          (LLaVA-Instruct, LLaVA-Video-178K, Infinity-MM)
+  messages  {"id", "images" | "image" | "video", "messages": [{"role": "user", "content": str | [{"type":
+            "image"}, {"type": "text", "text": ...}]}, {"role": "assistant", "content": ...}, ...]}
+
+Multi-turn conversations: with ``turns="first"`` (the default) only the first question/answer pair
+becomes a sample; with ``turns="each"`` every pair becomes its own sample and the preceding turns are
+DROPPED (the prompt is the question alone with all of the row's media), so a follow-up that refers to an
+earlier turn ("and the other one?") is asked without its context -- which is why "first" is the default.
+
+Media: image paths relative to ``media_root`` (default: the data file's folder), embedded image bytes
+(``{"bytes": ...}`` structs, as parquet exports of ``datasets.Image`` columns hold them) or decoded PIL
+images; video paths with ``max_frames`` frames sampled evenly (``sources.read_video``). ``<image>`` /
+``<video>`` tags are removed from the question (the adapter places the media as the model's chat template
+does); a row with more ``<image>`` tags than images is an error.
+
+Column names are mappable (``columns={"conversations": "dialog", "image": "img"}``). Every selected row
+is checked before any model work (``validate``): errors name the row id and what to fix.
+
+Sampling: ``target`` samples balanced over strata (``strata`` of "subset", "task", "duration"), seeded and
+recorded in ``describe()`` so a resumed run takes the same samples (``balanced_indices``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from explainprune.matchers import auto_rule, check_rule
+from explainprune.sources import LabelSample
+
+FORMATS = ("llava", "messages")
+STRATA = ("subset", "task", "duration")
+TURNS = ("first", "each")
+DURATION_BUCKETS = ((0, 30, "0-30s"), (30, 60, "30-60s"), (60, 120, "1-2min"), (120, 180, "2-3min"))
+_TAG = re.compile(r"<(image|video)>\s*\n?")
+_HUMAN, _ASSISTANT = ("human", "user"), ("gpt", "assistant", "bot", "model")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Where and how to read a conversation dataset (see the module docstring)."""
+
+    path: str
+    format: str = "llava"
+    media_root: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    split: str = "train"
+    subset: str | None = None        # a hub dataset's configuration name
+    turns: str = "first"
+    max_frames: int = 8
+    match: str = "auto"              # the answer matcher (explainprune.matchers) for this source
+    target: int | None = None        # balanced sample of this many (None: every sample)
+    strata: tuple[str, ...] = ("subset", "task", "duration")
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown dataset format {self.format!r}; accepted: {', '.join(FORMATS)}")
+        if self.turns not in TURNS:
+            raise ValueError(f"unknown turns policy {self.turns!r}; accepted: {', '.join(TURNS)}")
+        check_rule(self.match)
+        bad = [s for s in self.strata if s not in STRATA]
+        if bad:
+            raise ValueError(f"unknown strata {', '.join(bad)}; accepted: {', '.join(STRATA)}")
+        if self.target is not None and self.target < 1:
+            raise ValueError(f"the sample target must be >= 1; got {self.target}")
+        if self.max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1; got {self.max_frames}")
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One question/answer pair of one row (media still unresolved)."""
+
+    row: int
+    id: str
+    question: str
+    answer: str
+    images: tuple[Any, ...]
+    video: str | None
+    subset: str
+
+
+def parse_columns(spec: str | None) -> dict[str, str]:
+    """"image=img,conversations=dialog" -> {"image": "img", "conversations": "dialog"}."""
+    out: dict[str, str] = {}
+    for item in filter(None, (spec or "").split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise ValueError(f"column mapping {item!r} must be ours=theirs, e.g. image=img")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _data_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl", ".parquet") and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{path} holds no .json, .jsonl or .parquet files")
+    return files
+
+
+def _read_rows(config: DatasetConfig) -> tuple[list[dict[str, Any]], list[str], str]:
+    """(rows, subset name per row, digest of the data) read through ``datasets``."""
+    import datasets
+
+    path = Path(config.path)
+    if not path.exists():
+        if config.path.startswith((".", "/")) or path.suffix in (".json", ".jsonl", ".parquet"):
+            raise FileNotFoundError(f"no dataset at {config.path}")
+        ds = datasets.load_dataset(config.path, config.subset, split=config.split)  # a hub id
+        return [dict(r) for r in ds], [config.subset or config.path] * len(ds), f"hub:{ds._fingerprint}"
+    rows, subsets, digest = [], [], hashlib.sha256()
+    for f in _data_files(path):
+        builder = "parquet" if f.suffix == ".parquet" else "json"
+        digest.update(f.name.encode() + f.read_bytes())
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(f), split="train")
+            part = [dict(r) for r in ds]
+        except Exception as err:  # mixed-type columns (str here, list there) defeat arrow's schema
+            if builder != "json":
+                raise ValueError(f"{f}: cannot read ({err})") from None
+            part = _read_json(f)
+        rows += part
+        subsets += [f.stem] * len(part)
+    return rows, subsets, digest.hexdigest()[:16]
+
+
+def _read_json(f: Path) -> list[dict[str, Any]]:
+    text = f.read_text()
+    try:
+        data = json.loads(text)
+        return list(data) if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        out = []
+        for k, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{f}:{k + 1}: not JSON ({err.msg})") from None
+        return out
+
+
+def _text(content: Any) -> tuple[str, int]:
+    """(text, image count) of a messages-format content: a string or a list of typed parts."""
+    if isinstance(content, str):
+        return content, 0
+    texts, images = [], 0
+    for part in content or []:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            texts.append(str(part.get("text", "")))
+        elif kind == "image":
+            images += 1
+    return "\n".join(texts), images
+
+
+class ConversationSource:
+    """A conversation dataset as a deterministic ``SampleSource`` (see the module docstring)."""
+
+    def __init__(self, config: DatasetConfig):
+        self.config = config
+        col = {k: config.columns.get(k, k) for k in ("id", "image", "images", "video", "conversations",
+                                                      "messages", "subset", "task")}
+        self.col = col
+        rows, subsets, self.digest = _read_rows(config)
+        self.root = Path(config.media_root) if config.media_root else (
+            Path(config.path) if Path(config.path).is_dir() else Path(config.path).parent)
+        self._strata_cache: dict[tuple[int, str], tuple[str, ...]] = {}
+        items = []
+        for r, (row, subset) in enumerate(zip(rows, subsets)):
+            items += self._items(r, row, subset)
+        if not items:
+            raise ValueError(f"{config.path}: no question/answer pairs found in {len(rows)} rows ({config.format} "
+                             f"format; map columns with --columns if yours are named differently)")
+        self._all = items
+        self.indices = (balanced_indices([self._stratum(it) for it in items], config.target, config.seed)
+                        if config.target else list(range(len(items))))
+        self.items = [items[i] for i in self.indices]
+
+    # -- parsing -----------------------------------------------------------------------------------------
+    def _items(self, r: int, row: dict[str, Any], subset: str) -> list[_Item]:
+        c = self.col
+        rid = str(row.get(c["id"]) if row.get(c["id"]) is not None else f"row {r}")
+        if c["subset"] in row and row[c["subset"]] is not None:
+            subset = str(row[c["subset"]])
+        images = row.get(c["images"]) if row.get(c["images"]) is not None else row.get(c["image"])
+        images = () if images is None else tuple(images) if isinstance(images, (list, tuple)) else (images,)
+        video = row.get(c["video"])
+        turns = self._turns(rid, row)
+        tags = sum(len(re.findall(r"<image>", q)) for q, _ in turns)
+        if tags > len(images):
+            raise ValueError(f"{self.config.path}: row {rid}: {tags} <image> tags but {len(images)} images")
+        pairs = turns[:1] if self.config.turns == "first" else turns
+        return [_Item(r, rid if len(pairs) == 1 else f"{rid}#{k}", _TAG.sub("", q).strip(), a, images,
+                      None if video is None else str(video), subset) for k, (q, a) in enumerate(pairs)]
+
+    def _turns(self, rid: str, row: dict[str, Any]) -> list[tuple[str, str]]:
+        """(question, answer) pairs: each human/user turn followed by an assistant turn."""
+        fmt = self.config.format
+        key = self.col["conversations" if fmt == "llava" else "messages"]
+        turns = row.get(key)
+        if not isinstance(turns, (list, tuple)) or not turns:
+            raise ValueError(f"{self.config.path}: row {rid}: no {key!r} list (format {fmt}; map the column with "
+                             f"--columns {'conversations' if fmt == 'llava' else 'messages'}=NAME)")
+        flat = []
+        for t in turns:
+            if not isinstance(t, dict):
+                raise ValueError(f"{self.config.path}: row {rid}: a turn is not an object: {t!r}")
+            if fmt == "llava":
+                flat.append((str(t.get("from", "")).lower(), str(t.get("value", ""))))
+            else:
+                text, n_img = _text(t.get("content"))
+                flat.append((str(t.get("role", "")).lower(), "<image>\n" * n_img + text))
+        pairs = [(q, a) for (rq, q), (ra, a) in zip(flat, flat[1:]) if rq in _HUMAN and ra in _ASSISTANT]
+        if not any(role in _HUMAN for role, _ in flat):
+            raise ValueError(f"{self.config.path}: row {rid}: no human/user turn")
+        if not pairs:
+            raise ValueError(f"{self.config.path}: row {rid}: no answer follows a human/user turn")
+        for q, _ in pairs:
+            if not _TAG.sub("", q).strip():
+                raise ValueError(f"{self.config.path}: row {rid}: empty question")
+        return pairs
+
+    def _stratum(self, it: _Item) -> tuple[str, ...]:
+        if (it.row, it.id) in self._strata_cache:
+            return self._strata_cache[(it.row, it.id)]
+        key = []
+        for s in self.config.strata:
+            if s == "subset":
+                key.append(it.subset)
+            elif s == "task":
+                key.append("multi-choice" if auto_rule([it.answer], it.question) == "choice" else "open-ended")
+            elif s == "duration":
+                key.append(duration_bucket(video_duration(self.root / it.video)) if it.video else "image")
+        self._strata_cache[(it.row, it.id)] = tuple(key)
+        return tuple(key)
+
+    # -- the SampleSource protocol -----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def validate(self) -> None:
+        """Check every selected sample's media exists (before any model work)."""
+        for it in self.items:
+            for im in it.images:
+                if isinstance(im, str) and not (self.root / im).is_file():
+                    raise FileNotFoundError(f"{self.config.path}: row {it.id}: image {self.root / im} not found "
+                                            "(set --media-root to the folder the paths are relative to)")
+            if it.video and not (self.root / it.video).exists():
+                raise FileNotFoundError(f"{self.config.path}: row {it.id}: video {self.root / it.video} not found "
+                                        "(set --media-root)")
+
+    def _image(self, im: Any, rid: str) -> Any:
+        from PIL import Image
+
+        if isinstance(im, Image.Image):
+            return im.convert("RGB")
+        if isinstance(im, dict) and im.get("bytes") is not None:
+            return Image.open(io.BytesIO(im["bytes"])).convert("RGB")
+        if isinstance(im, dict) and im.get("path"):
+            im = im["path"]
+        if isinstance(im, (bytes, bytearray)):
+            return Image.open(io.BytesIO(im)).convert("RGB")
+        if isinstance(im, str):
+            return Image.open(self.root / im).convert("RGB")
+        raise ValueError(f"{self.config.path}: row {rid}: cannot read an image from {type(im).__name__}")
+
+    def __getitem__(self, i: int) -> LabelSample:
+        from explainprune.sources import read_video
+
+        it = self.items[i]
+        images = [self._image(im, it.id) for im in it.images] or None
+        video = read_video(self.root / it.video, self.config.max_frames) if it.video else None
+        rule = self.config.match if self.config.match != "auto" else auto_rule([it.answer], it.question)
+        kind = "multi-choice" if rule == "choice" else "open-ended"
+        return LabelSample(it.id, it.question, it.answer, images=images, video=video,
+                           meta={"kind": kind, "subset": it.subset, "match": rule})
+
+    def describe(self) -> dict[str, Any]:
+        selected = hashlib.sha256(json.dumps(self.indices).encode()).hexdigest()[:16]
+        return {"task": "dataset", **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()},
+                "data_sha256": self.digest, "selected": selected, "pairs": len(self._all)}
+
+    def counts(self) -> dict[str, int]:
+        """Selected samples per stratum (what balanced sampling produced)."""
+        out: dict[str, int] = defaultdict(int)
+        for i in self.indices:
+            out["/".join(self._stratum(self._all[i]))] += 1
+        return dict(sorted(out.items()))
+
+
+def balanced_indices(strata: Sequence[tuple[str, ...]], target: int | None, seed: int = 0) -> list[int]:
+    """Indices of a sample of ``target`` items spread as evenly as possible over ``strata`` (one key per
+    item): every stratum gets an equal share, a stratum with fewer items gives its surplus to the others
+    (water-filling); items within a stratum are drawn by ``seed``. Sorted; deterministic."""
+    groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    for i, key in enumerate(strata):
+        groups[key].append(i)
+    if target is None or target >= len(strata):
+        return list(range(len(strata)))
+    rng = random.Random(seed)
+    keys = sorted(groups)
+    for k in keys:
+        rng.shuffle(groups[k])
+    quota, left = dict.fromkeys(keys, 0), target
+    open_keys = list(keys)
+    while left > 0 and open_keys:
+        share = max(1, left // len(open_keys))
+        for k in list(open_keys):
+            take = min(share, len(groups[k]) - quota[k], left)
+            quota[k] += take
+            left -= take
+            if quota[k] == len(groups[k]):
+                open_keys.remove(k)
+            if left == 0:
+                break
+    return sorted(i for k in keys for i in groups[k][: quota[k]])
+
+
+def duration_bucket(seconds: float | None) -> str:
+    """The paper's duration buckets: 0-30 s, 30-60 s, 1-2 min, 2-3 min (longer: ">3min")."""
+    if seconds is None:
+        return "unknown"
+    for lo, hi, name in DURATION_BUCKETS:
+        if lo <= seconds < hi:
+            return name
+    return ">3min"
+
+
+def video_duration(path: str | Path) -> float | None:
+    """A video file's duration in seconds from its container metadata (no decoding); None if unknown.
+    A folder of frames has no duration."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        import av
+
+        with av.open(str(path)) as c:
+            stream = c.streams.video[0]
+            if stream.duration is not None and stream.time_base is not None:
+                return float(stream.duration * stream.time_base)
+            return None if c.duration is None else c.duration / 1_000_000
+    except Exception:
+        return None
