@@ -186,3 +186,19 @@ def test_video_rows_balanced_by_task_and_duration(tmp_path):
     again = ConversationSource(DatasetConfig(str(tmp_path / "llava_video.json"), target=6,
                                              strata=("task", "duration"), max_frames=4))
     assert again.describe() == src.describe() and [again[i].id for i in range(6)] == [src[i].id for i in range(6)]
+
+
+def test_several_datasets_each_with_its_media_root(tmp_path):
+    for name in ("nextqa", "activitynet"):
+        (tmp_path / name / "media").mkdir(parents=True)
+        _png(tmp_path / name / "media" / "f.png")
+        (tmp_path / name / f"{name}.json").write_text(json.dumps([{"id": f"{name}-{k}", "image": "f.png",
+            "conversations": [{"from": "human", "value": "q?"}, {"from": "gpt", "value": "yes"}]} for k in range(3)]))
+    paths = tuple(str(tmp_path / n / f"{n}.json") for n in ("nextqa", "activitynet"))
+    roots = tuple(str(tmp_path / n / "media") for n in ("nextqa", "activitynet"))
+    src = ConversationSource(DatasetConfig(paths, media_root=roots, target=4, strata=("subset",)))
+    src.validate()
+    assert src.counts() == {"activitynet": 2, "nextqa": 2}
+    assert {src[i].meta["subset"] for i in range(4)} == {"nextqa", "activitynet"}
+    with pytest.raises(ValueError, match="one media root for all datasets or one per dataset"):
+        DatasetConfig(paths, media_root=(roots[0], roots[1], roots[1]))

@@ -54,9 +54,9 @@ _HUMAN, _ASSISTANT = ("human", "user"), ("gpt", "assistant", "bot", "model")
 class DatasetConfig:
     """Where and how to read a conversation dataset (see the module docstring)."""
 
-    path: str
+    path: str | tuple[str, ...]      # one or several files / folders / hub ids (one subset each)
     format: str = "llava"
-    media_root: str | None = None
+    media_root: str | tuple[str, ...] | None = None  # one for all paths, or one per path
     columns: dict[str, str] = field(default_factory=dict)
     split: str = "train"
     subset: str | None = None        # a hub dataset's configuration name
@@ -80,6 +80,20 @@ class DatasetConfig:
             raise ValueError(f"the sample target must be >= 1; got {self.target}")
         if self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1; got {self.max_frames}")
+        if len(self.roots) != len(self.paths):
+            raise ValueError(f"give one media root for all datasets or one per dataset; got {len(self.roots)} "
+                             f"for {len(self.paths)}")
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self.path,) if isinstance(self.path, str) else tuple(self.path)
+
+    @property
+    def roots(self) -> tuple[str | None, ...]:
+        r = self.media_root
+        if r is None or isinstance(r, str):
+            return (r,) * len(self.paths)
+        return tuple(r) if len(r) != 1 else (r[0],) * len(self.paths)
 
 
 @dataclass(frozen=True)
@@ -93,6 +107,7 @@ class _Item:
     images: tuple[Any, ...]
     video: str | None
     subset: str
+    root: str
 
 
 def parse_columns(spec: str | None) -> dict[str, str]:
@@ -115,16 +130,16 @@ def _data_files(path: Path) -> list[Path]:
     return files
 
 
-def _read_rows(config: DatasetConfig) -> tuple[list[dict[str, Any]], list[str], str]:
-    """(rows, subset name per row, digest of the data) read through ``datasets``."""
+def _read_rows(name: str, config: DatasetConfig) -> tuple[list[dict[str, Any]], list[str], str]:
+    """(rows, subset name per row, digest of the data) of one dataset, read through ``datasets``."""
     import datasets
 
-    path = Path(config.path)
+    path = Path(name)
     if not path.exists():
-        if config.path.startswith((".", "/")) or path.suffix in (".json", ".jsonl", ".parquet"):
-            raise FileNotFoundError(f"no dataset at {config.path}")
-        ds = datasets.load_dataset(config.path, config.subset, split=config.split)  # a hub id
-        return [dict(r) for r in ds], [config.subset or config.path] * len(ds), f"hub:{ds._fingerprint}"
+        if name.startswith((".", "/")) or path.suffix in (".json", ".jsonl", ".parquet") or name.count("/") > 1:
+            raise FileNotFoundError(f"no dataset at {name}")
+        ds = datasets.load_dataset(name, config.subset, split=config.split)  # a hub id
+        return [dict(r) for r in ds], [config.subset or name] * len(ds), f"hub:{ds._fingerprint}"
     rows, subsets, digest = [], [], hashlib.sha256()
     for f in _data_files(path):
         builder = "parquet" if f.suffix == ".parquet" else "json"
@@ -179,23 +194,27 @@ class ConversationSource:
         col = {k: config.columns.get(k, k) for k in ("id", "image", "images", "video", "conversations",
                                                       "messages", "subset", "task")}
         self.col = col
-        rows, subsets, self.digest = _read_rows(config)
-        self.root = Path(config.media_root) if config.media_root else (
-            Path(config.path) if Path(config.path).is_dir() else Path(config.path).parent)
         self._strata_cache: dict[tuple[int, str], tuple[str, ...]] = {}
-        items = []
-        for r, (row, subset) in enumerate(zip(rows, subsets)):
-            items += self._items(r, row, subset)
-        if not items:
-            raise ValueError(f"{config.path}: no question/answer pairs found in {len(rows)} rows ({config.format} "
-                             f"format; map columns with --columns if yours are named differently)")
+        items, digests, r = [], [], 0
+        for name, root in zip(config.paths, config.roots):
+            rows, subsets, digest = _read_rows(name, config)
+            digests.append(digest)
+            base = root or (name if Path(name).is_dir() else str(Path(name).parent))
+            found = len(items)
+            for row, subset in zip(rows, subsets):
+                items += self._items(r, row, subset, name, base)
+                r += 1
+            if len(items) == found:
+                raise ValueError(f"{name}: no question/answer pairs found in {len(rows)} rows ({config.format} "
+                                 f"format; map columns with --columns if yours are named differently)")
+        self.digest = hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
         self._all = items
         self.indices = (balanced_indices([self._stratum(it) for it in items], config.target, config.seed)
                         if config.target else list(range(len(items))))
         self.items = [items[i] for i in self.indices]
 
     # -- parsing -----------------------------------------------------------------------------------------
-    def _items(self, r: int, row: dict[str, Any], subset: str) -> list[_Item]:
+    def _items(self, r: int, row: dict[str, Any], subset: str, name: str, root: str) -> list[_Item]:
         c = self.col
         rid = str(row.get(c["id"]) if row.get(c["id"]) is not None else f"row {r}")
         if c["subset"] in row and row[c["subset"]] is not None:
@@ -203,26 +222,26 @@ class ConversationSource:
         images = row.get(c["images"]) if row.get(c["images"]) is not None else row.get(c["image"])
         images = () if images is None else tuple(images) if isinstance(images, (list, tuple)) else (images,)
         video = row.get(c["video"])
-        turns = self._turns(rid, row)
+        turns = self._turns(rid, row, name)
         tags = sum(len(re.findall(r"<image>", q)) for q, _ in turns)
         if tags > len(images):
-            raise ValueError(f"{self.config.path}: row {rid}: {tags} <image> tags but {len(images)} images")
+            raise ValueError(f"{name}: row {rid}: {tags} <image> tags but {len(images)} images")
         pairs = turns[:1] if self.config.turns == "first" else turns
         return [_Item(r, rid if len(pairs) == 1 else f"{rid}#{k}", _TAG.sub("", q).strip(), a, images,
-                      None if video is None else str(video), subset) for k, (q, a) in enumerate(pairs)]
+                      None if video is None else str(video), subset, root) for k, (q, a) in enumerate(pairs)]
 
-    def _turns(self, rid: str, row: dict[str, Any]) -> list[tuple[str, str]]:
+    def _turns(self, rid: str, row: dict[str, Any], name: str) -> list[tuple[str, str]]:
         """(question, answer) pairs: each human/user turn followed by an assistant turn."""
         fmt = self.config.format
         key = self.col["conversations" if fmt == "llava" else "messages"]
         turns = row.get(key)
         if not isinstance(turns, (list, tuple)) or not turns:
-            raise ValueError(f"{self.config.path}: row {rid}: no {key!r} list (format {fmt}; map the column with "
+            raise ValueError(f"{name}: row {rid}: no {key!r} list (format {fmt}; map the column with "
                              f"--columns {'conversations' if fmt == 'llava' else 'messages'}=NAME)")
         flat = []
         for t in turns:
             if not isinstance(t, dict):
-                raise ValueError(f"{self.config.path}: row {rid}: a turn is not an object: {t!r}")
+                raise ValueError(f"{name}: row {rid}: a turn is not an object: {t!r}")
             if fmt == "llava":
                 flat.append((str(t.get("from", "")).lower(), str(t.get("value", ""))))
             else:
@@ -230,12 +249,12 @@ class ConversationSource:
                 flat.append((str(t.get("role", "")).lower(), "<image>\n" * n_img + text))
         pairs = [(q, a) for (rq, q), (ra, a) in zip(flat, flat[1:]) if rq in _HUMAN and ra in _ASSISTANT]
         if not any(role in _HUMAN for role, _ in flat):
-            raise ValueError(f"{self.config.path}: row {rid}: no human/user turn")
+            raise ValueError(f"{name}: row {rid}: no human/user turn")
         if not pairs:
-            raise ValueError(f"{self.config.path}: row {rid}: no answer follows a human/user turn")
+            raise ValueError(f"{name}: row {rid}: no answer follows a human/user turn")
         for q, _ in pairs:
             if not _TAG.sub("", q).strip():
-                raise ValueError(f"{self.config.path}: row {rid}: empty question")
+                raise ValueError(f"{name}: row {rid}: empty question")
         return pairs
 
     def _stratum(self, it: _Item) -> tuple[str, ...]:
@@ -248,7 +267,7 @@ class ConversationSource:
             elif s == "task":
                 key.append("multi-choice" if auto_rule([it.answer], it.question) == "choice" else "open-ended")
             elif s == "duration":
-                key.append(duration_bucket(video_duration(self.root / it.video)) if it.video else "image")
+                key.append(duration_bucket(video_duration(Path(it.root) / it.video)) if it.video else "image")
         self._strata_cache[(it.row, it.id)] = tuple(key)
         return tuple(key)
 
@@ -260,14 +279,14 @@ class ConversationSource:
         """Check every selected sample's media exists (before any model work)."""
         for it in self.items:
             for im in it.images:
-                if isinstance(im, str) and not (self.root / im).is_file():
-                    raise FileNotFoundError(f"{self.config.path}: row {it.id}: image {self.root / im} not found "
+                if isinstance(im, str) and not (Path(it.root) / im).is_file():
+                    raise FileNotFoundError(f"{it.subset}: row {it.id}: image {Path(it.root) / im} not found "
                                             "(set --media-root to the folder the paths are relative to)")
-            if it.video and not (self.root / it.video).exists():
-                raise FileNotFoundError(f"{self.config.path}: row {it.id}: video {self.root / it.video} not found "
+            if it.video and not (Path(it.root) / it.video).exists():
+                raise FileNotFoundError(f"{it.subset}: row {it.id}: video {Path(it.root) / it.video} not found "
                                         "(set --media-root)")
 
-    def _image(self, im: Any, rid: str) -> Any:
+    def _image(self, im: Any, it: _Item) -> Any:
         from PIL import Image
 
         if isinstance(im, Image.Image):
@@ -279,15 +298,15 @@ class ConversationSource:
         if isinstance(im, (bytes, bytearray)):
             return Image.open(io.BytesIO(im)).convert("RGB")
         if isinstance(im, str):
-            return Image.open(self.root / im).convert("RGB")
-        raise ValueError(f"{self.config.path}: row {rid}: cannot read an image from {type(im).__name__}")
+            return Image.open(Path(it.root) / im).convert("RGB")
+        raise ValueError(f"row {it.id}: cannot read an image from {type(im).__name__}")
 
     def __getitem__(self, i: int) -> LabelSample:
         from explainprune.sources import read_video
 
         it = self.items[i]
-        images = [self._image(im, it.id) for im in it.images] or None
-        video = read_video(self.root / it.video, self.config.max_frames) if it.video else None
+        images = [self._image(im, it) for im in it.images] or None
+        video = read_video(Path(it.root) / it.video, self.config.max_frames) if it.video else None
         rule = self.config.match if self.config.match != "auto" else auto_rule([it.answer], it.question)
         kind = "multi-choice" if rule == "choice" else "open-ended"
         return LabelSample(it.id, it.question, it.answer, images=images, video=video,
@@ -295,8 +314,8 @@ class ConversationSource:
 
     def describe(self) -> dict[str, Any]:
         selected = hashlib.sha256(json.dumps(self.indices).encode()).hexdigest()[:16]
-        return {"task": "dataset", **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()},
-                "data_sha256": self.digest, "selected": selected, "pairs": len(self._all)}
+        options = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()}
+        return {"task": "dataset", **options, "data_sha256": self.digest, "selected": selected, "pairs": len(self._all)}
 
     def counts(self) -> dict[str, int]:
         """Selected samples per stratum (what balanced sampling produced)."""
