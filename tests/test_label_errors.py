@@ -36,16 +36,17 @@ class ImageVLM:
 
 
 class NineLabeler:
-    """Always answers "nine"; correct when one of the sample's answers matches."""
+    """Always answers "neun"; correct when one of the sample's answers matches (only the list alternatives do:
+    "9" alone does not match "neun", though the exact matcher reads "nine" as 9)."""
 
     def __init__(self):
         self.seen = []
 
     def __call__(self, vlm, prompt, sample):
         self.seen.append(sample.id)
-        ok = is_correct("nine", sample.answers)
+        ok = is_correct("neun", sample.answers)
         g = torch.Generator().manual_seed(int(sample.id[1:]))
-        return LabelOutput("nine", [1], ok, torch.rand(3, 6, generator=g), torch.rand(6, generator=g))
+        return LabelOutput("neun", [1], ok, torch.rand(3, 6, generator=g), torch.rand(6, generator=g))
 
 
 def write_manifest(d, rows):
@@ -57,7 +58,7 @@ def write_manifest(d, rows):
 
 
 def rows(n, **change):
-    out = [{"id": f"q{i}", "question": f"q {i}", "answer": ["9", "nine"] if i % 2 else "9", "image": f"{i % 3}.png"}
+    out = [{"id": f"q{i}", "question": f"q {i}", "answer": ["9", "neun"] if i % 2 else "9", "image": f"{i % 3}.png"}
            for i in range(n)]
     for i, rec in change.items():
         out[int(i[1:])] = rec
@@ -70,7 +71,7 @@ def test_list_answers_are_matched_and_stored(tmp_path):
                 progress=False)
     assert rep.complete and rep.totals["labeled"] == 2 and rep.totals["skipped_wrong"] == 2
     t = read_table(tmp_path / "out").to_pydict()
-    assert t["id"] == ["q1", "q3"] and t["references"] == [["9", "nine"]] * 2 and t["reference"][0] == "9 | nine"
+    assert t["id"] == ["q1", "q3"] and t["references"] == [["9", "neun"]] * 2 and t["reference"][0] == "9 | neun"
 
 
 def broken(tmp_path, n=6, bad=3):

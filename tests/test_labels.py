@@ -99,7 +99,8 @@ def test_label_content_and_skips(tmp_path):
     wrong = _expected_wrong(10)
     assert rep.complete and rep.shards_written == 4 and lab.calls == 10
     assert rep.totals == {"samples": 10, "labeled": 10 - len(wrong), "skipped_wrong": len(wrong),
-                          "wrong": len(wrong), "skipped_error": 0}
+                          "wrong": len(wrong), "skipped_error": 0,
+                          "by_rule": {"exact": {"judged": 10, "correct": 10 - len(wrong)}}}
     index = read_index(tmp_path)
     assert index["fingerprint"] == FP and len(index["shards"]) == 4
     t = read_table(tmp_path).to_pydict()

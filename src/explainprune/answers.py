@@ -1,20 +1,19 @@
 """Reference answers and scoring: what a correct answer is, shared by ``label`` (its correct-only filter),
 ``eval`` (accuracy) and the sample sources.
 
-A reference is a string, a number, or a list of them (VQA-style alternatives: any one counts). Matchers
-live in ``MATCHERS`` by name (one function each: ``(prediction, reference) -> bool``); ``is_correct`` asks
-whether the prediction matches any reference under one of them.
+A reference is a string, a number, or a list of them (VQA-style alternatives: any one counts). The
+matchers (exact, choice, number, f1, anls, any, auto) are in ``explainprune.matchers``; ``is_correct`` asks
+whether the prediction matches any reference under one of them (docs/matchers.md).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from explainprune.errors import InputError
-
-Matcher = Callable[[str, str], bool]
+from explainprune.matchers import MATCHERS, RULES, judge  # noqa: F401 (MATCHERS, RULES: the registry)
 
 
 def normalize_answer(text: Any) -> str:
@@ -44,20 +43,10 @@ def normalize_answers(value: Any, where: str = "answer") -> tuple[str, ...]:
     return (_one(value, where),)
 
 
-def exact_match(prediction: str, reference: str) -> bool:
-    """Equal after ``normalize_answer`` (case, spaces, trailing punctuation)."""
-    return normalize_answer(prediction) == normalize_answer(reference)
-
-
-MATCHERS: dict[str, Matcher] = {"exact": exact_match}
-
-
-def is_correct(prediction: str, answers: str | Sequence[str], matcher: str = "exact") -> bool:
-    """Whether ``prediction`` matches any of ``answers`` (a reference or a list of acceptable ones)."""
-    if matcher not in MATCHERS:
-        raise ValueError(f"unknown answer matcher {matcher!r}; available: {', '.join(MATCHERS)}")
-    refs = [answers] if isinstance(answers, str) else list(answers)
-    return any(MATCHERS[matcher](prediction, r) for r in refs)
+def is_correct(prediction: str, answers: str | Sequence[str], matcher: str = "exact", question: str = "") -> bool:
+    """Whether ``prediction`` matches any of ``answers`` (a reference or a list of acceptable ones) under
+    ``matcher`` (``explainprune.matchers``; "choice" and "auto" read the options from ``question``)."""
+    return judge(prediction, answers, rule=matcher, question=question).correct
 
 
 def display(answers: str | Sequence[str]) -> str:

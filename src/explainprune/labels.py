@@ -71,6 +71,7 @@ class LabelOutput:
     correct: bool
     attention: Tensor | None = None  # [H, N_v]
     relevance: Tensor | None = None  # [N_v]
+    rule: str = "exact"  # the answer matcher that judged it (explainprune.matchers)
 
 
 Labeler = Callable[[Any, Any, LabelSample], LabelOutput]  # (vlm, prompt, sample) -> LabelOutput
@@ -86,11 +87,14 @@ class LabelConfig:
     max_new_tokens: int = 8
     keep_wrong: bool = False  # also store wrongly answered samples (R_v of the model's own answer)
     head_chunk: int | None = None  # R_v computed this many heads at a time (less memory; same numbers)
+    match: str = "exact"  # answer matcher for samples whose source names none (explainprune.matchers)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         if out["head_chunk"] is None:  # runs recorded before the option existed stay resumable
             del out["head_chunk"]
+        if out["match"] == "exact":
+            del out["match"]
         return out
 
 
@@ -108,7 +112,7 @@ class LabelReport:
     complete: bool
     rank: int = 0
     world_size: int = 1
-    totals: dict[str, int] = field(default_factory=dict)
+    totals: dict[str, Any] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)  # samples skipped (--on-error skip), whole run
 
     def to_json(self) -> dict[str, Any]:
@@ -117,21 +121,27 @@ class LabelReport:
 
 # -- labelling one sample --------------------------------------------------------------------------------
 def default_labeler(rule: str = "grad", clamp: bool = True, max_new_tokens: int = 8,
-                    keep_wrong: bool = False, head_chunk: int | None = None) -> Labeler:
+                    keep_wrong: bool = False, head_chunk: int | None = None, match: str = "exact") -> Labeler:
     """Greedy answer; if it matches the reference (or ``keep_wrong``), R_v (Eq. 1, for the answer tokens)
-    and A_v^0. ``head_chunk``: passed to ``relevance`` (attention maps built that many heads at a time)."""
+    and A_v^0. ``head_chunk``: passed to ``relevance`` (attention maps built that many heads at a time).
+    The answer is judged by the sample's own matcher (``sample.meta["match"]``, set by dataset sources and
+    manifest lines), else by ``match`` (``explainprune.matchers``)."""
     from explainprune.attention import first_layer_attention
+    from explainprune.matchers import judge
     from explainprune.relevance import relevance
 
     def labeler(vlm: Any, prompt: Any, sample: LabelSample) -> LabelOutput:
         gen = vlm.generate(prompt, max_new_tokens=max_new_tokens)
         ids = [t for t in gen.token_ids if t not in vlm.eos_token_ids]
-        correct = bool(ids) and answers_match(gen.text, normalize_answers(sample.answer))
+        verdict = judge(gen.text, normalize_answers(sample.answer), rule=sample.meta.get("match", match),
+                        question=sample.question)
+        correct = bool(ids) and verdict.correct
         if not ids or not (correct or keep_wrong):
-            return LabelOutput(gen.text, ids, False)
+            return LabelOutput(gen.text, ids, False, rule=verdict.rule)
         rel = relevance(vlm, prompt, answer=ids, rule=rule, clamp=clamp, head_chunk=head_chunk)
         att = first_layer_attention(vlm, prompt)
-        return LabelOutput(gen.text, ids, correct, att.detach().float().cpu(), rel.scores.detach().float().cpu())
+        return LabelOutput(gen.text, ids, correct, att.detach().float().cpu(), rel.scores.detach().float().cpu(),
+                           rule=verdict.rule)
 
     return labeler
 
@@ -279,15 +289,21 @@ def finalize(out: str | Path) -> dict[str, Any] | None:
     if not all(p.is_file() for p in paths):
         return None
     shards, labeled, skipped, wrong, errors = [], 0, 0, 0, []
+    by_rule: dict[str, dict[str, int]] = {}
     for p in paths:
         m = shard_meta(p)
         shards.append({"file": str(p.relative_to(out)), "rows": m["labeled"], "skipped": len(m["skipped"]),
                        "start": m["start"], "stop": m["stop"], "sha256": file_sha256(p)})
         labeled, skipped, wrong = labeled + m["labeled"], skipped + len(m["skipped"]), wrong + m["wrong"]
         errors += m.get("errors", [])
-    index = {**record, "shards": shards, "errors": errors,
-             "counts": {"samples": record["samples"], "labeled": labeled, "skipped_wrong": skipped, "wrong": wrong,
-                        "skipped_error": len(errors)}}
+        for name, c in m.get("by_rule", {}).items():  # shards written before matchers existed have none
+            agg = by_rule.setdefault(name, {"judged": 0, "correct": 0})
+            agg["judged"], agg["correct"] = agg["judged"] + c["judged"], agg["correct"] + c["correct"]
+    counts: dict[str, Any] = {"samples": record["samples"], "labeled": labeled, "skipped_wrong": skipped,
+                              "wrong": wrong, "skipped_error": len(errors)}
+    if by_rule:
+        counts["by_rule"] = dict(sorted(by_rule.items()))
+    index = {**record, "shards": shards, "errors": errors, "counts": counts}
     write_json_atomic(out / "index.json", index)
     return index
 
@@ -321,7 +337,7 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
     old_index = json.loads((out / "index.json").read_text()) if (out / "index.json").is_file() else None
     if labeler is None:
         labeler = default_labeler(config.rule, config.clamp, config.max_new_tokens, config.keep_wrong,
-                                  config.head_chunk)
+                                  config.head_chunk, config.match)
     task = str(source.describe().get("task", "custom"))
     model = json.dumps(fingerprint, sort_keys=True)
     n, size = len(source), config.shard_size
@@ -335,7 +351,7 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
     for s in todo:
         for stale in shard_path(out, s).parent.glob(f".{shard_path(out, s).name}.tmp-*"):
             stale.unlink(missing_ok=True)  # a temp file left by a killed run (this shard is ours)
-        rows, wrong, n_wrong, errors = [], [], 0, []
+        rows, wrong, n_wrong, errors, by_rule = [], [], 0, [], {}
         start, stop = s * size, min(n, (s + 1) * size)
         for i in range(start, stop):
             try:
@@ -353,10 +369,13 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
             else:
                 wrong.append(sample.id)
             n_wrong += not res.correct
+            judged = by_rule.setdefault(res.rule, {"judged": 0, "correct": 0})
+            judged["judged"], judged["correct"] = judged["judged"] + 1, judged["correct"] + bool(res.correct)
             bar.update(1)
             bar.set_postfix(skipped=skipped + len(wrong), refresh=False)
         write_shard(shard_path(out, s), rows, {"shard": s, "start": start, "stop": stop, "labeled": len(rows),
                                                "skipped": wrong, "wrong": n_wrong, "errors": errors,
+                                               "by_rule": by_rule,
                                                "digest": samples_digest(source, start, stop),
                                                "source": source_id})
         labeled, skipped = labeled + len(rows), skipped + len(wrong)

@@ -104,6 +104,13 @@ def _check_record(rec: Any) -> list[str]:
         raise InputError(f"region must be a list of [frame, row, col] integer cells; got {region!r}")
     if "kind" in rec and not isinstance(rec["kind"], str):
         raise InputError(f"kind must be a string; got {rec['kind']!r}")
+    if "match" in rec:
+        from explainprune.matchers import check_rule
+
+        try:
+            check_rule(str(rec["match"]))
+        except ValueError as err:
+            raise InputError(str(err)) from None
     fps = rec.get("fps")
     if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
         raise InputError(f"fps must be a positive number; got {fps!r}")
@@ -120,8 +127,9 @@ def check_limit(limit: int | None, flag: str = "--limit") -> int | None:
 class ManifestSource:
     """A JSONL manifest, one sample a line: ``question``, ``answer`` and ``image`` (path), ``images`` (paths)
     or ``video`` (frame paths, or one video file, ``max_frames`` frames sampled evenly); optional ``id``,
-    ``region`` ([[frame, row, col], ...] token cells), ``kind`` and ``fps`` (the rate the listed frames were
-    sampled at; Qwen2.5-VL's temporal positions use it). Paths are relative to the manifest.
+    ``region`` ([[frame, row, col], ...] token cells), ``kind``, ``match`` (the answer matcher for this line,
+    ``explainprune.matchers``) and ``fps`` (the rate the listed frames were sampled at; Qwen2.5-VL's
+    temporal positions use it). Paths are relative to the manifest.
     ``answer`` is a string, a number or a list of acceptable answers. (``DigitsTask.export`` writes this
     format.) Every line is checked when the source is built (fields, types, media files exist), so a bad
     line fails before any model work, with its line number and sample id; the first ``limit`` lines are used.
@@ -208,7 +216,7 @@ class ManifestSource:
                              line=where["line"], sample=where["sample"],
                              hint="fix or replace the file, or pass --on-error skip") from None
         region = [tuple(c) for c in rec["region"]] if rec.get("region") is not None else None
-        meta = {k: v for k, v in rec.items() if k in ("kind",)}
+        meta = {k: v for k, v in rec.items() if k in ("kind", "match")}
         answers = normalize_answers(rec["answer"])
         answer = answers[0] if len(answers) == 1 else answers
         return LabelSample(str(rec.get("id", i)), rec["question"], answer, images=images, video=video,
