@@ -132,7 +132,10 @@ def _data_files(path: Path) -> list[Path]:
 
 def _read_rows(name: str, config: DatasetConfig) -> tuple[list[dict[str, Any]], list[str], str]:
     """(rows, subset name per row, digest of the data) of one dataset, read through ``datasets``."""
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("reading --dataset needs the datasets library: pip install 'explainprune[data]'") from None
 
     path = Path(name)
     if not path.exists():

@@ -17,22 +17,49 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "an interrupted run; under `torchrun --nproc_per_node K` each rank labels a disjoint share.",
         epilog="examples:\n  explainprune label --model demo --task digits --limit 2000 --out labels/\n"
         "  torchrun --nproc_per_node 2 -m explainprune.cli.main label --model demo --task digits --out labels/\n"
-        "  explainprune label --model ./my-qwen2-vl --manifest data/manifest.jsonl --out labels/",
+        "  explainprune label --model ./my-qwen2-vl --manifest data/manifest.jsonl --out labels/\n"
+        "  explainprune label --model Qwen/Qwen2-VL-7B-Instruct --dataset llava_video.json nextqa.json \\\n"
+        "      --media-root videos/llava nextqa/videos --target 7000 --out labels/video",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory, hub id, or 'demo'")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--task", choices=["digits"], help="the built-in task")
     src.add_argument("--manifest", help="JSONL: question, answer, image|images|video (paths), optional id, "
-                     "region ([[frame, row, col], ...]) and kind")
+                     "region ([[frame, row, col], ...]), kind and match")
+    src.add_argument("--dataset", nargs="+", metavar="PATH_OR_ID",
+                     help="conversation data (LLaVA or messages format): .json/.jsonl/.parquet files, folders of "
+                     "them, or hub ids; several are sampled together, each file a subset (explainprune.conversations)")
+    ds = p.add_argument_group("--dataset options")
+    ds.add_argument("--format", default="llava", choices=["llava", "messages"],
+                    help="llava: {conversations: [{from: human|gpt, value}]}; messages: {messages: [{role, content}]}")
+    ds.add_argument("--media-root", nargs="+", metavar="DIR",
+                    help="folder(s) that image/video paths are relative to: one for all datasets or one per dataset "
+                    "(default: each data file's folder)")
+    ds.add_argument("--columns", metavar="OURS=THEIRS,...",
+                    help="column names when yours differ: id, image, images, video, conversations, messages, subset")
+    ds.add_argument("--turns", default="first", choices=["first", "each"],
+                    help="first (default): the first question/answer pair of each conversation; each: every pair, "
+                    "as its own sample with the earlier turns dropped")
+    ds.add_argument("--target", type=int, metavar="N",
+                    help="label a balanced sample of N questions (default: all), deterministic by --seed")
+    ds.add_argument("--strata", default="subset,task,duration",
+                    help="what --target balances over, comma-separated from subset, task (multi-choice / "
+                    "open-ended), duration (0-30 s, 30-60 s, 1-2 min, 2-3 min) (default: all three)")
+    ds.add_argument("--hub-subset", help="a hub dataset's configuration name")
+    ds.add_argument("--hub-split", default="train", help="a hub dataset's split (default train)")
     p.add_argument("--out", required=True, help="output directory (resumed when it holds the same run)")
     p.add_argument("--limit", type=int, help="number of samples (digits default 2000; manifest: all lines)")
     p.add_argument("--split", default="train", choices=["train", "test"], help="digits split (default train)")
-    p.add_argument("--seed", type=int, default=0, help="digits task seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="digits task seed; --dataset sampling seed (default 0)")
     p.add_argument("--kinds", help="digits question kinds, comma-separated (default: all)")
     p.add_argument("--grid", type=int, help="digits board cells per side (default: the task's)")
     p.add_argument("--cell", type=int, help="digits cell size in pixels, multiple of 28 (default: the task's)")
     p.add_argument("--frames", type=int, help="digits video frames (default: the task's)")
-    p.add_argument("--max-frames", type=int, default=8, help="frames sampled from a manifest video file")
+    p.add_argument("--max-frames", type=int, default=8, help="frames sampled from a manifest or dataset video file")
+    p.add_argument("--match", default=None,
+                   help="answer matcher: exact, choice, number, f1, anls, any, auto (default: exact for --task and "
+                   "--manifest, where a line's own 'match' wins; auto for --dataset: choice for option letters, "
+                   "number for numbers, exact for short answers, f1 otherwise). See docs/matchers.md")
     p.add_argument("--shard-size", type=int, default=64, help="samples per shard file (default 64)")
     p.add_argument("--rule", default="grad", choices=["grad", "mean"], help="relevance rule (default grad)")
     p.add_argument("--no-clamp", action="store_true", help="Eq. 1 as printed (no positive part)")
@@ -56,6 +83,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def make_source(args: argparse.Namespace):
     from explainprune.labels import DigitsSource, ManifestSource
 
+    if args.dataset:
+        from explainprune.conversations import ConversationSource, DatasetConfig, parse_columns
+
+        config = DatasetConfig(tuple(args.dataset), format=args.format,
+                               media_root=tuple(args.media_root) if args.media_root else None,
+                               columns=parse_columns(args.columns), split=args.hub_split, subset=args.hub_subset,
+                               turns=args.turns, max_frames=args.max_frames, match=args.match or "auto",
+                               target=args.target if args.target is not None else args.limit,
+                               strata=tuple(s.strip() for s in args.strata.split(",") if s.strip()), seed=args.seed)
+        source = ConversationSource(config)
+        source.validate()
+        return source
     if args.manifest:
         return ManifestSource(args.manifest, limit=args.limit, max_frames=args.max_frames)
     options = {k: getattr(args, k) for k in ("grid", "cell", "frames") if getattr(args, k) is not None}
@@ -77,13 +116,18 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1; got {value}")
     source = make_source(args)
+    if args.match is not None:
+        from explainprune.matchers import check_rule
+
+        check_rule(args.match)
     check_out_dir(args.out)
     options = load_options(args)
     if "device_map" not in options:  # under torchrun with CUDA: rank r on cuda:LOCAL_RANK (cuda or no --device)
         device = rank_device(options.pop("device", None))
         options.update({"device": device} if device is not None else {})
     config = LabelConfig(shard_size=args.shard_size, rule=args.rule, clamp=not args.no_clamp,
-                         max_new_tokens=args.max_new_tokens, keep_wrong=args.keep_wrong, head_chunk=args.head_chunk)
+                         max_new_tokens=args.max_new_tokens, keep_wrong=args.keep_wrong, head_chunk=args.head_chunk,
+                         match=args.match if args.match and not args.dataset else "exact")
     vlm = explainprune.load(args.model, **options)
     rep = label(vlm, source, args.out, config, progress=not args.no_progress, on_error=args.on_error)
     if args.json:
@@ -94,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{args.out}: {t['labeled']} samples labelled, {t['skipped_wrong']} skipped (wrong answer) "
                   f"of {t['samples']} ({t['wrong']} answered wrongly); this run: {rep.shards_written} shards in "
                   f"{rep.seconds:.1f} s, {rep.shards_reused} reused")
+            for rule, c in t.get("by_rule", {}).items():
+                print(f"  matcher {rule}: {c['correct']} of {c['judged']} answers correct")
             if rep.errors:
                 print(f"{len(rep.errors)} skipped (media unreadable; listed in {args.out}/index.json):")
                 for e in rep.errors[:10]:
