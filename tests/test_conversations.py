@@ -202,3 +202,16 @@ def test_several_datasets_each_with_its_media_root(tmp_path):
     assert {src[i].meta["subset"] for i in range(4)} == {"nextqa", "activitynet"}
     with pytest.raises(ValueError, match="one media root for all datasets or one per dataset"):
         DatasetConfig(paths, media_root=(roots[0], roots[1], roots[1]))
+
+
+def test_one_target_per_dataset(tmp_path):
+    for name, n in (("llava_video", 8), ("nextqa", 8)):
+        (tmp_path / f"{name}.json").write_text(json.dumps([{"id": f"{name}-{k}", "conversations": [
+            {"from": "human", "value": "q?" + ("\nA. x\nB. y" if k % 2 else "")},
+            {"from": "gpt", "value": "A" if k % 2 else "yes"}]} for k in range(n)]))
+    paths = (str(tmp_path / "llava_video.json"), str(tmp_path / "nextqa.json"))
+    src = ConversationSource(DatasetConfig(paths, target=(4, 2), strata=("subset", "task")))
+    assert src.counts() == {"llava_video/multi-choice": 2, "llava_video/open-ended": 2,
+                            "nextqa/multi-choice": 1, "nextqa/open-ended": 1}
+    with pytest.raises(ValueError, match="one sample target for all datasets or one per dataset"):
+        DatasetConfig(paths, target=(1, 2, 3))

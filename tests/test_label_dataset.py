@@ -45,7 +45,7 @@ def test_label_dataset_with_the_demo_model(tmp_path, digits_llava, capsys):
     assert "matcher number:" in text
     t = read_table(out).to_pydict()
     assert all(q.startswith("what digit") for q in t["question"])  # the <image> tag is stripped
-    assert index["source"]["task"] == "dataset" and index["source"]["target"] == 8
+    assert index["source"]["task"] == "dataset" and index["source"]["target"] == [8]
     # a rerun resumes: every shard is reused, nothing is recomputed
     assert main(args + ["--json"]) == 0
     rep = json.loads(capsys.readouterr().out)

@@ -23,7 +23,9 @@ Column names are mappable (``columns={"conversations": "dialog", "image": "img"}
 is checked before any model work (``validate``): errors name the row id and what to fix.
 
 Sampling: ``target`` samples balanced over strata (``strata`` of "subset", "task", "duration"), seeded and
-recorded in ``describe()`` so a resumed run takes the same samples (``balanced_indices``).
+recorded in ``describe()`` so a resumed run takes the same samples (``balanced_indices``). ``target`` may
+also be one count per dataset path (the paper's 7K LLaVA-Video + 6K NeXT-QA + 4K ActivityNetQA): each
+path's share is then balanced over the other strata.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import random
 import re
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +65,7 @@ class DatasetConfig:
     turns: str = "first"
     max_frames: int = 8
     match: str = "auto"              # the answer matcher (explainprune.matchers) for this source
-    target: int | None = None        # balanced sample of this many (None: every sample)
+    target: int | tuple[int, ...] | None = None  # balanced sample of this many, or per path (None: all)
     strata: tuple[str, ...] = ("subset", "task", "duration")
     seed: int = 0
 
@@ -76,8 +78,12 @@ class DatasetConfig:
         bad = [s for s in self.strata if s not in STRATA]
         if bad:
             raise ValueError(f"unknown strata {', '.join(bad)}; accepted: {', '.join(STRATA)}")
-        if self.target is not None and self.target < 1:
+        targets = () if self.target is None else (self.target,) if isinstance(self.target, int) else self.target
+        if any(t < 1 for t in targets):
             raise ValueError(f"the sample target must be >= 1; got {self.target}")
+        if len(targets) > 1 and len(targets) != len(self.paths):
+            raise ValueError(f"give one sample target for all datasets or one per dataset; got {len(targets)} "
+                             f"for {len(self.paths)}")
         if self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1; got {self.max_frames}")
         if len(self.roots) != len(self.paths):
@@ -108,6 +114,7 @@ class _Item:
     video: str | None
     subset: str
     root: str
+    path: int = 0  # which of the config's paths
 
 
 def parse_columns(spec: str | None) -> dict[str, str]:
@@ -199,22 +206,34 @@ class ConversationSource:
         self.col = col
         self._strata_cache: dict[tuple[int, str], tuple[str, ...]] = {}
         items, digests, r = [], [], 0
-        for name, root in zip(config.paths, config.roots):
+        for path_k, (name, root) in enumerate(zip(config.paths, config.roots)):
             rows, subsets, digest = _read_rows(name, config)
             digests.append(digest)
             base = root or (name if Path(name).is_dir() else str(Path(name).parent))
             found = len(items)
             for row, subset in zip(rows, subsets):
-                items += self._items(r, row, subset, name, base)
+                items += [replace(it, path=path_k) for it in self._items(r, row, subset, name, base)]
                 r += 1
             if len(items) == found:
                 raise ValueError(f"{name}: no question/answer pairs found in {len(rows)} rows ({config.format} "
                                  f"format; map columns with --columns if yours are named differently)")
         self.digest = hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
         self._all = items
-        self.indices = (balanced_indices([self._stratum(it) for it in items], config.target, config.seed)
-                        if config.target else list(range(len(items))))
+        self.indices = self._select(items, config.target)
         self.items = [items[i] for i in self.indices]
+
+    def _select(self, items: list[_Item], target: int | tuple[int, ...] | None) -> list[int]:
+        if target is None:
+            return list(range(len(items)))
+        if isinstance(target, int) or len(target) == 1:
+            n = target if isinstance(target, int) else target[0]
+            return balanced_indices([self._stratum(it) for it in items], n, self.config.seed)
+        out = []
+        for path_k, n in enumerate(target):  # one share per dataset path, balanced within it
+            members = [i for i, it in enumerate(items) if it.path == path_k]
+            picked = balanced_indices([self._stratum(items[i]) for i in members], n, self.config.seed)
+            out += [members[j] for j in picked]
+        return sorted(out)
 
     # -- parsing -----------------------------------------------------------------------------------------
     def _items(self, r: int, row: dict[str, Any], subset: str, name: str, root: str) -> list[_Item]:

@@ -40,8 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ds.add_argument("--turns", default="first", choices=["first", "each"],
                     help="first (default): the first question/answer pair of each conversation; each: every pair, "
                     "as its own sample with the earlier turns dropped")
-    ds.add_argument("--target", type=int, metavar="N",
-                    help="label a balanced sample of N questions (default: all), deterministic by --seed")
+    ds.add_argument("--target", type=int, nargs="+", metavar="N",
+                    help="label a balanced sample of N questions (default: all), deterministic by --seed; or one N "
+                    "per --dataset path (each path's share balanced over the other strata)")
     ds.add_argument("--strata", default="subset,task,duration",
                     help="what --target balances over, comma-separated from subset, task (multi-choice / "
                     "open-ended), duration (0-30 s, 30-60 s, 1-2 min, 2-3 min) (default: all three)")
@@ -90,7 +91,7 @@ def make_source(args: argparse.Namespace):
                                media_root=tuple(args.media_root) if args.media_root else None,
                                columns=parse_columns(args.columns), split=args.hub_split, subset=args.hub_subset,
                                turns=args.turns, max_frames=args.max_frames, match=args.match or "auto",
-                               target=args.target if args.target is not None else args.limit,
+                               target=tuple(args.target) if args.target else args.limit,
                                strata=tuple(s.strip() for s in args.strata.split(",") if s.strip()), seed=args.seed)
         source = ConversationSource(config)
         source.validate()
