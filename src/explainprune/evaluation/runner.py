@@ -213,6 +213,7 @@ def run_one(vlm: Any, pruner: Any, label: str, prompt: Any, sample: Any, ratio: 
         total += scores.seconds - scores.spent_now
     layer = int(getattr(pruner, "layer", 0))
     answers = normalize_answers(sample.answer, f"sample {sample.id}: answer")
+    match = (getattr(sample, "meta", None) or {}).get("match", "exact")  # the sample's matcher, as label
     n_visual, kept = prompt.num_visual, int(out.visual_tokens)
     acc = account(shape, n_visual, layer=layer, kept=kept, tokens_per_layer=getattr(out, "visual_per_layer", None),
                   compressor=compressor_channels(getattr(pruner, "compressor", None)))
@@ -220,8 +221,7 @@ def run_one(vlm: Any, pruner: Any, label: str, prompt: Any, sample: Any, ratio: 
     acc.selection = int(own(shape.hidden, n_visual, acc.tokens_per_layer)) if own else 0
     return SampleRecord(
         id=str(sample.id), kind=sample_kind(sample), method=label, ratio=float(ratio), question=sample.question,
-        reference=display(answers), prediction=out.text, correct=is_correct(out.text, answers, (getattr(sample, "meta", None) or {}).get("match", "exact"),
-                                                         sample.question),
+        reference=display(answers), prediction=out.text, correct=is_correct(out.text, answers, match, sample.question),
         n_visual=n_visual, kept=kept, layer=layer, average_retention=acc.average_retention, flops_llm=acc.llm,
         flops_overhead=acc.attention + acc.conv + acc.selection, prefill_s=meter.prefill_s, decode_s=meter.decode_s,
         total_s=total, new_tokens=len(out.token_ids), kv_bytes=meter.kv_bytes, score_s=score_s)
