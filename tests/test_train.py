@@ -181,7 +181,8 @@ def test_cli_label_then_train(tmp_path, tiny_dirs, load_tiny, capsys):
     assert main(argv) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["complete"] and rep["totals"] == {"samples": 6, "labeled": 3, "skipped_wrong": 3, "wrong": 3,
-                                                 "skipped_error": 0}
+                                                 "skipped_error": 0,
+                                                 "by_rule": {"exact": {"judged": 6, "correct": 3}}}
     argv = ["train", "--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "run"), "--epochs", "2",
             "--val-fraction", "0.34", "--json", "--no-progress"]
     assert main(argv) == 0
