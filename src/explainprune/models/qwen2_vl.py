@@ -7,7 +7,7 @@ need torchvision). Positions come from the model's own ``get_rope_index`` and ar
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -71,17 +71,18 @@ class Qwen2VL(VLM):
 
     model_types = ("qwen2_vl", "qwen2_5_vl")
     family = "qwen2_vl"
+    model_classes: ClassVar[dict[str, str]] = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
+                                               "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
     @classmethod
     def _load(cls, path, **options):
+        """The transformers class named in ``model_classes`` for the checkpoint's model_type."""
+        import transformers
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(path, revision=options.get("revision"),
                                             trust_remote_code=options.get("trust_remote_code", False))
-        if config.model_type == "qwen2_5_vl":
-            from transformers import Qwen2_5_VLForConditionalGeneration as model_cls
-        else:
-            from transformers import Qwen2VLForConditionalGeneration as model_cls
+        model_cls = getattr(transformers, cls.model_classes[config.model_type])
         return model_cls.from_pretrained(path, config=config, **options)
 
     @classmethod
@@ -108,20 +109,17 @@ class Qwen2VL(VLM):
         text = self._render_media(len(images), video is not None, question)
 
         inputs: dict[str, Any] = {}
-        image_tok, video_tok = "<|image_pad|>", "<|video_pad|>"
         grids: list[tuple[int, Tensor]] = []  # (modality, thw) in sequence order
         if images:
             out = self.image_processor(images=images, return_tensors="pt")
             inputs["pixel_values"], inputs["image_grid_thw"] = out["pixel_values"], out["image_grid_thw"]
-            text = expand_placeholders(text, image_tok, [int(g.prod()) // self.merge**2 for g in out["image_grid_thw"]])
+            text = expand_placeholders(text, "<|image_pad|>",
+                                       [int(g.prod()) // self.merge**2 for g in out["image_grid_thw"]])
             grids += [(1, g) for g in out["image_grid_thw"]]
         if video is not None:
             pix, thw = video_pixels(list(video), self.image_processor)
             inputs["pixel_values_videos"], inputs["video_grid_thw"] = pix, thw
-            rate = _video_fps(video, fps)
-            if self.config.model_type == "qwen2_5_vl":
-                inputs["second_per_grid_ts"] = torch.tensor([self.image_processor.temporal_patch_size / rate])
-            text = expand_placeholders(text, video_tok, [int(thw[0].prod()) // self.merge**2])
+            text = self._video_text(text, thw[0], video, fps, inputs)
             grids.append((2, thw[0]))
 
         input_ids, instruction = self._tokenize(text, question)
@@ -130,18 +128,17 @@ class Qwen2VL(VLM):
         mm_types = (input_ids == image_id).long() + 2 * (input_ids == video_id).long()
         inputs.update(input_ids=input_ids, attention_mask=mask, mm_token_type_ids=mm_types)
 
-        dev = self.device
-        inner = self.model.model
+        dev, inner = self.device, self.model.model
         embeds = inner.get_input_embeddings()(input_ids.to(dev))
-        if images:
-            feats = inner.get_image_features(inputs["pixel_values"].to(dev), inputs["image_grid_thw"].to(dev))
-            feats = torch.cat(list(feats.pooler_output), 0).to(embeds.dtype)
-            embeds = embeds.masked_scatter((input_ids == image_id).to(dev)[..., None], feats)
-        if video is not None:
-            feats = inner.get_video_features(inputs["pixel_values_videos"].to(dev),
-                                             inputs["video_grid_thw"].to(dev))
-            feats = torch.cat(list(feats.pooler_output), 0).to(embeds.dtype)
-            embeds = embeds.masked_scatter((input_ids == video_id).to(dev)[..., None], feats)
+        extras: list[list[Tensor]] = []  # per source (images, then the video): per level [n, D]
+        for key, grid_key, token in (("pixel_values", "image_grid_thw", image_id),
+                                     ("pixel_values_videos", "video_grid_thw", video_id)):
+            if key in inputs:
+                encode = inner.get_image_features if key == "pixel_values" else inner.get_video_features
+                out = encode(inputs[key].to(dev), inputs[grid_key].to(dev))
+                feats = torch.cat(list(out.pooler_output), 0).to(embeds.dtype)
+                embeds = embeds.masked_scatter((input_ids == token).to(dev)[..., None], feats)
+                extras.append([torch.cat(list(level), 0).to(embeds.dtype) for level in self._extra_features(out)])
         rope_kwargs = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
                        if k in inputs}
         position_ids, _ = inner.get_rope_index(input_ids, mm_token_type_ids=mm_types, attention_mask=mask,
@@ -151,10 +148,26 @@ class Qwen2VL(VLM):
         visual_grid = self._grid(grids)
         if len(visual_grid) != len(visual_pos):  # pragma: no cover - defensive
             raise RuntimeError("visual token count does not match the grids")
+        # the user turn puts images before the video: sources concatenated in order = visual-token order
+        residuals = {lvl: torch.cat([src[lvl] for src in extras], 0) for lvl in range(len(extras[0]))} \
+            if extras and extras[0] else {}
         return Prompt(input_ids=input_ids, inputs_embeds=embeds, position_ids=position_ids.cpu(),
                       attention_mask=mask, visual_pos=visual_pos, visual_grid=visual_grid,
                       instruction=instruction, question=question,
-                      media=images + ([list(video)] if video is not None else []), model_inputs=inputs)
+                      media=images + ([list(video)] if video is not None else []), model_inputs=inputs,
+                      visual_residuals=residuals)
+
+    def _video_text(self, text: str, thw: Tensor, video: Any, fps: float | None, inputs: dict[str, Any]) -> str:
+        """``text`` with the video placeholder expanded (Qwen2.5-VL: ``second_per_grid_ts`` into ``inputs``)."""
+        rate = _video_fps(video, fps)
+        if self.config.model_type == "qwen2_5_vl":
+            inputs["second_per_grid_ts"] = torch.tensor([self.image_processor.temporal_patch_size / rate])
+        return expand_placeholders(text, "<|video_pad|>", [int(thw.prod()) // self.merge**2])
+
+    def _extra_features(self, encoder_output: Any) -> list[Any]:
+        """Per level, the vision features the LLM adds after its first layers (none for Qwen2-VL / 2.5-VL;
+        Qwen3-VL's DeepStack): become ``Prompt.visual_residuals``."""
+        return []
 
     def _grid(self, grids: list[tuple[int, Tensor]]) -> Tensor:
         """(frame, row, col) per merged token, in the merger's order (t, then row, then column)."""
