@@ -43,6 +43,20 @@ def load_tiny(tiny_dirs):
     return get
 
 
+@pytest.fixture(scope="session")
+def deep(tmp_path_factory):
+    """family -> (sdpa VLM, eager VLM) of a 4-layer tiny model (in-LLM pruners need K < layers)."""
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            path = build_tiny(family, tmp_path_factory.mktemp(f"{family}-deep"), layers=4)
+            cache[family] = (explainprune.load(path), explainprune.load(path, attn_implementation="eager"))
+        return cache[family]
+
+    return get
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

@@ -8,23 +8,9 @@ import torch
 import explainprune
 from explainprune.pruning.base import select
 from explainprune.pruning.fastv import FastV, FastVResult, fastv_hooks
-from explainprune.testing import build_tiny, random_image
+from explainprune.testing import random_image
 
 QUESTION = "what digit is in row 2 column 3 ?"
-
-
-@pytest.fixture(scope="module")
-def deep(tmp_path_factory):
-    """family -> (sdpa VLM, eager VLM) of a 4-layer tiny model (FastV needs K < layers)."""
-    cache: dict[str, tuple] = {}
-
-    def get(family: str):
-        if family not in cache:
-            path = build_tiny(family, tmp_path_factory.mktemp(f"{family}-deep"), layers=4)
-            cache[family] = (explainprune.load(path), explainprune.load(path, attn_implementation="eager"))
-        return cache[family]
-
-    return get
 
 
 @torch.no_grad()

@@ -12,23 +12,9 @@ from explainprune.evaluation.flops import kept_count
 from explainprune.pruning.dart import DART, duplication_select, quotas
 from explainprune.pruning.inllm import top_k
 from explainprune.pruning.pdrop import PyramidDrop, average_retention, default_layers, solve_lambda
-from explainprune.testing import build_tiny, random_image
+from explainprune.testing import random_image
 
 QUESTION = "what digit is in row 2 column 3 ?"
-
-
-@pytest.fixture(scope="module")
-def deep(tmp_path_factory):
-    """family -> (sdpa VLM, eager VLM) of a 4-layer tiny model."""
-    cache: dict[str, tuple] = {}
-
-    def get(family: str):
-        if family not in cache:
-            path = build_tiny(family, tmp_path_factory.mktemp(f"{family}-inllm"), layers=4)
-            cache[family] = (explainprune.load(path), explainprune.load(path, attn_implementation="eager"))
-        return cache[family]
-
-    return get
 
 
 @torch.no_grad()
