@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -162,3 +163,112 @@ def test_sample_digest_follows_the_media_bytes(tmp_path):
     assert ManifestSource(path).sample_digest(0) == before
     Image.new("RGB", (4, 3), "blue").save(tmp_path / "0.png")
     assert man.sample_digest(0) != before
+
+
+# -- video files: decoded by seeking to the sampled frames only ------------------------------------------
+def write_clip(path, frames: int = 900, size: tuple[int, int] = (64, 48), codec: str = "libx264", gop: int = 30):
+    """A ``frames``-frame 30 fps clip whose every frame differs (moving bar, colour ramp)."""
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    w, h = size
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=30)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.codec_context.gop_size = gop
+        for i in range(frames):
+            img = np.zeros((h, w, 3), np.uint8)
+            img[..., 0], img[..., 1] = (i * 7) % 256, (i // 30 * 40) % 256
+            img[i % h, :, 2] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def full_decode_reference(path, max_frames: int = 8) -> list:
+    """The previous read_video: decode every frame, then take frame int(k * total / max_frames)."""
+    import av
+
+    with av.open(str(path)) as container:
+        frames = [f.to_image() for f in container.decode(video=0)]
+    step = max(1, len(frames) / max_frames)
+    return [frames[int(k * step)] for k in range(min(max_frames, len(frames)))]
+
+
+@pytest.mark.parametrize("codec, gop, name", [("libx264", 30, "clip.mp4"), ("mpeg4", 12, "clip.mp4"),
+                                              ("libx264", 250, "clip.mkv")])
+def test_read_video_seeks_to_the_same_frames_as_a_full_decode(tmp_path, monkeypatch, codec, gop, name):
+    import numpy as np
+
+    path = write_clip(tmp_path / name, codec=codec, gop=gop)
+    # the seeking path must serve these files: the one-pass fallback is not allowed to run
+    monkeypatch.setattr(sources, "_scan_frames", lambda *a: pytest.fail("fell back to a full decode"))
+    for max_frames in (8, 5, 1, 900, 1000):
+        clip, ref = sources.read_video(path, max_frames), full_decode_reference(path, max_frames)
+        assert len(clip) == len(ref) == min(max_frames, 900)
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(clip, ref))
+    clip = sources.read_video(path, 8)
+    assert isinstance(clip, list) and all(f.mode == "RGB" and f.size == (64, 48) for f in clip)
+    assert clip.total_frames == 900 and clip.indices == [int(k * 112.5) for k in range(8)]
+    assert clip.source_fps == pytest.approx(30) and clip.fps == pytest.approx(30 * 8 / 900)
+    assert clip.timestamps == pytest.approx([i / 30 for i in clip.indices], abs=2e-3)
+
+
+def test_read_video_without_timestamps_scans_once(tmp_path, monkeypatch):
+    import numpy as np
+
+    path = write_clip(tmp_path / "clip.mp4", frames=40)
+    monkeypatch.setattr(sources, "_packet_index", lambda c, s: ([], [], sum(1 for _ in c.demux(s)) - 1))
+    clip, ref = sources.read_video(path, 6), full_decode_reference(path, 6)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(clip, ref)) and len(clip) == 6
+    assert clip.fps == pytest.approx(30 * 6 / 40)
+
+
+PEAK_RSS = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("sources_under_test", {module!r})
+mod = sys.modules["sources_under_test"] = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+import av, PIL.Image  # imported before the baseline
+def full(path):
+    with av.open(path) as c:
+        frames = [f.to_image() for f in c.decode(video=0)]
+    return [frames[int(k * len(frames) / 8)] for k in range(8)]
+def peak_kb():  # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's peak across exec)
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+before = peak_kb()
+frames = (full if sys.argv[2] == "full" else mod.read_video)(sys.argv[1])
+assert len(frames) == 8
+print((peak_kb() - before) / 1024)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+def test_read_video_memory_stays_bounded(tmp_path):
+    """900 frames of 160x120: decoding them all holds ~50 MB of RGB images (plus decoder frames); seeking
+    holds the 8 kept ones. Peak RSS growth is measured in a fresh process (Linux VmHWM)."""
+    import subprocess
+    import sys
+
+    path = write_clip(tmp_path / "clip.mp4", size=(160, 120), codec="mpeg4", gop=30)
+    code = PEAK_RSS.format(module=sources.__file__)
+
+    def peak_mb(kind: str) -> float:
+        out = subprocess.run([sys.executable, "-c", code, str(path), kind], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        return float(out.stdout.split()[-1])
+
+    bound = 32.0
+    assert peak_mb("seek") < bound
+    assert peak_mb("full") > bound  # the bound tells the two apart: the old full decode exceeds it
+
+
+def test_manifest_video_file_gives_a_clip_with_its_fps(tmp_path):
+    write_clip(tmp_path / "v.mp4", frames=60)
+    row = {"question": "q", "answer": "a", "video": "v.mp4"}
+    (tmp_path / "manifest.jsonl").write_text(json.dumps(row) + "\n")
+    sample = ManifestSource(tmp_path, max_frames=4)[0]
+    assert isinstance(sample.video, sources.VideoClip) and len(sample.video) == 4
+    assert sample.video.fps == pytest.approx(30 * 4 / 60) and sample.video.indices == [0, 15, 30, 45]

@@ -240,21 +240,130 @@ class ManifestSource:
                 "max_frames": self.max_frames}
 
 
-def read_video(path: str | Path, max_frames: int = 8) -> Video:
-    """Up to ``max_frames`` evenly spaced RGB frames of a video file (needs PyAV: ``pip install av``).
+class VideoClip(Video):
+    """Frames sampled from a video file: a ``Video`` (a list of RGB PIL images with ``fps``, the rate of the
+    SAMPLED frames: source fps x kept / total, None when the file states no rate), plus when they are shown.
 
-    Returns a ``Video`` (a list of the frames) whose ``fps`` is the rate of the sampled frames (the file's
-    frame rate times the share of frames kept; None when the file states no rate).
+    timestamps    seconds of each kept frame from the first frame of the file (None when unknown)
+    source_fps    the file's frame rate; total_frames: frames in the file; indices: the kept frame numbers
     """
+
+    def __init__(self, frames: list[Any], timestamps: list[float] | None, fps: float | None,
+                 source_fps: float | None, total_frames: int, indices: list[int]):
+        super().__init__(frames, fps=fps)
+        self.timestamps, self.source_fps = timestamps, source_fps
+        self.total_frames, self.indices = total_frames, indices
+
+
+def sample_indices(total: int, max_frames: int) -> list[int]:
+    """Up to ``max_frames`` evenly spaced frame numbers of ``total`` (frame int(k * total / max_frames))."""
+    step = max(1, total / max_frames)
+    return [int(k * step) for k in range(min(max_frames, total))]
+
+
+def read_video(path: str | Path, max_frames: int = 8) -> VideoClip:
+    """Up to ``max_frames`` evenly spaced RGB frames of a video file (needs PyAV: ``pip install av``), as a
+    ``VideoClip`` (a ``Video``: its ``fps`` is the rate of the sampled frames, the file's frame rate times
+    the share of frames kept; None when the file states no rate).
+
+    Only the sampled frames are decoded: the packets are read once (no decoding) for their timestamps,
+    then for each sampled frame the file is seeked to the keyframe before it and decoded forward to it
+    (or decoding just continues when no keyframe lies in between). Memory holds the kept frames and the
+    decoder's reference frames, not the whole clip. Files without timestamps are decoded in one pass,
+    keeping only the sampled frames. Same frames as decoding everything and taking frame
+    ``int(k * total / max_frames)``."""
     try:
         import av
     except ImportError:
         raise ValueError(f"reading {path} needs PyAV (pip install 'explainprune[video]')") from None
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1; got {max_frames}")
     with av.open(str(path)) as container:
-        rate = container.streams.video[0].average_rate
-        frames = [f.to_image() for f in container.decode(video=0)]
-    if not frames:
-        raise ValueError(f"{path} holds no video frames")
-    step = max(1, len(frames) / max_frames)
-    picked = [frames[int(k * step)] for k in range(min(max_frames, len(frames)))]
-    return Video(picked, fps=float(rate) * len(picked) / len(frames) if rate else None)
+        if not container.streams.video:
+            raise ValueError(f"{path} holds no video stream")
+        stream = container.streams.video[0]
+        pts, keys, count = _packet_index(container, stream)
+        if count == 0:
+            raise ValueError(f"{path} holds no video frames")
+        indices = sample_indices(count, max_frames)
+        frames = _seek_frames(container, stream, [pts[i] for i in indices], keys) if pts else None
+        tb = float(stream.time_base or 0)
+        rate = float(stream.average_rate or stream.guessed_rate or 0)
+    if frames is None:  # no usable timestamps: one pass, keeping only the sampled frames
+        with av.open(str(path)) as container:
+            frames = _scan_frames(container, container.streams.video[0], indices)
+    if not rate and pts and tb and pts[-1] > pts[0]:
+        rate = (count - 1) / ((pts[-1] - pts[0]) * tb)
+    times = [(pts[i] - pts[0]) * tb for i in indices] if pts and tb else [i / rate for i in indices] if rate else None
+    return VideoClip(frames, times, rate * len(indices) / count if rate else None, rate or None, count, indices)
+
+
+def _packet_index(container: Any, stream: Any) -> tuple[list[int], list[int], int]:
+    """(sorted frame pts, sorted keyframe pts, frame count) from the packets alone (nothing decoded);
+    the pts lists are empty when a packet has no timestamp."""
+    pts: list[int] | None = []
+    keys: list[int] = []
+    count = 0
+    for packet in container.demux(stream):
+        if packet.size == 0 or packet.is_discard:  # the demuxer's flush packet; frames the decoder drops
+            continue
+        count += 1
+        if packet.pts is None:
+            pts = None
+        elif pts is not None:
+            pts.append(int(packet.pts))
+            if packet.is_keyframe:
+                keys.append(int(packet.pts))
+    if pts is None or not keys or len(set(pts)) != len(pts):
+        return [], [], count
+    return sorted(pts), sorted(keys), count
+
+
+def _seek_frames(container: Any, stream: Any, wanted: list[int], keys: list[int]) -> list[Any] | None:
+    """The frames shown at pts ``wanted`` (ascending), each reached by seeking to the keyframe before it and
+    decoding forward (or by decoding on when no keyframe lies between the last frame and it); None when the
+    file does not behave (a frame missing, or not reached by seeking)."""
+    import bisect
+
+    frames: list[Any] = []
+    decoder, last = None, None
+    for target in wanted:
+        k = bisect.bisect_right(keys, target) - 1
+        found = None
+        if decoder is not None and last is not None and last < target and keys[k] <= last:
+            found, _ = _decode_to(decoder, target)
+        while found is None and k >= 0:
+            container.seek(keys[k], stream=stream, backward=True, any_frame=False)
+            decoder = container.decode(stream)
+            found, first = _decode_to(decoder, target)
+            if first is None or first <= target:
+                break
+            found, k = None, k - 1  # the seek landed after the target: start from the keyframe before
+        if found is None or found.pts != target:
+            return None
+        last = found.pts
+        frames.append(found.to_image())
+    return frames
+
+
+def _decode_to(decoder: Any, target: int) -> tuple[Any, int | None]:
+    """Decode on to the first frame at or after pts ``target``: (that frame or None, first pts decoded)."""
+    first = None
+    for frame in decoder:
+        if frame.pts is None:
+            return None, None
+        first = frame.pts if first is None else first
+        if frame.pts >= target:
+            return frame, first
+    return None, first
+
+
+def _scan_frames(container: Any, stream: Any, indices: list[int]) -> list[Any]:
+    """Decode in order and keep the frames numbered ``indices`` (ascending)."""
+    wanted, out = set(indices), []
+    for i, frame in enumerate(container.decode(stream)):
+        if i in wanted:
+            out.append(frame.to_image())
+            if len(out) == len(indices):
+                break
+    return out

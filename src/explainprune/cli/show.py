@@ -56,14 +56,9 @@ def read_frames(path: str | Path, count: int = 8) -> list:
         return [Image.open(f).convert("RGB") for f in files]
     if not path.is_file():
         raise FileNotFoundError(f"no video at {path}")
-    import av
+    from explainprune.sources import read_video
 
-    with av.open(str(path)) as container:
-        frames = [f.to_image() for f in container.decode(video=0)]
-    if not frames:
-        raise ValueError(f"{path} has no video frames")
-    count = max(1, min(count, len(frames)))
-    return [frames[i * len(frames) // count] for i in range(count)]
+    return read_video(path, max(1, count))  # decodes only the sampled frames (seeking)
 
 
 def run(args: argparse.Namespace) -> int:
