@@ -43,6 +43,7 @@ from explainprune.answers import display, normalize_answer, normalize_answers  #
 from explainprune.answers import is_correct as answers_match  # noqa: F401 (old import path)
 from explainprune.errors import InputError
 from explainprune.files import write_json_atomic
+from explainprune.prefetch import prepared
 from explainprune.shards import (  # noqa: F401  (SCHEMA, write_shard, index_digest: also imported from here)
     SCHEMA,
     file_sha256,
@@ -310,7 +311,7 @@ def finalize(out: str | Path) -> dict[str, Any] | None:
 
 def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig = LabelConfig(),
           labeler: Labeler | None = None, progress: bool = True,
-          dist_timeout: timedelta | None = None, on_error: str = "stop") -> LabelReport:
+          dist_timeout: timedelta | None = None, on_error: str = "stop", prefetch: int = 2) -> LabelReport:
     """Label ``source`` with ``vlm`` into ``out`` (resumable; this rank's share under torchrun).
 
     ``labeler(vlm, prompt, sample) -> LabelOutput`` defaults to ``default_labeler`` (greedy answer,
@@ -319,6 +320,8 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
     its barriers (default ``DIST_TIMEOUT``, or ``EXPLAINPRUNE_DIST_TIMEOUT_HOURS``).
     A sample whose media cannot be read (``InputError`` from the source) stops the run (``on_error="stop"``:
     finished shards are kept) or is skipped and listed in its shard, ``index.json`` and the report ("skip").
+    ``prefetch``: samples read and prepared (media decoding, resizing, vision tower) this many ahead in a
+    background thread while the model labels the current one (0: in line); errors surface at their turn.
     """
     from tqdm.auto import tqdm
 
@@ -348,37 +351,40 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
     started, labeled, skipped = time.perf_counter(), 0, 0
     bar = tqdm(total=total_mine, unit="sample", disable=not progress or rank != 0,
                desc=f"label {out.name}" + (f" (rank 0 of {world})" if world > 1 else ""))
-    for s in todo:
-        for stale in shard_path(out, s).parent.glob(f".{shard_path(out, s).name}.tmp-*"):
-            stale.unlink(missing_ok=True)  # a temp file left by a killed run (this shard is ours)
-        rows, wrong, n_wrong, errors, by_rule = [], [], 0, [], {}
-        start, stop = s * size, min(n, (s + 1) * size)
-        for i in range(start, stop):
-            try:
-                sample = source[i]
-            except InputError as err:
-                if on_error == "stop":
-                    raise
-                errors.append({"index": i, "line": err.line, "id": err.sample, "error": err.message})
+    ahead = prepared(vlm, source, [i for s in todo for i in range(s * size, min(n, (s + 1) * size))], prefetch)
+    try:
+        for s in todo:
+            for stale in shard_path(out, s).parent.glob(f".{shard_path(out, s).name}.tmp-*"):
+                stale.unlink(missing_ok=True)  # a temp file left by a killed run (this shard is ours)
+            rows, wrong, n_wrong, errors, by_rule = [], [], 0, [], {}
+            start, stop = s * size, min(n, (s + 1) * size)
+            for i in range(start, stop):
+                try:
+                    sample, prompt = next(ahead).result()  # source[i] and its Prompt, loaded ahead
+                except InputError as err:
+                    if on_error == "stop":
+                        raise
+                    errors.append({"index": i, "line": err.line, "id": err.sample, "error": err.message})
+                    bar.update(1)
+                    continue
+                res = labeler(vlm, prompt, sample)
+                if res.correct or (config.keep_wrong and res.attention is not None):
+                    rows.append(_row(i, sample, prompt, res, task, model))
+                else:
+                    wrong.append(sample.id)
+                n_wrong += not res.correct
+                judged = by_rule.setdefault(res.rule, {"judged": 0, "correct": 0})
+                judged["judged"], judged["correct"] = judged["judged"] + 1, judged["correct"] + bool(res.correct)
                 bar.update(1)
-                continue
-            prompt = vlm.prepare(images=sample.images, video=sample.video, question=sample.question)
-            res = labeler(vlm, prompt, sample)
-            if res.correct or (config.keep_wrong and res.attention is not None):
-                rows.append(_row(i, sample, prompt, res, task, model))
-            else:
-                wrong.append(sample.id)
-            n_wrong += not res.correct
-            judged = by_rule.setdefault(res.rule, {"judged": 0, "correct": 0})
-            judged["judged"], judged["correct"] = judged["judged"] + 1, judged["correct"] + bool(res.correct)
-            bar.update(1)
-            bar.set_postfix(skipped=skipped + len(wrong), refresh=False)
-        write_shard(shard_path(out, s), rows, {"shard": s, "start": start, "stop": stop, "labeled": len(rows),
-                                               "skipped": wrong, "wrong": n_wrong, "errors": errors,
-                                               "by_rule": by_rule,
-                                               "digest": samples_digest(source, start, stop),
-                                               "source": source_id})
-        labeled, skipped = labeled + len(rows), skipped + len(wrong)
+                bar.set_postfix(skipped=skipped + len(wrong), refresh=False)
+            write_shard(shard_path(out, s), rows, {"shard": s, "start": start, "stop": stop, "labeled": len(rows),
+                                                   "skipped": wrong, "wrong": n_wrong, "errors": errors,
+                                                   "by_rule": by_rule,
+                                                   "digest": samples_digest(source, start, stop),
+                                                   "source": source_id})
+            labeled, skipped = labeled + len(rows), skipped + len(wrong)
+    finally:
+        ahead.close()  # stops the loader thread, also when labelling fails
     bar.close()
     if group:
         _barrier()

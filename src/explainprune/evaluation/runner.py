@@ -34,6 +34,7 @@ from explainprune.evaluation import DEFAULT_METHODS, DEFAULT_RATIOS
 from explainprune.evaluation.flops import LLMShape, account, compressor_channels
 from explainprune.evaluation.report import VANILLA, Report, SampleRecord
 from explainprune.evaluation.tasks import TaskConfig, load_task, sample_kind
+from explainprune.prefetch import prefetch as load_ahead
 
 
 @dataclass(frozen=True)
@@ -292,12 +293,15 @@ def _append(fh: Any, line: dict[str, Any]) -> None:
 
 def run_eval(vlm: Any, samples: Any, config: EvalConfig | None = None, *, model_name: str = "",
              task_info: dict[str, Any] | None = None, records: str | Path | None = None,
-             on_error: str = "stop") -> Report:
+             on_error: str = "stop", prefetch: int = 2) -> Report:
     """Evaluate ``vlm`` on ``samples`` (indexable LabelSamples) with every method x ratio of ``config``.
 
     ``records``: a JSONL file the per-sample records are streamed to and resumed from (see the module
     docstring). A sample whose media cannot be read (InputError) stops the run (``on_error="stop"``) or is
     skipped and listed in the report's ``skipped`` ("skip").
+    ``prefetch``: samples read (images opened, videos decoded) this many ahead in a background thread
+    while the model runs (0: in line). ``vlm.prepare`` stays in this thread, between the timed runs, so
+    no work of the next sample lands inside a timed prefill.
     """
     from tqdm.auto import tqdm
 
@@ -311,7 +315,7 @@ def run_eval(vlm: Any, samples: Any, config: EvalConfig | None = None, *, model_
     task_info = dict(task_info or {})
     header = _records_header(model_name, dict(task_info), config, len(samples))
     done = _read_records(Path(records), header) if records else {}
-    fh = None
+    fh, ahead = None, None
     if records:
         fh = Path(records).open("a" if done else "w")
         if not done:
@@ -325,9 +329,11 @@ def run_eval(vlm: Any, samples: Any, config: EvalConfig | None = None, *, model_
                 pass  # met (and handled) again below
         bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc="eval", unit="sample",
                    disable=not config.progress)
-        for i in todo:
+        ahead = load_ahead(samples.__getitem__, todo, prefetch)  # samples[i], read ahead
+        for loaded in ahead:
+            i = loaded.key
             try:
-                sample = samples[i]
+                sample = loaded.result()
             except InputError as err:
                 if on_error == "stop":
                     raise
@@ -353,6 +359,8 @@ def run_eval(vlm: Any, samples: Any, config: EvalConfig | None = None, *, model_
                 bar.set_postfix(vanilla_acc=f"{sum(base) / len(base):.2f}")
         bar.close()
     finally:
+        if ahead is not None:
+            ahead.close()
         if fh:
             fh.close()
     ordered = [done[i] for i in sorted(done)]
