@@ -18,11 +18,15 @@ its choices). Weights are random (normal, std 0.02): speed and memory do not dep
     python benchmarks/real_scale.py --device cuda --shape 7b              # the GPU run (bfloat16)
     python benchmarks/real_scale.py --device cpu --shape 2b --layers 4    # CPU: fewer layers, same widths
 
-Time on CUDA is taken after ``torch.cuda.synchronize``; peak memory is ``torch.cuda.max_memory_allocated``
-above what was allocated before the step. On CPU, peak memory is the growth of the process's resident
-set, sampled every 2 ms after ``malloc_trim`` (an approximation). ``--layers`` keeps every width and
-builds fewer decoder layers: prefill and relevance time grow about linearly with the layer count, the
-KV cache too; the relevance engine's peak (one layer's attention maps) does not.
+Time on CUDA is wall-clock after ``torch.cuda.synchronize``; peak memory is ``torch.cuda.max_memory_allocated``
+above what was allocated before the step. On CPU, time is the process's CPU time (stable on a shared
+machine, equal to wall-clock on an idle one with one thread) and peak memory the growth of the resident
+set, sampled every 5 ms after ``malloc_trim`` (an approximation). Prefill measurements are interleaved
+rounds (vanilla, scoring, each method and ratio once per round); medians are reported.
+
+``--layers`` keeps every width and builds fewer decoder layers: prefill and relevance time grow about
+linearly with the layer count, the KV cache too; the relevance engine's peak (one layer's attention maps)
+does not.
 """
 
 from __future__ import annotations
@@ -150,7 +154,9 @@ def _rss() -> int:
 
 
 def measured(fn: Any, device: torch.device) -> tuple[float, int, Any]:
-    """(seconds, peak bytes above the start, result) of ``fn()`` on ``device``."""
+    """(seconds, peak bytes above the start, result) of ``fn()`` on ``device``. Seconds are wall-clock on
+    CUDA (after synchronizing) and this process's CPU time on CPU: on a shared machine the CPU time the
+    work got is stable where wall-clock time follows the other processes' load."""
     _sync(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -167,25 +173,29 @@ def measured(fn: Any, device: torch.device) -> tuple[float, int, Any]:
     base, peak, stop = _rss(), [0], threading.Event()
 
     def sample() -> None:
-        while not stop.wait(0.002):
+        while not stop.wait(0.005):
             peak[0] = max(peak[0], _rss())
 
     watcher = threading.Thread(target=sample, daemon=True)
     watcher.start()
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     try:
         out = fn()
     finally:
-        seconds = time.perf_counter() - t0
+        seconds = time.process_time() - t0
         stop.set()
         watcher.join()
     return seconds, max(0, max(peak[0], _rss()) - base), out
 
 
-def repeat(fn: Any, device: torch.device, n: int) -> tuple[float, int, Any]:
-    """Median seconds and the largest peak over ``n`` runs."""
-    runs = [measured(fn, device) for _ in range(n)]
-    return statistics.median(r[0] for r in runs), max(r[1] for r in runs), runs[-1][2]
+def interleaved(jobs: dict[str, Any], device: torch.device, n: int) -> dict[str, tuple[float, int, Any]]:
+    """name -> (median seconds, largest peak, last result) over ``n`` rounds that run every job once each
+    (interleaved, so drift on a shared machine hits every entry alike)."""
+    runs: dict[str, list] = {k: [] for k in jobs}
+    for _ in range(n):
+        for name, fn in jobs.items():
+            runs[name].append(measured(fn, device))
+    return {k: (statistics.median(r[0] for r in v), max(r[1] for r in v), v[-1][2]) for k, v in runs.items()}
 
 
 @torch.no_grad()
@@ -219,18 +229,15 @@ class Source:
 
 def label_throughput(vlm: Any, tokens: int, count: int, answer_tokens: int) -> tuple[float, float]:
     """(samples per minute, seconds) of ``labels.label`` over ``count`` samples (keep_wrong: every sample
-    gets its greedy answer, R_v and A_v^0, as a correct one would)."""
+    gets its greedy answer, R_v and A_v^0, as a correct one would). Seconds as ``measured`` counts them."""
     prompts = {p.question: p for p in (synthetic_prompt(vlm, tokens, seed=100 + i) for i in range(count))}
     original = vlm.prepare
     vlm.prepare = lambda images=None, video=None, question="", **kw: prompts[question]
     try:
         with tempfile.TemporaryDirectory() as out:
             config = LabelConfig(shard_size=count, max_new_tokens=answer_tokens, keep_wrong=True)
-            _sync(vlm.device)
-            t0 = time.perf_counter()
-            report = label(vlm, Source(list(prompts)), out, config, progress=False)
-            _sync(vlm.device)
-            seconds = time.perf_counter() - t0
+            seconds, _, report = measured(lambda: label(vlm, Source(list(prompts)), out, config, progress=False),
+                                          vlm.device)
     finally:
         vlm.prepare = original
     assert report.labeled == count, report
@@ -243,21 +250,26 @@ def measure_tokens(vlm: Any, tokens: int, args: argparse.Namespace, learned: Any
     device, n = vlm.device, args.repeats
     prompt = synthetic_prompt(vlm, tokens)
     row: dict[str, Any] = {"visual_tokens": prompt.num_visual, "prompt_tokens": prompt.length, "prefill": []}
-    van_s, van_b, _ = repeat(lambda: prefill(vlm, prompt), device, n)
+    keeps = {r: learned.keep(vlm, prompt, r) for r in RATIOS}
+    jobs = {"vanilla": lambda: prefill(vlm, prompt), "scoring": lambda: learned.keep(vlm, prompt, 0.5)}
+    for r in RATIOS:
+        jobs[f"learned {r}"] = lambda k=keeps[r]: prefill(vlm, prompt, k)
+        jobs[f"fastv {r}"] = lambda r=r: fastv_prefill(vlm, prompt, r, fastv_layer)
+    m = interleaved(jobs, device, n)
+    van_s = m["vanilla"][0]
     row["prefill"].append({"method": "vanilla", "ratio": 1.0, "kept": prompt.num_visual, "s": van_s,
-                           "peak_bytes": van_b})
-    score_s, score_b, _ = repeat(lambda: learned.keep(vlm, prompt, 0.5), device, n)
+                           "peak_bytes": m["vanilla"][1]})
+    score_s, score_b, _ = m["scoring"]
     row["learned_scoring"] = {"s": score_s, "peak_bytes": score_b, "share_of_prefill": score_s / van_s}
-    for ratio in RATIOS:
-        keep = learned.keep(vlm, prompt, ratio)
-        s, b, _ = repeat(lambda k=keep: prefill(vlm, prompt, k), device, n)
-        row["prefill"].append({"method": "learned", "ratio": ratio, "kept": len(keep), "s": s, "peak_bytes": b,
+    for r in RATIOS:
+        s, b, _ = m[f"learned {r}"]
+        row["prefill"].append({"method": "learned", "ratio": r, "kept": len(keeps[r]), "s": s, "peak_bytes": b,
                                "with_scoring_s": s + score_s})
-        s, b, _ = repeat(lambda r=ratio: fastv_prefill(vlm, prompt, r, fastv_layer), device, n)
-        row["prefill"].append({"method": f"fastv (K={fastv_layer})", "ratio": ratio, "kept": len(keep), "s": s,
+        s, b, _ = m[f"fastv {r}"]
+        row["prefill"].append({"method": f"fastv (K={fastv_layer})", "ratio": r, "kept": len(keeps[r]), "s": s,
                                "peak_bytes": b})
-    rel_s, rel_b, rel = repeat(lambda: explainprune.relevance(vlm, prompt, answer=answer, head_chunk=args.head_chunk),
-                               device, args.relevance_repeats)
+    explain = {"relevance": lambda: explainprune.relevance(vlm, prompt, answer=answer, head_chunk=args.head_chunk)}
+    rel_s, rel_b, rel = interleaved(explain, device, args.relevance_repeats)["relevance"]
     row["relevance"] = {"s": rel_s, "peak_bytes": rel_b, "answer_tokens": len(answer),
                         "finite": bool(torch.isfinite(rel.scores).all())}
     if args.label_samples:
@@ -306,7 +318,8 @@ def table(r: dict[str, Any]) -> str:
     lines = [f"{s['shape']} shape ({s['config']}): {s['layers']} layers, d={s['hidden']}, {s['heads']} heads / "
              f"{s['kv_heads']} KV, FFN {s['intermediate']}; {s['dtype']} on {s['device']} "
              f"({r['environment']['device']}, {r['environment']['threads']} threads), {s['attn']}; weights "
-             f"{s['weights_bytes'] / mib:.0f} MiB; median of {s['repeats']}", ""]
+             f"{s['weights_bytes'] / mib:.0f} MiB; median of {s['repeats']} interleaved rounds; "
+             f"{'wall-clock' if s['device'].startswith('cuda') else 'CPU'} time", ""]
     for row in r["results"]:
         van = row["prefill"][0]["s"]
         lines += [f"### {row['visual_tokens']} visual tokens ({row['prompt_tokens']} prompt tokens)", "",
