@@ -61,3 +61,27 @@ def test_configs_load_as_the_real_shapes(name, hidden, layers, heads, kv):
                                                                                                  heads, kv)
     if config.model_type == "qwen2_vl":
         assert t.rope_parameters["mrope_section"] == [16, 24, 24]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_every_measurement_runs_on_a_tiny_model(bench, load_tiny, family):
+    """measure_tokens end to end (prefill, learned, FastV, relevance, label) on a tiny model of each shape's
+    family, so the script's code paths stay runnable."""
+    import argparse
+
+    from explainprune import get_pruner
+    from explainprune.compressor import Compressor
+
+    vlm = load_tiny(family)
+    learned = get_pruner("learned", compressor=Compressor(in_channels=vlm.text_config.num_attention_heads))
+    args = argparse.Namespace(repeats=2, relevance_repeats=1, head_chunk=None, label_samples=2, answer_tokens=2)
+    row = bench.measure_tokens(vlm, 20, args, learned, 1, [3, 4])
+    assert row["visual_tokens"] == 20 and [p["method"] for p in row["prefill"]][:3] == ["vanilla", "learned",
+                                                                                          "fastv (K=1)"]
+    assert [p["kept"] for p in row["prefill"]] == [20, 10, 10, 5, 5, 2, 2]
+    assert all(p["s"] > 0 for p in row["prefill"]) and row["learned_scoring"]["share_of_prefill"] > 0
+    assert row["relevance"]["finite"] and row["label"]["samples"] == 2 and row["label"]["samples_per_min"] > 0
+    assert "vanilla" in bench.table({"setting": {"shape": "x", "config": "c", "layers": 2, "hidden": 64, "heads": 4,
+                                                 "kv_heads": 2, "intermediate": 128, "dtype": "float32",
+                                                 "device": "cpu", "attn": "sdpa", "weights_bytes": 1, "repeats": 2},
+                                     "environment": {"device": "cpu", "threads": 1}, "results": [row]})
