@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from explainprune.labels import LabelConfig, LabelOutput, label, read_table
 from explainprune.prefetch import prefetch
@@ -185,3 +186,25 @@ def test_eval_reads_the_next_sample_during_the_model_runs(load_tiny, monkeypatch
     inline = run_eval(vlm, Samples(2), config, prefetch=0)
     key = [(r.id, r.method, r.prediction, r.kept) for r in ahead.samples]
     assert key == [(r.id, r.method, r.prediction, r.kept) for r in inline.samples] and len(key) == 4
+
+
+def test_prepare_ahead_uses_its_own_tokenizer(load_tiny, monkeypatch):
+    """A fast tokenizer shared by two threads raises "Already borrowed": the loader encodes with a copy."""
+    from explainprune.models.qwen2_vl import Qwen2VL
+    from explainprune.prefetch import prepared
+
+    vlm = load_tiny("qwen2_vl")
+    used = []
+    original = Qwen2VL._tokenize
+
+    def spy(self, text, question):
+        used.append(self.tokenizer)
+        return original(self, text, question)
+
+    monkeypatch.setattr(Qwen2VL, "_tokenize", spy)
+    source = Samples(2)
+    ahead = [item.result() for item in prepared(vlm, source, range(2), depth=2)]
+    inline = [item.result() for item in prepared(vlm, source, range(2), depth=0)]
+    assert used[0] is not vlm.tokenizer and used[0] is used[1] and used[2] is vlm.tokenizer
+    for (_, a), (_, b) in zip(ahead, inline):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.inputs_embeds, b.inputs_embeds)

@@ -12,6 +12,7 @@ turned into a Prompt (``vlm.prepare``) while the model works on the samples befo
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -108,12 +109,21 @@ def prefetch(load: Callable[[K], V], keys: Iterable[K], depth: int = 2, *,
 def prepared(vlm: Any, source: Any, indices: Iterable[int], depth: int = 2) -> Iterator[Loaded[int, tuple]]:
     """``Loaded[(sample, prompt)]`` for ``source[i]``, i in ``indices``: the sample read (images opened,
     video decoded) and prepared by ``vlm.prepare`` (processor resizing, vision tower) ahead of the model.
-    An error names the sample's id when the sample itself could be read."""
+    An error names the sample's id when the sample itself could be read.
+
+    With a loader thread, ``prepare`` runs on a shallow copy of ``vlm`` with its own copy of the
+    tokenizer (same model, same processor): a fast tokenizer used from two threads at once raises
+    "Already borrowed" (huggingface/tokenizers#537), and the model's thread decodes while this one encodes.
+    """
+    loader = vlm
+    if depth > 0 and getattr(vlm, "tokenizer", None) is not None:
+        loader = copy.copy(vlm)
+        loader.tokenizer = copy.deepcopy(vlm.tokenizer)
 
     def load(i: int) -> tuple[Any, Any]:
         sample = source[i]
         try:
-            return sample, vlm.prepare(images=sample.images, video=sample.video, question=sample.question)
+            return sample, loader.prepare(images=sample.images, video=sample.video, question=sample.question)
         except Exception as err:
             if hasattr(err, "add_note"):
                 err.add_note(f"(preparing sample {sample.id!r}, index {i})")
