@@ -268,10 +268,12 @@ def measure_tokens(vlm: Any, tokens: int, args: argparse.Namespace, learned: Any
         s, b, _ = m[f"fastv {r}"]
         row["prefill"].append({"method": f"fastv (K={fastv_layer})", "ratio": r, "kept": len(keeps[r]), "s": s,
                                "peak_bytes": b})
-    explain = {"relevance": lambda: explainprune.relevance(vlm, prompt, answer=answer, head_chunk=args.head_chunk)}
-    rel_s, rel_b, rel = interleaved(explain, device, args.relevance_repeats)["relevance"]
-    row["relevance"] = {"s": rel_s, "peak_bytes": rel_b, "answer_tokens": len(answer),
-                        "finite": bool(torch.isfinite(rel.scores).all())}
+    if args.relevance_repeats:
+        explain = {"relevance": lambda: explainprune.relevance(vlm, prompt, answer=answer,
+                                                               head_chunk=args.head_chunk)}
+        rel_s, rel_b, rel = interleaved(explain, device, args.relevance_repeats)["relevance"]
+        row["relevance"] = {"s": rel_s, "peak_bytes": rel_b, "answer_tokens": len(answer),
+                            "finite": bool(torch.isfinite(rel.scores).all())}
     if args.label_samples:
         per_min, secs = label_throughput(vlm, tokens, args.label_samples, args.answer_tokens)
         row["label"] = {"samples": args.label_samples, "seconds": secs, "samples_per_min": per_min}
@@ -329,11 +331,12 @@ def table(r: dict[str, Any]) -> str:
             extra = f"{1e3 * p['with_scoring_s']:.0f}" if "with_scoring_s" in p else ""
             lines.append(f"| {p['method']} | {100 * p['ratio']:g}% | {p['kept']} | {1e3 * p['s']:.0f} | "
                          f"{van / p['s']:.2f}x | {extra} | {p['peak_bytes'] / mib:.0f} |")
-        sc, rel = row["learned_scoring"], row["relevance"]
+        sc, rel = row["learned_scoring"], row.get("relevance")
         lines += ["", f"- learned scoring (A_v^0 + f_θ + select): {1e3 * sc['s']:.1f} ms = "
-                      f"{100 * sc['share_of_prefill']:.2f}% of the vanilla prefill",
-                  f"- relevance (Eq. 1, {rel['answer_tokens']} answer tokens): {rel['s']:.2f} s, peak "
-                  f"{rel['peak_bytes'] / mib:.0f} MiB"]
+                      f"{100 * sc['share_of_prefill']:.2f}% of the vanilla prefill"]
+        if rel:
+            lines.append(f"- relevance (Eq. 1, {rel['answer_tokens']} answer tokens): {rel['s']:.2f} s, peak "
+                         f"{rel['peak_bytes'] / mib:.0f} MiB")
         if "label" in row:
             lab = row["label"]
             lines.append(f"- label throughput: {lab['samples_per_min']:.2f} samples/min ({lab['samples']} samples in "
@@ -352,7 +355,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, help="decoder layers to build (default: the real count)")
     p.add_argument("--attn", default="sdpa", help="attention implementation for prefill (default sdpa)")
     p.add_argument("--repeats", type=int, help="runs per prefill measurement (default 3 on cuda, 1 on cpu)")
-    p.add_argument("--relevance-repeats", type=int, default=1)
+    p.add_argument("--relevance-repeats", type=int, default=1, help="relevance runs (0: skip it)")
     p.add_argument("--answer-tokens", type=int, default=4, help="answer length explained / generated (default 4)")
     p.add_argument("--label-samples", type=int, help="samples labelled for throughput (default 8 cuda, 2 cpu; 0: skip)")
     p.add_argument("--fastv-layer", type=int, help="FastV's K (default: the pruner's, 2)")
