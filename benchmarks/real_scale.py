@@ -273,7 +273,8 @@ def measure_tokens(vlm: Any, tokens: int, args: argparse.Namespace, learned: Any
                                                                head_chunk=args.head_chunk)}
         rel_s, rel_b, rel = interleaved(explain, device, args.relevance_repeats)["relevance"]
         row["relevance"] = {"s": rel_s, "peak_bytes": rel_b, "answer_tokens": len(answer),
-                            "finite": bool(torch.isfinite(rel.scores).all())}
+                            "finite": bool(torch.isfinite(rel.scores).all()),
+                            "head_chunk": getattr(rel, "head_chunk", None)}
     if args.label_samples:
         per_min, secs = label_throughput(vlm, tokens, args.label_samples, args.answer_tokens)
         row["label"] = {"samples": args.label_samples, "seconds": secs, "samples_per_min": per_min}
@@ -335,8 +336,9 @@ def table(r: dict[str, Any]) -> str:
         lines += ["", f"- learned scoring (A_v^0 + f_θ + select): {1e3 * sc['s']:.1f} ms = "
                       f"{100 * sc['share_of_prefill']:.2f}% of the vanilla prefill"]
         if rel:
-            lines.append(f"- relevance (Eq. 1, {rel['answer_tokens']} answer tokens): {rel['s']:.2f} s, peak "
-                         f"{rel['peak_bytes'] / mib:.0f} MiB")
+            chunk = f", head_chunk {rel['head_chunk']}" if rel.get("head_chunk") else ""
+            lines.append(f"- relevance (Eq. 1, {rel['answer_tokens']} answer tokens{chunk}): {rel['s']:.2f} s, "
+                         f"peak {rel['peak_bytes'] / mib:.0f} MiB")
         if "label" in row:
             lab = row["label"]
             lines.append(f"- label throughput: {lab['samples_per_min']:.2f} samples/min ({lab['samples']} samples in "
@@ -359,7 +361,8 @@ def main() -> None:
     p.add_argument("--answer-tokens", type=int, default=4, help="answer length explained / generated (default 4)")
     p.add_argument("--label-samples", type=int, help="samples labelled for throughput (default 8 cuda, 2 cpu; 0: skip)")
     p.add_argument("--fastv-layer", type=int, help="FastV's K (default: the pruner's, 2)")
-    p.add_argument("--head-chunk", type=int, help="relevance head_chunk (default: the library's)")
+    p.add_argument("--head-chunk", type=int, help="relevance head_chunk (default: the library's choice from "
+                   "free memory)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--json", help="also write the raw numbers to this file")
     args = p.parse_args()
