@@ -1,5 +1,5 @@
-"""Real-scale benchmark: random-weight models with the exact shapes of Qwen2-VL-2B / 7B and
-LLaVA-OneVision-7B (benchmarks/configs/, nothing downloaded), at ~1.3K and ~5.8K visual tokens.
+"""Real-scale benchmark: random-weight models with the exact shapes of Qwen2-VL-2B / 7B, LLaVA-OneVision-7B
+and Qwen3-VL-8B (benchmarks/configs/, nothing downloaded), at ~1.3K and ~5.8K visual tokens.
 
 One run measures, per visual-token count:
   - prefill time and peak memory: vanilla, and pruned to 50 / 25 / 10% by the learned pruner (f_θ on
@@ -11,7 +11,8 @@ One run measures, per visual-token count:
 
 The vision tower is built (its weights are in memory) but not run: each prompt is a chat-shaped token
 sequence whose visual block holds random embeddings, with the real M-RoPE positions of an image of that
-many merged tokens (Qwen) or 1-D positions (LLaVA-OneVision, no newline tokens). So label throughput
+many merged tokens (Qwen) or 1-D positions (LLaVA-OneVision, no newline tokens); Qwen3-VL prompts carry
+random DeepStack rows too (added after the first layers, at the kept visual tokens). So label throughput
 excludes media decoding and the vision tower. f_θ has random weights (its cost is what is measured, not
 its choices). Weights are random (normal, std 0.02): speed and memory do not depend on their values.
 
@@ -53,7 +54,11 @@ from explainprune.pruning.fastv import fastv_hooks
 from explainprune.sources import LabelSample
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-SHAPES = {"2b": "qwen2_vl_2b.json", "7b": "qwen2_vl_7b.json", "ov7b": "llava_onevision_7b.json"}
+SHAPES = {"2b": "qwen2_vl_2b.json", "7b": "qwen2_vl_7b.json", "ov7b": "llava_onevision_7b.json",
+          "qwen3-8b": "qwen3_vl_8b.json"}
+MODEL_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
+                 "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
+QWEN = ("qwen2_vl", "qwen3_vl")  # M-RoPE positions, vision start / end tokens
 RATIOS = (0.5, 0.25, 0.1)
 
 
@@ -81,10 +86,9 @@ def build(shape: str, dtype: torch.dtype, device: str, layers: int | None, attn:
     if layers:
         config.get_text_config().num_hidden_layers = layers
     adapter = adapter_for(config.model_type)
-    if config.model_type == "qwen2_vl":
-        from transformers import Qwen2VLForConditionalGeneration as cls
-    else:
-        from transformers import LlavaOnevisionForConditionalGeneration as cls
+    import transformers
+
+    cls = getattr(transformers, MODEL_CLASSES[config.model_type])
     torch.manual_seed(0)
     with torch.device(device):
         model = cls._from_config(config, dtype=dtype, attn_implementation=attn).eval()
@@ -107,7 +111,7 @@ def synthetic_prompt(vlm: Any, tokens: int, seed: int = 0) -> Prompt:
     rows, cols = grid(tokens)
     n = rows * cols
     c = vlm.config
-    qwen = c.model_type == "qwen2_vl"
+    qwen = c.model_type in QWEN
     image_id = c.image_token_id if qwen else c.image_token_index
 
     special = {getattr(c, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
@@ -137,9 +141,12 @@ def synthetic_prompt(vlm: Any, tokens: int, seed: int = 0) -> Prompt:
         pos = torch.arange(ids.shape[1])[None]
     r, cc = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     visual_grid = torch.stack([torch.zeros(n, dtype=torch.long), r.flatten(), cc.flatten()], 1)
+    levels = len(getattr(c.vision_config, "deepstack_visual_indexes", None) or [])  # Qwen3-VL DeepStack
+    residuals = {lvl: (torch.randn(n, embeds.shape[-1], generator=g) * float(embeds[0, :15].float().std()))
+                 .to(dev, embeds.dtype) for lvl in range(levels)}
     return Prompt(input_ids=ids, inputs_embeds=embeds, position_ids=pos.cpu(), attention_mask=mask,
                   visual_pos=visual_pos, visual_grid=visual_grid, instruction=(q0, q0 + len(question)),
-                  question=f"synthetic {tokens} seed {seed}")
+                  question=f"synthetic {tokens} seed {seed}", visual_residuals=residuals)
 
 
 # -- measuring -------------------------------------------------------------------------------------------
@@ -203,7 +210,8 @@ def prefill(vlm: Any, prompt: Prompt, keep: torch.Tensor | None = None) -> None:
     """One prefill forward (KV cache built, last-token logits) on the kept tokens."""
     embeds, mask, pos = pad_left([prompt], [keep])
     dev = vlm.device
-    vlm.forward(embeds.to(dev), pos.to(dev), mask.to(dev), use_cache=True, logits_to_keep=1)
+    vlm.forward(embeds.to(dev), pos.to(dev), mask.to(dev), prompt=prompt, keep=keep, use_cache=True,
+                logits_to_keep=1)
 
 
 def fastv_prefill(vlm: Any, prompt: Prompt, ratio: float, layer: int) -> None:

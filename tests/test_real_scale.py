@@ -51,7 +51,8 @@ def test_memory_meter_sees_an_allocation(bench):
 
 @pytest.mark.parametrize("name, hidden, layers, heads, kv", [("qwen2_vl_2b", 1536, 28, 12, 2),
                                                             ("qwen2_vl_7b", 3584, 28, 28, 4),
-                                                            ("llava_onevision_7b", 3584, 28, 28, 4)])
+                                                            ("llava_onevision_7b", 3584, 28, 28, 4),
+                                                            ("qwen3_vl_8b", 4096, 36, 32, 8)])
 def test_configs_load_as_the_real_shapes(name, hidden, layers, heads, kv):
     from transformers import AutoConfig
 
@@ -61,9 +62,13 @@ def test_configs_load_as_the_real_shapes(name, hidden, layers, heads, kv):
                                                                                                  heads, kv)
     if config.model_type == "qwen2_vl":
         assert t.rope_parameters["mrope_section"] == [16, 24, 24]
+    if config.model_type == "qwen3_vl":
+        assert t.rope_parameters["mrope_section"] == [24, 20, 20] and t.rope_parameters["mrope_interleaved"]
+        assert t.head_dim == 128 and config.vision_config.deepstack_visual_indexes == [8, 16, 24]
+        assert (config.vision_config.patch_size, config.vision_config.out_hidden_size) == (16, 4096)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision", "qwen3_vl"])
 def test_every_measurement_runs_on_a_tiny_model(bench, load_tiny, family):
     """measure_tokens end to end (prefill, learned, FastV, relevance, label) on a tiny model of each shape's
     family, so the script's code paths stay runnable."""
@@ -73,6 +78,9 @@ def test_every_measurement_runs_on_a_tiny_model(bench, load_tiny, family):
     from explainprune.compressor import Compressor
 
     vlm = load_tiny(family)
+    if family == "qwen3_vl":  # DeepStack rows in the synthetic prompt, one per level
+        fake = bench.synthetic_prompt(vlm, 20)
+        assert sorted(fake.visual_residuals) == [0, 1] and fake.visual_residuals[0].shape == (20, 64)
     learned = get_pruner("learned", compressor=Compressor(in_channels=vlm.text_config.num_attention_heads))
     args = argparse.Namespace(repeats=2, relevance_repeats=1, head_chunk=None, label_samples=2, answer_tokens=2)
     row = bench.measure_tokens(vlm, 20, args, learned, 1, [3, 4])

@@ -397,12 +397,13 @@ class VLM:
         return int(pad)
 
     def forward(self, embeds: Tensor, position_ids: Tensor, attention_mask: Tensor, prompt: Prompt | None = None,
-                **kwargs: Any) -> Any:
+                keep: Tensor | None = None, **kwargs: Any) -> Any:
         """One language-model forward on prepared (possibly pruned) inputs; returns the model output.
 
-        ``prompt``: the Prompt ``embeds`` starts with (all its tokens, possibly followed by more, e.g. answer
-        tokens); its ``visual_residuals`` are then applied (needed for Qwen3-VL; a no-op elsewhere)."""
-        with self.residuals([prompt] if prompt is not None else [], [None], length=embeds.shape[1]):
+        ``prompt``: the Prompt ``embeds`` starts with (its tokens, or with ``keep`` the kept ones as
+        ``pad_left`` gathers them; possibly followed by more, e.g. answer tokens); its ``visual_residuals``
+        are then applied at the kept visual rows (needed for Qwen3-VL; a no-op elsewhere)."""
+        with self.residuals([prompt] if prompt is not None else [], [keep], length=embeds.shape[1]):
             return self.model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
                               **kwargs)
 
