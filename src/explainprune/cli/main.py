@@ -15,7 +15,7 @@ import shlex
 import sys
 
 # subcommand -> module under explainprune.cli (modules appear as their features land)
-SUBCOMMANDS = ("demo", "label", "train", "eval", "show", "flops")
+SUBCOMMANDS = ("demo", "label", "train", "eval", "show", "flops", "lmms_task")
 DEBUG_HELP = "show the Python traceback of an error (for bug reports)"
 
 

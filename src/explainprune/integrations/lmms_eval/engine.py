@@ -1,0 +1,259 @@
+"""Request handling behind the lmms-eval model, with no lmms-eval import: visuals as lmms-eval hands them
+over -> ``VLM.prepare``; a task's generation kwargs -> ``generate`` options; a batch of requests -> one
+ragged batch (each prompt keeps its own count); per sample an ``evaluation.report.SampleRecord`` with the
+efficiency numbers ``explainprune eval`` reports, measured the same way (``evaluation.runner.measure``,
+``evaluation.flops.account``).
+
+In a batch of B requests the prefill / decode times are the batch's, shared evenly (B = 1 gives exactly
+``explainprune eval``'s numbers), and a sample's KV bytes are the batch cache's bytes per cached row times
+the rows that sample holds in each layer (padding excluded; B = 1 gives the measured cache bytes).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpeg", ".mpg", ".flv", ".wmv")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class Request:
+    """One lmms-eval generation request: the context text, its visuals (as ``doc_to_visual`` returns them),
+    the task's generation kwargs, and where it came from (``task``, ``doc_id``; used in the records)."""
+
+    context: str
+    visuals: Any = None
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)
+    task: str = ""
+    doc_id: Any = None
+
+
+@dataclass
+class Answer:
+    """What the model answers a request: text cut at the first ``until`` string, token counts."""
+
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+
+
+def split_visuals(visuals: Any, max_frames: int = 8) -> tuple[list[Image.Image], list[Image.Image] | None]:
+    """lmms-eval visuals -> (images, video frames or None).
+
+    Accepts None, one visual or (nested) lists of: PIL images, image files, video files (``max_frames``
+    evenly spaced frames, ``explainprune.sources.read_video``), HWC arrays (an image) and THWC arrays
+    (a video's frames). At most one video per request (the adapters take one).
+    """
+    from explainprune.sources import read_video
+
+    images: list[Image.Image] = []
+    videos: list[list[Image.Image]] = []
+
+    def add(v: Any) -> None:
+        if v is None:
+            return
+        if isinstance(v, (list, tuple)):
+            for x in v:
+                add(x)
+        elif isinstance(v, Image.Image):
+            images.append(v.convert("RGB"))
+        elif isinstance(v, (str, Path)):
+            suffix = Path(v).suffix.lower()
+            if suffix in VIDEO_SUFFIXES:
+                videos.append(read_video(v, max_frames))
+            elif suffix in IMAGE_SUFFIXES:
+                images.append(Image.open(v).convert("RGB"))
+            else:
+                raise ValueError(f"visual {str(v)!r}: not an image ({', '.join(IMAGE_SUFFIXES)}) or a video file "
+                                 f"({', '.join(VIDEO_SUFFIXES)})")
+        elif isinstance(v, (np.ndarray, torch.Tensor)):
+            arr = v.cpu().numpy() if isinstance(v, torch.Tensor) else v
+            if arr.ndim == 4:
+                step = max(1, len(arr) / max_frames)
+                videos.append([Image.fromarray(arr[int(k * step)]).convert("RGB")
+                               for k in range(min(max_frames, len(arr)))])
+            else:
+                from explainprune.models.base import to_pil
+
+                images.append(to_pil(arr))
+        else:
+            raise ValueError(f"unsupported visual of type {type(v).__name__}: give PIL images, image or video "
+                             "file paths, or arrays")
+
+    add(visuals)
+    if len(videos) > 1:
+        raise ValueError(f"a request holds {len(videos)} videos; explainprune's adapters take one video per prompt")
+    return images, (videos[0] if videos else None)
+
+
+@dataclass(frozen=True)
+class GenOptions:
+    """A task's generation kwargs, resolved: ``generate`` keyword options and the stop strings."""
+
+    max_new_tokens: int
+    until: tuple[str, ...] = ()
+    generate: dict[str, Any] = field(default_factory=dict)
+    ignored: tuple[str, ...] = ()
+
+
+def generation_options(gen_kwargs: dict[str, Any] | None, default_max_new_tokens: int = 16) -> GenOptions:
+    """``max_new_tokens``, ``until`` (str or list), ``temperature`` (0 = greedy), ``do_sample``, ``top_p``,
+    ``num_beams`` (1 only); other keys are listed in ``ignored``."""
+    kw = dict(gen_kwargs or {})
+    until = kw.pop("until", None)
+    if until is None:
+        until = []
+    elif isinstance(until, str):
+        until = [until]
+    elif not isinstance(until, (list, tuple)):
+        raise ValueError(f"generation kwarg 'until' must be a string or a list of strings; got {until!r}")
+    max_new = int(kw.pop("max_new_tokens", default_max_new_tokens) or default_max_new_tokens)
+    temperature = float(kw.pop("temperature", 0.0) or 0.0)
+    do_sample = bool(kw.pop("do_sample", False)) or temperature > 0
+    top_p = kw.pop("top_p", None)
+    beams = int(kw.pop("num_beams", 1) or 1)
+    if beams != 1:
+        raise ValueError(f"num_beams={beams} is not supported: explainprune generates greedily (or by sampling)")
+    options: dict[str, Any] = {}
+    if do_sample:
+        options = {"do_sample": True, "temperature": temperature or 1.0,
+                   "top_p": 1.0 if top_p is None else float(top_p)}
+    return GenOptions(max_new, tuple(str(u) for u in until), options, tuple(sorted(kw)))
+
+
+def cut_at(text: str, until: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any stop string, stripped."""
+    stop = min((text.index(u) for u in until if u and u in text), default=len(text))
+    return text[:stop].strip()
+
+
+def _batches_lists(pruner: Any) -> bool:
+    """Does this pruner's own ``generate`` take a list of prompts (FastV does)? The base one is batched here."""
+    from explainprune.pruning.base import Pruner
+
+    if type(pruner).generate is Pruner.generate:
+        return False
+    annotation = inspect.signature(pruner.generate).parameters.get("prompt")
+    return annotation is not None and "list" in str(annotation.annotation)
+
+
+class PrunedEngine:
+    """Runs lmms-eval requests through ``vlm`` with the pruner ``method`` at ``ratio``.
+
+    ``options`` go to ``explainprune.get_pruner(method, **options)`` (e.g. ``compressor=DIR``, ``layer=4``);
+    bad names, options or ratios fail here, before any model work. ``records`` collects one
+    ``SampleRecord`` per request with visual tokens (id ``task/doc_id``, kind = task name).
+    """
+
+    def __init__(self, vlm: Any, method: str = "vanilla", ratio: float | None = None, *, max_new_tokens: int = 16,
+                 max_frames: int = 8, warmup: bool = True, **options: Any):
+        from explainprune.evaluation.flops import LLMShape
+        from explainprune.pruning import get_pruner, select
+
+        self.pruner = get_pruner(str(method), **options)
+        if ratio is None:
+            if method != "vanilla":
+                raise ValueError(f"method {method!r} needs ratio=<share of visual tokens kept, in (0, 1]>")
+            ratio = 1.0
+        select(torch.ones(1), ratio)  # validates the ratio: a number in (0, 1]
+        self.vlm, self.method, self.ratio = vlm, str(method), float(ratio)
+        self.options = options
+        self.max_new_tokens, self.max_frames = int(max_new_tokens), int(max_frames)
+        self.shape = LLMShape.from_config(vlm.text_config)
+        self.records: list[Any] = []
+        self.text_only = 0
+        self._warm = not warmup
+
+    def label(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options.items() if k != "compressor")
+        return f"{self.method}:{opts}" if opts else self.method
+
+    def prepare(self, request: Request) -> Any:
+        images, video = split_visuals(request.visuals, self.max_frames)
+        question = request.context.replace("<image>", "").strip()
+        return self.vlm.prepare(images=images or None, video=video, question=question)
+
+    def run(self, requests: Sequence[Request]) -> list[Answer]:
+        """Answer a batch of requests sharing generation kwargs (as lmms-eval groups them), as one batch."""
+        if not requests:
+            return []
+        gen = generation_options(requests[0].gen_kwargs, self.max_new_tokens)
+        prompts = [self.prepare(r) for r in requests]
+        answers: list[Answer | None] = [None] * len(requests)
+        visual = [i for i, p in enumerate(prompts) if p.num_visual > 0]
+        text_only = [i for i, p in enumerate(prompts) if p.num_visual == 0]
+        if text_only:  # nothing to prune: the unchanged model
+            outs = self.vlm.generate([prompts[i] for i in text_only], max_new_tokens=gen.max_new_tokens, **gen.generate)
+            for i, out in zip(text_only, outs):
+                answers[i] = Answer(cut_at(out.text, gen.until), out.prompt_tokens, len(out.token_ids))
+            self.text_only += len(text_only)
+        if visual:
+            if not self._warm:  # one untimed short run, as `explainprune eval` does
+                self.vlm.generate(prompts[visual[0]], max_new_tokens=2)
+                self._warm = True
+            batched = type(self.pruner).generate is _base_generate() or _batches_lists(self.pruner)
+            groups = [visual] if batched else [[i] for i in visual]
+            for group in groups:
+                outs = self._generate([requests[i] for i in group], [prompts[i] for i in group], gen)
+                for i, out in zip(group, outs):
+                    answers[i] = out
+        return [a for a in answers if a is not None]
+
+    def _generate(self, requests: list[Request], prompts: list[Any], gen: GenOptions) -> list[Answer]:
+        from explainprune.evaluation.runner import measure
+
+        pruner, ratio, b = self.pruner, self.ratio, len(prompts)
+        score_s = [0.0] * b
+        with measure(self.vlm.model) as meter:
+            t0 = time.perf_counter()
+            if type(pruner).generate is _base_generate():
+                keeps = []
+                for k, p in enumerate(prompts):
+                    ts = time.perf_counter()
+                    keeps.append(pruner.keep(self.vlm, p, ratio))
+                    score_s[k] = time.perf_counter() - ts
+                outs = self.vlm.generate(prompts, keep=keeps, max_new_tokens=gen.max_new_tokens, **gen.generate)
+            else:
+                outs = pruner.generate(self.vlm, prompts if b > 1 else prompts[0], ratio,
+                                       max_new_tokens=gen.max_new_tokens, **gen.generate)
+                outs = outs if isinstance(outs, list) else [outs]
+            total = time.perf_counter() - t0
+        self._record(requests, prompts, outs, meter, total - sum(score_s), score_s)
+        return [Answer(cut_at(o.text, gen.until), o.prompt_tokens, len(o.token_ids)) for o in outs]
+
+    def _record(self, requests: list[Request], prompts: list[Any], outs: list[Any], meter: Any, batch_s: float,
+                score_s: list[float]) -> None:
+        from explainprune.evaluation.flops import account, compressor_channels
+        from explainprune.evaluation.report import SampleRecord
+
+        n_layers, b = self.shape.layers, len(prompts)
+        rows = [list(getattr(o, "layer_tokens", None) or [o.prompt_tokens] * n_layers) for o in outs]
+        padded = sum(b * max(r[layer] for r in rows) for layer in range(n_layers))
+        per_row = meter.kv_bytes / padded if padded else 0.0
+        layer = int(getattr(self.pruner, "layer", 0))
+        channels = compressor_channels(getattr(self.pruner, "compressor", None))
+        for req, p, o, r, s in zip(requests, prompts, outs, rows, score_s):
+            kept = int(o.visual_tokens)
+            acc = account(self.shape, p.num_visual, layer=layer, kept=kept, compressor=channels)
+            self.records.append(SampleRecord(
+                id=f"{req.task}/{req.doc_id}", kind=req.task, method=self.label(), ratio=self.ratio,
+                question=p.question, reference="", prediction=o.text, correct=False, n_visual=p.num_visual,
+                kept=kept, layer=layer, average_retention=acc.average_retention, flops_llm=acc.llm,
+                flops_overhead=acc.attention + acc.conv, prefill_s=meter.prefill_s / b, decode_s=meter.decode_s / b,
+                total_s=s + batch_s / b, new_tokens=len(o.token_ids), kv_bytes=round(per_row * sum(r)), score_s=s))
+
+
+def _base_generate() -> Any:
+    from explainprune.pruning.base import Pruner
+
+    return Pruner.generate
