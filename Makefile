@@ -11,7 +11,7 @@ TORCH_PIN := torch==2.13.0
 TRANSFORMERS_LOWEST := transformers==5.18.0
 LOWEST := .venv-lowest
 
-.PHONY: install demo test test-gpu test-lowest lint clean
+.PHONY: install install-lmms demo test test-gpu test-lowest lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,10 +24,19 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# The lmms-eval extra (its tests run the real lmms-eval CLI). lmms-eval pulls torchvision, whose only build
+# here is for a CUDA torch: it fails at import and breaks transformers' model classes, so it is removed.
+$(VENV)/.installed-lmms: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[test,lmms-eval]" $(TORCH_PIN)
+	$(BIN)/pip uninstall -y -q torchvision || true
+	touch $@
+
+install-lmms: $(VENV)/.installed-lmms
+
 demo: install
 	$(BIN)/explainprune demo
 
-test: install
+test: install-lmms
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 

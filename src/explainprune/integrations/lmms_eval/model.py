@@ -33,7 +33,15 @@ LOAD_ARGS = ("dtype", "attn_implementation", "trust_remote_code")
 
 def _cli_args(argv: list[str]) -> argparse.Namespace:
     """lmms-eval's ``--output_path`` and ``--timezone`` (the model is not told them): where and under which
-    date its results files go."""
+    date its results files go. The arguments of the running evaluation (``simple_evaluate``'s ``cli_args``,
+    also with ``--config``) when the model is called from lmms-eval, else those on the command line."""
+    frame = sys._getframe()
+    while frame is not None:
+        found = frame.f_locals.get("cli_args")
+        if isinstance(found, argparse.Namespace) and hasattr(found, "output_path"):
+            return argparse.Namespace(output_path=found.output_path,
+                                      timezone=getattr(found, "timezone", None) or "Asia/Singapore")
+        frame = frame.f_back
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--output_path", default=None)
     parser.add_argument("--timezone", default="Asia/Singapore")
