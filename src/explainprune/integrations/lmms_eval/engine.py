@@ -217,10 +217,12 @@ class PrunedEngine:
         with measure(self.vlm.model) as meter:
             t0 = time.perf_counter()
             if type(pruner).generate is _base_generate():
+                from explainprune.pruning.base import as_keep
+
                 keeps = []
                 for k, p in enumerate(prompts):
                     ts = time.perf_counter()
-                    keeps.append(pruner.keep(self.vlm, p, ratio))
+                    keeps.append(as_keep(pruner.keep(self.vlm, p, ratio), p.num_visual))
                     score_s[k] = time.perf_counter() - ts
                 outs = self.vlm.generate(prompts, keep=keeps, max_new_tokens=gen.max_new_tokens, **gen.generate)
             else:
