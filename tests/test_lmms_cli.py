@@ -20,8 +20,9 @@ RATIO = 0.25
 METHODS = ("vanilla", "learned", "fastv")
 
 
-BAD = {"unknown": ("method=fastvv", "unknown pruner 'fastvv'. did you mean 'fastv'?"),
-       "ratio": ("method=fastv,ratio=1.5", "ratio must be a number in (0, 1]")}
+# one bad run here (each lmms-eval run indexes its ~340 task folders first); tests/test_lmms_model.py checks
+# the other bad model_args through lmms-eval's own create_from_arg_string
+BAD = {"unknown": ("method=fastvv,ratio=0.25", "unknown pruner 'fastvv'. did you mean 'fastv'?")}
 
 
 def _env(tmp) -> dict[str, str]:
@@ -41,7 +42,7 @@ def _start(argv: list[str], tmp) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """lmms-eval on the first 40 digits test samples: vanilla, fastv and two bad model_args in one process
+    """lmms-eval on the first 40 digits test samples: vanilla, fastv and a bad model_args in one process
     (a ``--config`` list: each run is caught and logged on its own), learned with the flags on the command line
     once a quick compressor is trained (labels on 16 train samples, 3 epochs); meanwhile `explainprune eval`
     on the same samples."""
@@ -100,10 +101,9 @@ def test_lmms_eval_equals_explainprune_eval(runs, method):
 
 
 def test_bad_model_args_take_lmms_eval_error_path(runs):
-    """An unknown method and a bad ratio: lmms-eval logs its error line with explainprune's message and
-    writes no results."""
+    """An unknown method: lmms-eval logs its error line with explainprune's message and writes no results."""
     tmp, _, logs = runs
     for kind, (_, message) in BAD.items():
         assert f"Error during evaluation: {message}" in logs["first"], logs["first"][-3000:]
         assert not list((tmp / f"bad_{kind}").glob("**/*_results.json"))
-    assert logs["first"].count("Error during evaluation") == 2 and "Error during" not in logs["learned"]
+    assert logs["first"].count("Error during evaluation") == len(BAD) and "Error during" not in logs["learned"]

@@ -72,6 +72,7 @@ def test_what_a_pruning_method_cannot_do(tiny_dirs):
     ("method=fastv,ratio=1.5", r"ratio must be a number in \(0, 1\]"),
     ("method=fastv,ratio=abc", r"ratio must be a number in \(0, 1\]"),
     ("method=fastv,ratio=0.5,depth=3", "pruner 'fastv' accepts options"),
+    ("method=random", "method 'random' needs ratio="),
 ])
 def test_bad_model_args_fail_before_loading(args, message):
     with pytest.raises(ValueError, match=message):  # the checkpoint does not even exist: checked first

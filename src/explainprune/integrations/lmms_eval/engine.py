@@ -137,6 +137,20 @@ def cut_at(text: str, until: Sequence[str]) -> str:
     return text[:stop].strip()
 
 
+def check_method(method: str, ratio: float | None, **options: Any) -> tuple[Any, float]:
+    """(pruner, ratio) for ``method`` with ``options``; ValueError with explainprune's message for an unknown
+    method or option, a missing ratio (only vanilla may leave it out) or one outside (0, 1]."""
+    from explainprune.pruning import get_pruner, select
+
+    pruner = get_pruner(str(method), **options)
+    if ratio is None:
+        if method != "vanilla":
+            raise ValueError(f"method {method!r} needs ratio=<share of visual tokens kept, in (0, 1]>")
+        ratio = 1.0
+    select(torch.ones(1), ratio)  # validates the ratio: a number in (0, 1]
+    return pruner, float(ratio)
+
+
 def _batches_lists(pruner: Any) -> bool:
     """Does this pruner's own ``generate`` take a list of prompts (FastV does)? The base one is batched here."""
     from explainprune.pruning.base import Pruner
@@ -158,15 +172,9 @@ class PrunedEngine:
     def __init__(self, vlm: Any, method: str = "vanilla", ratio: float | None = None, *, max_new_tokens: int = 16,
                  max_frames: int = 8, warmup: bool = True, **options: Any):
         from explainprune.evaluation.flops import LLMShape
-        from explainprune.pruning import get_pruner, select
 
-        self.pruner = get_pruner(str(method), **options)
-        if ratio is None:
-            if method != "vanilla":
-                raise ValueError(f"method {method!r} needs ratio=<share of visual tokens kept, in (0, 1]>")
-            ratio = 1.0
-        select(torch.ones(1), ratio)  # validates the ratio: a number in (0, 1]
-        self.vlm, self.method, self.ratio = vlm, str(method), float(ratio)
+        self.pruner, ratio = check_method(method, ratio, **options)
+        self.vlm, self.method, self.ratio = vlm, str(method), ratio
         self.options = options
         self.max_new_tokens, self.max_frames = int(max_new_tokens), int(max_frames)
         self.shape = LLMShape.from_config(vlm.text_config)

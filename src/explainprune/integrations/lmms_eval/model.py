@@ -26,7 +26,7 @@ from lmms_eval.api.model import lmms
 from lmms_eval.utils import get_datetime_str, sanitize_model_name
 from loguru import logger
 
-from explainprune.integrations.lmms_eval.engine import PrunedEngine, Request
+from explainprune.integrations.lmms_eval.engine import PrunedEngine, Request, check_method
 
 LOAD_ARGS = ("dtype", "attn_implementation", "trust_remote_code")
 
@@ -71,13 +71,9 @@ class ExplainPrune(lmms):
                  warmup: bool = True, **options: Any) -> None:
         super().__init__()
         from explainprune.models import load
-        from explainprune.pruning import get_pruner, select
 
         load_kwargs = {k: options.pop(k) for k in LOAD_ARGS if k in options}
-        # check the method, its options and the ratio before loading any weights
-        get_pruner(str(method), **options)
-        if ratio is not None:
-            select(torch.ones(1), ratio)
+        check_method(method, ratio, **options)  # the method, its options and the ratio, before any weights load
         self.accelerator, self._rank, self._world_size = _distributed()
         if self.accelerator is not None and torch.cuda.is_available() and device in (None, "cuda"):
             device = f"cuda:{self.accelerator.local_process_index}"
