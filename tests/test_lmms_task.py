@@ -62,6 +62,7 @@ def test_scoring_is_explainprune_eval_exact_match():
     assert lt.process_results(doc, ["7"]) == {"exact_match": 1.0}
     assert lt.process_results(doc, [" 7."]) == {"exact_match": 1.0}  # eval's normalisation: strip, punctuation
     assert lt.process_results(doc, ["1"]) == {"exact_match": 0.0}
+    assert lt.process_results({**doc, "answer": ["seven", "7"]}, ["Seven"]) == {"exact_match": 1.0}
     assert lt.doc_to_text(doc) == doc["question"]
     assert lt.doc_to_text(doc, {"pre_prompt": "Q: ", "post_prompt": " A:"}) == f"Q: {doc['question']} A:"
 

@@ -6,7 +6,7 @@
 each video also as one lossless file (FFV1 in Matroska: the same pixels), the lmms-eval documents
 (``DIR/data/{all,image,video}.jsonl``, read with ``dataset_path: json``), one YAML per task and a
 ``utils.py`` pointing at the functions below, so ``--include_path DIR`` finds the tasks. Scoring is
-``explainprune eval``'s exact match after its answer normalisation (``evaluation.runner.normalize``).
+``explainprune eval``'s (``answers.is_correct``).
 """
 
 from __future__ import annotations
@@ -77,10 +77,11 @@ def doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict[str, Any] |
 
 
 def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
-    """``exact_match``: the answer equals the reference after ``explainprune eval``'s normalisation."""
-    from explainprune.evaluation.runner import normalize
+    """``exact_match``: ``explainprune eval``'s scoring (``answers.is_correct``: the prediction equals the
+    reference, or one of a list of them, after normalisation)."""
+    from explainprune.answers import is_correct, normalize_answers
 
-    return {"exact_match": float(normalize(results[0]) == normalize(str(doc["answer"])))}
+    return {"exact_match": float(is_correct(results[0], normalize_answers(doc["answer"], "answer")))}
 
 
 def write_video(frames: list[Any], path: str | Path, fps: int = 2) -> Path:
