@@ -252,15 +252,19 @@ class PrunedEngine:
         per_row = meter.kv_bytes / padded if padded else 0.0
         layer = int(getattr(self.pruner, "layer", 0))
         channels = compressor_channels(getattr(self.pruner, "compressor", None))
+        own = getattr(self.pruner, "overhead_flops", None)  # the method's own selection cost (VisionZip, ...)
         for req, p, o, r, s in zip(requests, prompts, outs, rows, score_s):
             kept = int(o.visual_tokens)
-            acc = account(self.shape, p.num_visual, layer=layer, kept=kept, compressor=channels)
+            acc = account(self.shape, p.num_visual, layer=layer, kept=kept, compressor=channels,
+                          tokens_per_layer=getattr(o, "visual_per_layer", None))
+            selection = int(own(self.shape.hidden, p.num_visual, acc.tokens_per_layer)) if own else 0
             self.records.append(SampleRecord(
                 id=f"{req.task}/{req.doc_id}", kind=req.task, method=self.label(), ratio=self.ratio,
                 question=p.question, reference="", prediction=o.text, correct=False, n_visual=p.num_visual,
                 kept=kept, layer=layer, average_retention=acc.average_retention, flops_llm=acc.llm,
-                flops_overhead=acc.attention + acc.conv, prefill_s=meter.prefill_s / b, decode_s=meter.decode_s / b,
-                total_s=s + batch_s / b, new_tokens=len(o.token_ids), kv_bytes=round(per_row * sum(r)), score_s=s))
+                flops_overhead=acc.attention + acc.conv + selection, prefill_s=meter.prefill_s / b,
+                decode_s=meter.decode_s / b, total_s=s + batch_s / b, new_tokens=len(o.token_ids),
+                kv_bytes=round(per_row * sum(r)), score_s=s))
 
 
 def _base_generate() -> Any:
