@@ -37,7 +37,7 @@ demo: install
 	$(BIN)/explainprune demo
 
 test: install-lmms
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks recipes
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 test-gpu: install
@@ -51,7 +51,7 @@ test-lowest:
 	$(LOWEST)/bin/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks recipes
 
 clean:
 	rm -rf $(VENV) $(LOWEST) build *.egg-info src/*.egg-info

@@ -95,20 +95,6 @@ def test_manifest_round_trip(tmp_path):
         assert all(np.array_equal(_pixels(x), _pixels(y)) for x, y in zip(a, b))
 
 
-def test_training_renderer_matches_the_image_processor():
-    from transformers import Qwen2VLImageProcessorPil
-
-    from explainprune.tasks.digits import to_pil
-    from explainprune.tasks.digits_data import BoardMaker
-
-    maker = BoardMaker.for_split("test", 4, 56, 4, strong=False)
-    rng = np.random.default_rng(0)
-    imgs = maker.render(maker.boards(rng, 2), rng)
-    proc = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 1024)
-    ref = proc(images=[to_pil(im) for im in imgs], return_tensors="np")["pixel_values"]
-    assert np.allclose(maker.pixels(imgs), ref, atol=1e-5)
-
-
 @pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="no shipped demo model")
 def test_shipped_demo_model_answers_test_questions():
     from explainprune.models.qwen2_vl import Qwen2VL
@@ -120,3 +106,79 @@ def test_shipped_demo_model_answers_test_questions():
         s = task.sample(i)
         correct += vlm.generate(vlm.prepare(question=s.question, **s.media()), max_new_tokens=3).text == s.answer
     assert correct >= 7
+
+
+# ------------------------------------------------------------------------------- larger boards, longer videos
+def test_cue_levels_keep_the_first_eight_and_add_eight_distinct_ones():
+    from explainprune.tasks.digits import MAX_INDEX, cue_level
+
+    levels = [cue_level(i) for i in range(MAX_INDEX)]
+    assert MAX_INDEX == 16
+    assert levels[:8] == [0.08 + 0.09 * i for i in range(8)]  # boards up to 8 x 8 / 8 frames render as before
+    gaps = np.diff(sorted(levels))
+    assert gaps.min() > 0.04 and max(levels) < 0.8
+    with pytest.raises(ValueError, match="cue index 16"):
+        cue_level(16)
+    with pytest.raises(ValueError, match="grid and frames"):
+        DigitsTask(grid=17)
+    with pytest.raises(ValueError, match="grid and frames"):
+        DigitsTask(frames=17)
+
+
+def test_default_task_images_are_unchanged():
+    import hashlib
+
+    task, h = DigitsTask("test"), hashlib.sha256()
+    for i in range(3):
+        s = task.sample(i)
+        for im in [s.image] if s.image is not None else s.video:
+            h.update(np.asarray(im).tobytes())
+    assert h.hexdigest() == "4eeb21ea847c904bf27972a1ba2c80a28d632079b49fbcc22db8a53aad293f00"
+
+
+def _background(im, cell: int, r: int, c: int) -> np.ndarray:
+    """Median RGB (0..1) of a cell's top-left corner (background: glyphs are centred)."""
+    a = np.asarray(im, dtype=np.float32)[r * cell + 1:r * cell + 5, c * cell + 1:c * cell + 5] / 255
+    return np.median(a.reshape(-1, 3), 0)
+
+
+@pytest.mark.parametrize("grid,cell", [(8, 56), (6, 28), (3, 84)])
+def test_large_grid_regions_cues_and_determinism(grid, cell):
+    from explainprune.tasks.digits import cue_level
+
+    task = DigitsTask("test", seed=5, n=6, grid=grid, cell=cell, kinds=("rowcol", "colour", "count"))
+    k = cell // 28
+    for i in range(6):
+        s, again = task.sample(i), DigitsTask("test", seed=5, n=6, grid=grid, cell=cell,
+                                               kinds=("rowcol", "colour", "count")).sample(i)
+        assert (s.question, s.answer, s.region) == (again.question, again.answer, again.region)
+        assert np.array_equal(_pixels(s.image), _pixels(again.image))
+        assert s.grid_tokens == (1, grid * k, grid * k) and s.image.size == (grid * cell, grid * cell)
+        labels = np.asarray(s.digits[0])
+        if s.kind == "rowcol":
+            r, c = (int(w) - 1 for w in s.question.split() if w.isdigit())
+            assert s.region == cell_tokens(0, r, c, cell) and s.answer == str(labels[r, c])
+            bg = _background(s.image, cell, r, c)
+            assert abs(bg[0] - cue_level(r)) < 0.03 and abs(bg[2] - cue_level(c)) < 0.03
+        elif s.kind == "count":
+            d = int(s.question.split()[2])
+            assert int(s.answer) == int((labels == d).sum()) and s.region_mask().sum() == int(s.answer) * k * k
+        else:
+            assert s.region_mask().sum() == k * k
+
+
+def test_sixteen_frame_video_regions_and_frame_cues():
+    from explainprune.tasks.digits import cue_level
+
+    task = DigitsTask("test", seed=2, n=4, frames=16, kinds=("video",))
+    seen = set()
+    for i in range(4):
+        s = task.sample(i)
+        assert len(s.video) == 32 and s.grid_tokens == (16, 8, 8)
+        f, r, c = (int(w) - 1 for w in s.question.split() if w.isdigit())
+        seen.add(f)
+        assert s.region == cell_tokens(f, r, c, 56) and s.answer == str(s.digits[f][r][c])
+        assert np.array_equal(_pixels(s.video[2 * f]), _pixels(s.video[2 * f + 1]))
+        greens = [_background(s.video[2 * j], 56, 0, 0)[1] for j in range(16)]
+        assert np.allclose(greens, [cue_level(j) for j in range(16)], atol=0.03)
+    assert task.sample(3).question == DigitsTask("test", seed=2, n=4, frames=16, kinds=("video",)).sample(3).question

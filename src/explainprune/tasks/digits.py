@@ -43,9 +43,19 @@ WORDS = [
 ]
 
 
+MAX_INDEX = 16  # rows, columns and frames with a distinct cue (indices 0..15)
+
+
 def cue_level(index: int) -> float:
-    """Background level (0..1) of one channel for row / column / frame ``index`` (0-based, up to 7)."""
-    return 0.08 + 0.09 * min(int(index), 7)
+    """Background level (0..1) of one channel for row / column / frame ``index`` (0-based, 0..15).
+
+    Indices 0-7 use the original levels 0.08 + 0.09 i (0.08 .. 0.71); indices 8-15 fall half-way between
+    them (0.125 .. 0.755), so boards of up to 8 x 8 cells and 8 frames render exactly as before.
+    """
+    index = int(index)
+    if not 0 <= index < MAX_INDEX:
+        raise ValueError(f"cue index {index} out of range: the cues encode 0..{MAX_INDEX - 1}")
+    return 0.08 + 0.09 * index if index < 8 else 0.125 + 0.09 * (index - 8)
 
 
 @lru_cache(maxsize=1)
@@ -162,8 +172,11 @@ class DigitsTask:
         unknown = [k for k in kinds if k not in KINDS]
         if unknown:
             raise ValueError(f"unknown kinds {unknown}; available: {', '.join(KINDS)}")
-        if cell % TOKEN_PX:
-            raise ValueError(f"cell must be a multiple of {TOKEN_PX} pixels, got {cell}")
+        if cell % TOKEN_PX or cell < TOKEN_PX:
+            raise ValueError(f"cell must be a positive multiple of {TOKEN_PX} pixels, got {cell}")
+        if not 1 <= grid <= MAX_INDEX or not 1 <= frames <= MAX_INDEX:
+            raise ValueError(f"grid and frames must be 1..{MAX_INDEX} (the coordinate cues encode "
+                             f"{MAX_INDEX} indices), got grid={grid}, frames={frames}")
         self.split, self.seed, self.n, self.grid, self.cell = split, seed, n, grid, cell
         self.frames, self.kinds, self.blank, self.noise = frames, tuple(kinds), blank, noise
         self.pool = split_indices(split)

@@ -1,6 +1,6 @@
 """Grounding fine-tune of the digits demo model: layer-0 instruction -> visual attention onto the region.
 
-The stage-2 recipe (``digits_llm``) supervises layer 0 to attend to the question's key WORDS, so the
+The stage-2 recipe (``questions.aux_attention_loss``) supervises layer 0 to attend to the question's key WORDS, so the
 first layer's attention from the instruction tokens to the visual tokens (A_v^0, Section 3.3) is flat
 with respect to the answer's region. Real MLLMs' first-layer attention is informative; this fine-tune
 trains that property into the demo model. Vision frozen (the stage-2 feature banks are reused); the LLM
@@ -22,8 +22,11 @@ layers' answer-row relevance ranks A_v^0's top tokens first). Both are off by de
 and not shipped (docs/digits_grounding.md, "Phase 3 experiments": the follow term makes R_v's top quarter
 predictable but the model then depends on more tokens and every pruning method loses accuracy).
 
-    python -m explainprune.tasks.digits_ground --init src/explainprune/assets/demo --out runs/ground/out \
-        --steps 300 --threads 1
+    python -m recipes.digits.ground --init src/explainprune/assets/demo --banks runs/digits \
+        --out runs/ground/out --steps 300 --threads 1
+
+(the banks are stage 2's ``banks_train.safetensors`` / ``banks_test.safetensors``, computed with the same
+vision tower; stage 2 itself uses ``step_kind`` when ``--s2-ground`` > 0).
 """
 
 from __future__ import annotations
@@ -39,18 +42,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from explainprune.tasks import digits_llm as dl
+from recipes.digits import questions as dq
 
 
 def instruction_spans(tok: Any, questions: list[str], sink: int, n_vis: int) -> list[tuple[int, int]]:
-    """Token span of each question in the sequences ``digits_llm.encode`` builds (right after the visual
+    """Token span of each question in the sequences ``questions.encode`` builds (right after the visual
     block: ``<|vision_start|>`` at ``sink``, ``n_vis`` pads, ``<|vision_end|>``)."""
     start = sink + n_vis + 2
     return [(start, start + len(tok(q, add_special_tokens=False)["input_ids"])) for q in questions]
 
 
 def visual_slice(sink: int, n_vis: int) -> slice:
-    """Positions of the visual tokens in the sequences ``digits_llm.encode`` builds."""
+    """Positions of the visual tokens in the sequences ``questions.encode`` builds."""
     return slice(sink + 1, sink + 1 + n_vis)
 
 
@@ -109,18 +112,18 @@ def align_loss(a0: torch.Tensor, target: torch.Tensor, ratio: float = 0.25) -> t
     return _pair_loss(a0.clamp_min(1e-12).log(), top), (hit & top).sum(-1).float() / top.sum(-1)
 
 
-def step_kind(model: Any, tok: Any, kind: str, banks: list[dl.Bank], n: int, rng: np.random.Generator,
-              side: int, attn_weight: float, ground_weight: float, scale: float = 1.0,
-              align_weight: float = 0.0, follow_weight: float = 0.0) -> dict[str, float]:
-    """One kind's forward and backward; returns its losses, answer accuracy, region share and, when a
-    ranking term is on, A_v^0's top-25% recall against the answer row's gradient-weighted attention."""
-    q, a, f, reg = dl.draw_questions(kind, banks, n, rng)
-    batch = dl.encode(model, tok, kind, q, a, f, side, reg)
+def step_kind(model: Any, tok: Any, kind: str, drawn: tuple, attn_weight: float, ground_weight: float,
+              scale: float = 1.0, align_weight: float = 0.0, follow_weight: float = 0.0) -> dict[str, float]:
+    """One kind's forward and backward on ``drawn`` (``questions.draw_questions``' result); returns its
+    losses, answer accuracy, region share and, when a ranking term is on, A_v^0's top-25% recall against
+    the answer row's gradient-weighted attention."""
+    q, a, f, reg, side = drawn
+    batch = dq.encode(model, tok, kind, q, a, f, side, reg)
     out = model.model.language_model(inputs_embeds=batch["embeds"], position_ids=batch["pos"],
                                      attention_mask=batch["mask"], output_attentions=True)
     logits = model.lm_head(out.last_hidden_state[:, -3:-1])
     ans = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
-    aux = _aux(out.attentions, batch) if attn_weight > 0 else torch.zeros(())
+    aux = dq.aux_attention_loss(out.attentions, batch) if attn_weight > 0 else torch.zeros(())
     n_vis = f.shape[1]
     a0 = visual_attention0(out.attentions[0], batch["sink"], instruction_spans(tok, q, batch["sink"], n_vis), n_vis)
     g, share = ground_loss(a0, batch["region"][:, visual_slice(batch["sink"], n_vis)].float())
@@ -139,25 +142,16 @@ def step_kind(model: Any, tok: Any, kind: str, banks: list[dl.Bank], n: int, rng
     return {**stats, "acc": float(ok.float().mean())}
 
 
-def _aux(attentions: tuple[torch.Tensor, ...], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The stage-2 auxiliary attention term of ``digits_llm.answer_loss`` (answer query row only)."""
-    region = batch["region"][:, None, :].float()
-    terms = [-torch.log((a[:, : a.shape[1] // 2, -3, :] * region).sum(-1) + 1e-4).mean()
-             for a in attentions[1:]]
-    a0 = attentions[0][:, :3, -3, :]
-    terms.append(-torch.log(a0.gather(-1, batch["keys"][:, :, None]).squeeze(-1) + 1e-4).mean())
-    return torch.stack(terms).mean()
-
-
-def measure(model: Any, tok: Any, banks: list[dl.Bank], kinds: tuple[str, ...], side: int,
+def measure(model: Any, tok: Any, banks: dq.Banks, kinds: tuple[str, ...], grid: int = 4, frames: int = 4,
             n: int = 96) -> dict[str, tuple[float, float, float]]:
     """(teacher-forced accuracy, A_v^0 region share, A_v^0 top-25% recall against ``answer_cam``) per kind
-    on a fixed draw from ``banks``. Parameters get no gradients (only the attention maps do)."""
+    on a fixed draw from ``banks`` (still boards of ``grid``, videos of ``frames``). Parameters get no
+    gradients (only the attention maps do)."""
     res = {}
     for kind in kinds:
         rng = np.random.default_rng(99)
-        q, a, f, reg = dl.draw_questions(kind, banks, n, rng)
-        batch = dl.encode(model, tok, kind, q, a, f, side, reg)
+        q, a, f, reg, side = dq.draw_questions(kind, banks, n, rng, frames if kind == "video" else grid)
+        batch = dq.encode(model, tok, kind, q, a, f, side, reg)
         with torch.enable_grad():
             out = model.model.language_model(inputs_embeds=batch["embeds"].detach(), position_ids=batch["pos"],
                                              attention_mask=batch["mask"], output_attentions=True)
@@ -179,10 +173,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--init", default="src/explainprune/assets/demo", help="checkpoint to fine-tune")
     p.add_argument("--out", default="runs/ground/out")
-    p.add_argument("--banks", default="runs/main", help="dir with stage-2 banks_train.pt / banks_test.pt")
+    p.add_argument("--banks", default="runs/digits",
+                   help="dir with stage 2's banks_train.safetensors / banks_test.safetensors")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--qk-lr", type=float, default=None, help="lr of layer 0's q/k projections (default --lr)")
+    p.add_argument("--grid", type=int, default=4, help="board size of the questions (still images)")
+    p.add_argument("--frames", type=int, default=4, help="video length of the video questions")
     p.add_argument("--batch", type=int, default=12)
     p.add_argument("--video-batch", type=int, default=6)
     p.add_argument("--kinds", nargs="+", default=["rowcol", "colour", "video", "count"])
@@ -205,9 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     model.model.language_model.config._attn_implementation = "eager"
     tok = AutoTokenizer.from_pretrained(a.init)
     banks_dir = Path(a.banks)
-    train = dl.banks_from_state(torch.load(banks_dir / "banks_train.pt", weights_only=True))
-    test = dl.banks_from_state(torch.load(banks_dir / "banks_test.pt", weights_only=True))
-    side = int(round(train[0].feats.shape[1] ** 0.5))
+    train = dq.Banks.load(banks_dir / "banks_train.safetensors")
+    test = dq.Banks.load(banks_dir / "banks_test.safetensors")
     model.model.visual.requires_grad_(False)
     params = [p_ for n, p_ in model.named_parameters() if not n.startswith("model.visual")]
     qk = [p_ for n, p_ in model.named_parameters()
@@ -217,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=0.0)
     kinds = tuple(a.kinds)
     model.eval()
-    print(f"{time.time() - t0:.0f}s before {measure(model, tok, test, kinds, side)}", flush=True)
+    print(f"{time.time() - t0:.0f}s before {measure(model, tok, test, kinds, a.grid, a.frames)}", flush=True)
     rng = np.random.default_rng([a.seed, 7])
     log: dict[str, list[float]] = {}
     for step in range(1, a.steps + 1):
@@ -228,7 +224,9 @@ def main(argv: list[str] | None = None) -> None:
         model.train()
         for kind in kinds:
             n = a.video_batch if kind == "video" else a.batch
-            r = step_kind(model, tok, kind, train, n, rng, side, a.attn_weight, a.ground_weight,
+            size = a.frames if kind == "video" else a.grid
+            r = step_kind(model, tok, kind, dq.draw_questions(kind, train, n, rng, size), a.attn_weight,
+                          a.ground_weight,
                           1.0 / len(kinds), a.align_weight, a.follow_weight)
             for k, v in r.items():
                 log.setdefault(f"{kind}.{k}", []).append(v)
@@ -238,10 +236,10 @@ def main(argv: list[str] | None = None) -> None:
             summary = {k: round(float(np.mean(v)), 3) for k, v in log.items() if k.endswith(("acc", "share", "recall"))}
             log = {}
             model.eval()
-            test_m = measure(model, tok, test, kinds, side) if step % (4 * a.log_every) == 0 else {}
+            test_m = measure(model, tok, test, kinds, a.grid, a.frames) if step % (4 * a.log_every) == 0 else {}
             print(f"{time.time() - t0:.0f}s step {step} train {summary} test {test_m}", flush=True)
     model.eval()
-    print(f"{time.time() - t0:.0f}s after {measure(model, tok, test, kinds, side)}", flush=True)
+    print(f"{time.time() - t0:.0f}s after {measure(model, tok, test, kinds, a.grid, a.frames)}", flush=True)
     out = Path(a.out)
     shutil.copytree(a.init, out, dirs_exist_ok=True)  # config, tokenizer, processor unchanged
     with tempfile.TemporaryDirectory() as tmp:

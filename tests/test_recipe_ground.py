@@ -1,11 +1,11 @@
-"""The grounding fine-tune's loss terms (tasks/digits_ground.py): A_v^0 indexing, the answer row's
+"""The grounding fine-tune's loss terms (recipes/digits/ground.py): A_v^0 indexing, the answer row's
 gradient-weighted attention, and the two ranking terms."""
 
 from __future__ import annotations
 
 import torch
 
-from explainprune.tasks.digits_ground import align_loss, answer_cam, follow_loss, ground_loss, visual_attention0
+from recipes.digits.ground import align_loss, answer_cam, follow_loss, ground_loss, visual_attention0
 
 
 def test_visual_attention0_is_head_and_row_mean_over_the_visual_block():

@@ -1,6 +1,6 @@
 """Fast batched board rendering for training the digits demo model (numpy, no PIL in the loop).
 
-Boards are drawn exactly as :func:`explainprune.tasks.digits.compose` draws them (same cue background,
+Boards are drawn exactly as ``explainprune.tasks.digits.compose`` draws them (same cue background,
 marks and noise), from a bank of pre-augmented glyphs, and patchified exactly as Qwen2-VL's image
 processor does (rescale, CLIP mean/std, two identical temporal patches).
 """
@@ -80,6 +80,10 @@ class BoardMaker:
                 glyphs.append(augment_glyph(images[idx], cell, rng, strong and v > 0))
                 labels.append(targets[idx])
         return cls(np.stack(glyphs), np.asarray(labels), grid, cell, frames)
+
+    def resized(self, grid: int) -> BoardMaker:
+        """The same glyph bank on boards of ``grid`` x ``grid`` cells."""
+        return BoardMaker(self.glyphs, self.labels, grid, self.cell, self.frames)
 
     def boards(self, rng: np.random.Generator, n: int, frame: int | None = 0, marks: float = 0.5,
                blank: float = 0.25) -> Boards:
