@@ -7,6 +7,7 @@ import argparse
 import json
 
 from explainprune.cli.common import add_model_options, load_options
+from explainprune.cli.task_options import add_task_options, task_options, uses_task_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", help="digits split (default test)")
     p.add_argument("--seed", type=int, default=0, help="digits question seed (default 0)")
     p.add_argument("--limit", type=int, help="number of samples (digits default 200; manifest: all)")
+    add_task_options(p)
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                    help="registry names, options as name:key=value,... e.g. fastv:layer=4 "
                    f"(default: {' '.join(DEFAULT_METHODS)}; available: {' '.join(METHODS)}; e.g. "
@@ -62,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
         options["fastv"] = {"layer": args.fastv_layer}
     config = EvalConfig(methods=tuple(args.methods), ratios=tuple(args.ratios), max_new_tokens=args.max_new_tokens,
                         method_options=options, progress=not args.no_progress)
-    task = TaskConfig(name=args.task, split=args.split, seed=args.seed, limit=args.limit)
+    if args.task != "digits" and uses_task_options(args):
+        raise ValueError("--grid, --cell, --frames and --kinds apply to --task digits, not to a manifest")
+    task = TaskConfig(name=args.task, split=args.split, seed=args.seed, limit=args.limit,
+                      options=task_options(args))
     report, paths = evaluate(args.model, task, config, out=args.out, plots=not args.no_plots, on_error=args.on_error,
                              load_options=load_options(args))
     if args.json:

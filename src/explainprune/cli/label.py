@@ -6,6 +6,7 @@ import argparse
 import json
 
 from explainprune.cli.common import add_model_options, load_options
+from explainprune.cli.task_options import add_task_options, task_options, uses_task_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -52,10 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="number of samples (digits default 2000; manifest: all lines)")
     p.add_argument("--split", default="train", choices=["train", "test"], help="digits split (default train)")
     p.add_argument("--seed", type=int, default=0, help="digits task seed; --dataset sampling seed (default 0)")
-    p.add_argument("--kinds", help="digits question kinds, comma-separated (default: all)")
-    p.add_argument("--grid", type=int, help="digits board cells per side (default: the task's)")
-    p.add_argument("--cell", type=int, help="digits cell size in pixels, multiple of 28 (default: the task's)")
-    p.add_argument("--frames", type=int, help="digits video frames (default: the task's)")
+    add_task_options(p)
     p.add_argument("--max-frames", type=int, default=8, help="frames sampled from a manifest or dataset video file")
     p.add_argument("--match", default=None,
                    help="answer matcher: exact, choice, number, f1, anls, any, auto (default: exact for --task and "
@@ -84,6 +82,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def make_source(args: argparse.Namespace):
     from explainprune.labels import DigitsSource, ManifestSource
 
+    if (args.dataset or args.manifest) and uses_task_options(args):
+        raise ValueError("--grid, --cell, --frames and --kinds apply to --task digits, not to --manifest / --dataset")
     if args.dataset:
         from explainprune.conversations import ConversationSource, DatasetConfig, parse_columns
 
@@ -98,9 +98,7 @@ def make_source(args: argparse.Namespace):
         return source
     if args.manifest:
         return ManifestSource(args.manifest, limit=args.limit, max_frames=args.max_frames)
-    options = {k: getattr(args, k) for k in ("grid", "cell", "frames") if getattr(args, k) is not None}
-    if args.kinds:
-        options["kinds"] = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    options = task_options(args)
     n = 2000 if args.limit is None else args.limit
     return DigitsSource(split=args.split, seed=args.seed, n=n, **options)
 
