@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--seed", type=int, default=0, help="task seed (the random scores use it too)")
     p.add_argument("--kinds", nargs="+", default=None, help="question kinds (default: the task's default set)")
+    p.add_argument("--grid", type=int, help="board cells per side (default: the task's, 4)")
+    p.add_argument("--frames", type=int, help="video frames (default: the task's, 4)")
     p.add_argument("--fastv-layers", type=int, nargs="+", default=[1, 2], metavar="K",
                    help="FastV layers K (scores at layer K-1); each must be in 1..L-1")
     p.add_argument("--per-head", action="store_true", help="also score each head of A_v^0 on its own")
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         p.error(f"--fastv-layers {bad}: K must be in 1..{layers - 1} for this {layers}-layer model")
     options = {"kinds": a.kinds} if a.kinds else {}
+    options.update({k: getattr(a, k) for k in ("grid", "frames") if getattr(a, k) is not None})
     source = DigitsSource(split=a.split, seed=a.seed, n=a.n, **options)
     scorers = default_scorers(a.fastv_layers, seed=a.seed)
     if a.per_head:
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(report.to_json(), indent=1))
         return
     i = report.info
-    print(f"model `{a.model}` ({layers} LLM layers), digits {a.split} split, first {a.n} samples "
+    size = "".join(f", {k} {v}" for k, v in options.items() if k != "kinds")
+    print(f"model `{a.model}` ({layers} LLM layers), digits {a.split} split{size}, first {a.n} samples "
           f"(seed {a.seed}); {i['wall_seconds']} s wall, one thread. Scores clipped at 0 before normalising.\n")
     print(report.to_markdown())
 
