@@ -49,7 +49,6 @@ class TrainConfig:
     s2_warmup: int = 200
     s2_attn: float = 0.5
     s2_ground: float = 0.0  # weight of the layer-0 grounding loss (ground.ground_loss)
-    s2_count_sink: float = 0.0
     kinds: tuple[str, ...] = ("rowcol", "colour", "count", "video")
     threads: int = 1
     log_every: int = 25
