@@ -131,3 +131,24 @@ def test_library_does_not_import_the_recipe():
     offenders = [p for p in src.rglob("*.py") if "recipes" in p.read_text() and "import recipes" in p.read_text()]
     assert not offenders
     assert importlib.util.find_spec("explainprune.tasks.digits_train") is None
+
+
+@pytest.mark.parametrize("kind,size", [("rowcol", 3), ("video", 5)])
+def test_training_sequences_equal_the_adapters_prompt(kind, size):
+    """The ids and M-RoPE positions stage 2 trains on are the ones the Qwen2VL adapter builds at eval."""
+    from explainprune.models.qwen2_vl import Qwen2VL
+    from explainprune.tasks.digits import DigitsTask
+
+    demo = ROOT / "src" / "explainprune" / "assets" / "demo"
+    vlm = Qwen2VL.from_pretrained(demo)
+    opts = {"frames": size} if kind == "video" else {"grid": size}
+    s = DigitsTask("test", n=1, kinds=(kind,), **opts).sample(0)
+    prompt = vlm.prepare(question=s.question, **s.media())
+    n_vis = prompt.num_visual
+    side = 8 if kind == "video" else 2 * size
+    enc = dq.encode(vlm.model, vlm.tokenizer, kind, [s.question], [s.answer], torch.zeros(1, n_vis, 128), side)
+    ids = prompt.input_ids[0]
+    assert torch.equal(enc["ids"][0, : ids.numel()], ids)  # the prompt, then the answer and <|im_end|>
+    assert enc["ids"].shape[1] == ids.numel() + 2 and vlm.tokenizer.decode(enc["targets"][0, 1]) == "<|im_end|>"
+    assert torch.equal(enc["pos"][:, 0, : ids.numel()], prompt.position_ids[:, 0])
+    assert enc["sink"] == int(prompt.visual_pos[0]) - 1

@@ -199,8 +199,8 @@ def encode(model: Any, tok: Any, kind: str, questions: list[str], answers: list[
     pos, _ = inner.get_rope_index(input_ids, mm_token_type_ids=is_vis.long() * (2 if video else 1),
                                   attention_mask=mask, **grid_kw)
     sink = int((input_ids[0] == cfg.vision_start_token_id).nonzero()[0])
-    return {"embeds": embeds, "pos": pos, "mask": mask, "targets": input_ids[:, -2:], "region": in_region,
-            "keys": keys, "sink": sink}
+    return {"ids": input_ids, "embeds": embeds, "pos": pos, "mask": mask, "targets": input_ids[:, -2:],
+            "region": in_region, "keys": keys, "sink": sink}
 
 
 def _key_positions(tok: Any, ids: list[int]) -> list[int]:
