@@ -152,3 +152,19 @@ def test_training_sequences_equal_the_adapters_prompt(kind, size):
     assert enc["ids"].shape[1] == ids.numel() + 2 and vlm.tokenizer.decode(enc["targets"][0, 1]) == "<|im_end|>"
     assert torch.equal(enc["pos"][:, 0, : ids.numel()], prompt.position_ids[:, 0])
     assert enc["sink"] == int(prompt.visual_pos[0]) - 1
+
+
+def test_stage_batches_follow_the_token_budget():
+    from recipes.digits.stage1 import batch_size
+    from recipes.digits.stage2 import draw_step
+
+    assert batch_size(4, 56, 2048) == 32 and batch_size(8, 56, 2048) == 8 and batch_size(8, 56, 100) == 2
+    banks, cfg = _fake_banks(), TrainConfig(s2_tokens=512, s2_max_batch=16, frames=(2, 3))
+    rng = np.random.default_rng(0)
+    seen = {}
+    for _ in range(20):
+        size, drawn = draw_step("rowcol", banks, cfg, rng)
+        seen[size] = len(drawn[0])
+        vsize, vdrawn = draw_step("video", banks, cfg, rng)
+        assert vsize in (2, 3) and len(vdrawn[0]) == 512 // (64 * vsize)
+    assert seen == {3: 14, 8: 2}
