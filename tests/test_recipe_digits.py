@@ -52,6 +52,9 @@ def test_checkpoint_round_trip_is_safetensors_with_optimizer_state(tmp_path):
     assert s2["param_groups"][0]["lr"] == 1e-3
     assert torch.equal(s1["state"][0]["exp_avg"], s2["state"][0]["exp_avg"])
     assert load_state(tmp_path / "absent.safetensors", {"net": net2}) == 0
+    torch.save({"step": 1, "evil": object()}, tmp_path / "pickled.safetensors")  # needs unpickling: refused
+    with pytest.raises(Exception):  # noqa: B017 (safetensors raises its own error type)
+        load_state(tmp_path / "pickled.safetensors", {"net": net2})
 
 
 def _fake_banks(grids=(3, 8), frames=3, n=5) -> dq.Banks:
