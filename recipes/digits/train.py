@@ -44,7 +44,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int = 2, export_on
     torch.set_num_threads(cfg.threads)
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    if not export_only:
+        (work / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     model, tok, proc = build_model(cfg)
     gen, test = makers(cfg)
     t0 = time.time()
