@@ -130,6 +130,16 @@ def vision_tokens(visual: nn.Module, pixels: torch.Tensor, n_images: int, side: 
     return out.reshape(n_images, -1, out.shape[-1])
 
 
+def llm_param_groups(model: Any, lr: float, qk_lr: float | None) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The language model's parameters (the vision tower left out; clipped together) and their AdamW groups:
+    the rest (peak ``lr``) and layer 0's q/k projections (peak ``qk_lr``: the grounding terms act on them)."""
+    params = [p for n, p in model.named_parameters() if not n.startswith("model.visual")]
+    qk = [p for n, p in model.named_parameters()
+          if ".layers.0.self_attn." in n and (".q_proj" in n or ".k_proj" in n)]
+    rest = [p for p in params if all(p is not x for x in qk)]
+    return params, [{"params": rest, "peak": lr}, {"params": qk, "peak": qk_lr or lr}]
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
     """Linear warmup then cosine decay to 0 at ``total``."""
     if step < warmup:

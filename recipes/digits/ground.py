@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from recipes.digits import questions as dq
+from recipes.digits.common import llm_param_groups
 
 
 def instruction_spans(tok: Any, questions: list[str], sink: int, n_vis: int) -> list[tuple[int, int]]:
@@ -205,11 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     train = dq.Banks.load(banks_dir / "banks_train.safetensors")
     test = dq.Banks.load(banks_dir / "banks_test.safetensors")
     model.model.visual.requires_grad_(False)
-    params = [p_ for n, p_ in model.named_parameters() if not n.startswith("model.visual")]
-    qk = [p_ for n, p_ in model.named_parameters()
-          if ".layers.0.self_attn." in n and (".q_proj" in n or ".k_proj" in n)]
-    rest = [p_ for p_ in params if all(p_ is not x for x in qk)]
-    groups = [{"params": rest, "peak": a.lr}, {"params": qk, "peak": a.qk_lr or a.lr}]
+    params, groups = llm_param_groups(model, a.lr, a.qk_lr)
     opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=0.0)
     kinds = tuple(a.kinds)
     model.eval()

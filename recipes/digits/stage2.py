@@ -17,7 +17,7 @@ import torch
 
 from recipes.digits import ground
 from recipes.digits import questions as dq
-from recipes.digits.common import TrainConfig, load_state, log, lr_at, save_state
+from recipes.digits.common import TrainConfig, llm_param_groups, load_state, log, lr_at, save_state
 from recipes.digits.data import BoardMaker
 
 PROBE_FRAMES = (2, 4, 8, 12, 16)
@@ -67,11 +67,7 @@ def stage2(model: Any, tok: Any, cfg: TrainConfig, work: Path, gen: BoardMaker, 
     train_banks = bank_cache(visual, cfg, work, gen, "train")
     test_banks = bank_cache(visual, cfg, work, test, "test")
     log(f"stage2 banks ready in {time.time() - t0:.0f}s")
-    params = [p for n, p in model.named_parameters() if not n.startswith("model.visual")]
-    qk = [p for n, p in model.named_parameters()
-          if ".layers.0.self_attn." in n and (".q_proj" in n or ".k_proj" in n)]
-    rest = [p for p in params if all(p is not x for x in qk)]
-    groups = [{"params": rest, "peak": cfg.s2_lr}, {"params": qk, "peak": cfg.s2_qk_lr or cfg.s2_lr}]
+    params, groups = llm_param_groups(model, cfg.s2_lr, cfg.s2_qk_lr)
     opt = torch.optim.AdamW(groups, lr=cfg.s2_lr, weight_decay=0.01)
     objs = {"llm": LLMState(model), "opt": opt}
     step = load_state(work / "stage2.safetensors", objs) if resume else 0
