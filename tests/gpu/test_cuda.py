@@ -29,15 +29,6 @@ QUESTION = "what digit is in row 2 column 3 ?"
 ANSWER = [5, 6, 7]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def exact_fp32():
-    """float32 on the GPU as on CPU: no TF32 in matmuls or convolutions (f_θ is convolutional)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     cache: dict[str, object] = {}

@@ -20,14 +20,6 @@ QUESTION = "what digit is in row 2 column 3 ?"
 METHODS = ("layer0", "pdrop", "dart", "divprune", "visionzip", "uniform")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def exact_fp32():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 @pytest.fixture(scope="module")
 def path(tmp_path_factory):
     return build_tiny("qwen2_vl", tmp_path_factory.mktemp("qwen2_vl-gpu-baselines"), layers=4)
