@@ -31,7 +31,7 @@ from explainprune.attention import module_device
 from explainprune.evaluation.flops import kept_count
 from explainprune.models.base import VLM, Prompt
 from explainprune.pruning.base import Pruner, register, select
-from explainprune.pruning.inllm import InLLMResult, Stage, StageContext, generate_inllm
+from explainprune.pruning.inllm import InLLMResult, SetInLLM, Stage, StageContext, generate_inllm
 
 
 def quotas(total: int, pivots: int) -> list[int]:
@@ -94,7 +94,7 @@ def dart_stage(ratio: float, layer: int, pivot_image: int, pivot_text: int) -> S
 
 @register("dart")
 @dataclass
-class DART(Pruner):
+class DART(SetInLLM, Pruner):
     """DART at layer ``layer`` = K (authors' default 2) with ``pivot_image`` / ``pivot_text`` pivots (4 / 4)."""
 
     layer: int = 2  # type: ignore[misc]  # overrides the ClassVar default: the layer it prunes at
@@ -107,10 +107,6 @@ class DART(Pruner):
 
     def score(self, vlm: VLM, prompt: Prompt) -> Tensor:
         raise NotImplementedError("dart selects a set (not a ranking) inside the LLM: use keep or generate")
-
-    def keep(self, vlm: VLM, prompt: Prompt, ratio: float) -> Tensor:
-        """The visual tokens kept from layer K on (runs one greedy step)."""
-        return self.generate(vlm, prompt, ratio, max_new_tokens=1).keep
 
     def generate(self, vlm: VLM, prompt: Prompt | list[Prompt], ratio: float, max_new_tokens: int = 16,
                  **kwargs: Any) -> InLLMResult | list[InLLMResult]:

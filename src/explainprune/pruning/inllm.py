@@ -361,6 +361,15 @@ def generate_inllm(vlm: VLM, prompt: Prompt | list[Prompt], stages: Sequence[Sta
     return results[0] if single else results
 
 
+class SetInLLM:
+    """Mixin for in-LLM pruners that choose a set at their stages rather than rank by one score (PyramidDrop,
+    DART): ``keep`` is the last stage's set, found by one greedy step of ``generate``."""
+
+    def keep(self, vlm: VLM, prompt: Prompt, ratio: float) -> Tensor:
+        """The visual tokens left after the last stage (runs one greedy step)."""
+        return self.generate(vlm, prompt, ratio, max_new_tokens=1).keep  # type: ignore[attr-defined]
+
+
 def top_k(scores: Tensor, k: int) -> Tensor:
     """Sorted indices of the ``k`` largest ``scores`` (float32 topk, as the shared ``select``)."""
     return torch.sort(torch.topk(scores.float(), k, sorted=False).indices).values

@@ -29,7 +29,15 @@ from torch import Tensor
 from explainprune.evaluation.flops import attention_flops, kept_count
 from explainprune.models.base import VLM, Prompt
 from explainprune.pruning.base import Pruner, register, select
-from explainprune.pruning.inllm import InLLMResult, Stage, StageContext, generate_inllm, last_token_attention, top_k
+from explainprune.pruning.inllm import (
+    InLLMResult,
+    SetInLLM,
+    Stage,
+    StageContext,
+    generate_inllm,
+    last_token_attention,
+    top_k,
+)
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
@@ -73,7 +81,7 @@ def pdrop_stage(layer: int, share: float) -> Stage:
 
 @register("pdrop")
 @dataclass
-class PyramidDrop(Pruner):
+class PyramidDrop(SetInLLM, Pruner):
     """PyramidDrop: multi-stage drop ranked by the last instruction token's attention at each boundary.
 
     layers: stage boundaries (default round(L/4), round(L/2), round(3L/4)); lam: fixed λ (the authors' 0.5)
@@ -104,10 +112,6 @@ class PyramidDrop(Pruner):
 
     def score(self, vlm: VLM, prompt: Prompt) -> Tensor:
         raise NotImplementedError("pdrop ranks inside the LLM at every stage: use generate (no single score)")
-
-    def keep(self, vlm: VLM, prompt: Prompt, ratio: float) -> Tensor:
-        """The visual tokens left after the last stage (runs one greedy step)."""
-        return self.generate(vlm, prompt, ratio, max_new_tokens=1).keep
 
     def generate(self, vlm: VLM, prompt: Prompt | list[Prompt], ratio: float, max_new_tokens: int = 16,
                  **kwargs: Any) -> InLLMResult | list[InLLMResult]:
