@@ -162,13 +162,6 @@ def measure(model: torch.nn.Module) -> Iterator[Meter]:
             h.remove()
 
 
-def normalize(text: str) -> str:
-    """Answers are compared after stripping and lower-casing (and trailing punctuation, as labelling)."""
-    from explainprune.answers import normalize_answer
-
-    return normalize_answer(text)
-
-
 @dataclass
 class ScoreTiming:
     """Seconds ``score`` took on the prompt (once), and how much of it the latest call spent."""
