@@ -66,3 +66,32 @@ def test_ground_loss_is_minus_log_region_share():
     loss, share = ground_loss(a0, region)
     torch.testing.assert_close(share, torch.tensor([0.5, 0.75]))
     torch.testing.assert_close(loss, -(torch.log(torch.tensor(0.5 + 1e-6)) + torch.log(torch.tensor(0.75 + 1e-6))) / 2)
+
+
+def test_count_ratio_loss_is_minimal_at_the_exact_split_that_encodes_the_count():
+    from recipes.digits.questions import count_ratio_loss
+
+    L, sink = 12, 1
+    region = torch.zeros(2, L, dtype=torch.bool)
+    region[0, 2:6] = True  # one cell (4 tokens): k = 1
+    region[1, 2:10] = True  # two cells: k = 2
+    heads = ((0, 0, 4.0),)
+
+    def loss(attn_row: torch.Tensor) -> float:
+        a = torch.zeros(2, 1, L, L)
+        a[:, 0, -3] = attn_row
+        return float(count_ratio_loss((a,), {"region": region, "sink": sink}, heads))
+
+    exact = region.float() / (region.sum(-1, keepdim=True) + 4.0)
+    exact[:, sink] = 4.0 / (region.sum(-1) + 4.0)
+    assert exact[0, sink] == 0.5 and abs(float(exact[1, sink]) - 1 / 3) < 1e-6  # share on the sink = 1 / (k + 1)
+    # one cell attended only (the region-mass term of aux_attention_loss is already perfect there) costs more
+    one_cell = torch.zeros(2, L)
+    one_cell[:, 2:6] = 0.25
+    too_much_sink = 0.9 * exact.clone()
+    too_much_sink[:, sink] += 0.1
+    best = loss(exact)
+    assert best < loss(one_cell) and best < loss(too_much_sink)
+    for noise in range(3):  # any other distribution costs more (Gibbs' inequality)
+        other = torch.softmax(torch.randn(2, L, generator=torch.Generator().manual_seed(noise)), -1)
+        assert best < loss(other)

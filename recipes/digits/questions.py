@@ -229,6 +229,28 @@ def aux_attention_loss(attentions: tuple[torch.Tensor, ...], batch: dict[str, to
     return torch.stack(terms).mean()
 
 
+# (layer, head, sink weight in tokens) of the count heads: each attends, from the answer query, uniformly to
+# the tokens of every cell holding the asked digit and with ``w`` tokens' worth to ``<|vision_start|>``, so its
+# share on that sink, w / (4 k + w), encodes the count k (w = 4: 1 / (k + 1); w = 16: 4 / (k + 4)).
+COUNT_HEADS = ((1, 2, 4.0), (1, 3, 16.0), (2, 2, 4.0), (2, 3, 16.0))
+
+
+def count_ratio_loss(attentions: tuple[torch.Tensor, ...], batch: dict[str, torch.Tensor],
+                     heads: tuple[tuple[int, int, float], ...] = COUNT_HEADS) -> torch.Tensor:
+    """Cross-entropy of the count heads' attention (answer query, row -3) against the target distribution
+    "uniform over the region's tokens, ``w`` tokens' worth on the sink": its minimum is that exact split,
+    unlike ``aux_attention_loss``'s region mass, which a head can meet by attending to one cell."""
+    region = batch["region"].float()
+    n = region.sum(-1, keepdim=True)
+    terms = []
+    for layer, head, w in heads:
+        target = region / (n + w)
+        target[:, batch["sink"]] = (w / (n + w)).squeeze(-1)
+        a = attentions[layer][:, head, -3, :]
+        terms.append(-(target * torch.log(a + 1e-6)).sum(-1).mean())
+    return torch.stack(terms).mean()
+
+
 def answer_loss(model: Any, batch: dict[str, torch.Tensor], attn_weight: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on the answer token and ``<|im_end|>`` (+ ``attn_weight`` x ``aux_attention_loss``);

@@ -12,8 +12,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="label, train f_θ, evaluate and draw on the shipped demo model",
         description="The whole method end to end on the shipped digits model: relevance labels (A_v^0, R_v) on "
-        "the train split, the compressor f_θ trained on them, then vanilla / oracle / learned / FastV / random "
-        "at 50/25/10%% retention on the test split (images and videos), report files, relevance pictures, "
+        "the train split, the compressor f_θ trained on them, then vanilla / oracle / learned / layer0 and "
+        "the training-free baselines (FastV, PyramidDrop, DART, DivPrune, VisionZip, random, "
+        "uniform) at 50/25/10% retention on the test split (images and videos), report files, relevance pictures, "
         "and the table. Re-running with the same --out resumes finished steps.",
         epilog="example: explainprune demo --quick --out runs/demo-quick")
     p.add_argument("--quick", action="store_true", help="smaller run (fewer labels, epochs and test samples)")

@@ -1,0 +1,109 @@
+"""Count fine-tune of the digits demo model (stage 3): teach the language model to turn the cells holding a
+digit into a number, keeping every other kind.
+
+Stage 2 supervises the answer query's attention on count questions with the region MASS only
+(``questions.aux_attention_loss``), which a head meets by attending to any one of the cells, and counting
+stayed at the level of the majority answer (docs/digits.md, "What did not work"). Here four heads
+(``questions.COUNT_HEADS``) are trained to attend uniformly to every token of the asked digit's cells plus
+a fixed weight on ``<|vision_start|>`` (``questions.count_ratio_loss``), so their output carries
+w / (4 k + w), a number the later layers can read. Every step still trains all kinds at every size (as
+stage 2: a size per kind, batches by a token budget), with ``--count-batches`` count batches.
+
+    python -m recipes.digits.count --init recipes/digits/checkpoints/out_s2_3000 --work runs/digits13 \\
+        --out runs/count/out --steps 600 [--resume]
+
+``--work`` holds stage 2's banks (``banks_{train,test}.safetensors``, computed by ``recipes.digits.train``)
+and receives this stage's checkpoint ``count.safetensors`` (weights + AdamW state, no pickles) every
+``--ckpt-every`` steps; ``--resume`` continues from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recipes.digits import ground
+from recipes.digits import questions as dq
+from recipes.digits.common import TrainConfig, llm_param_groups, load_state, log, lr_at, save_state
+from recipes.digits.stage2 import PROBE_FRAMES, LLMState, draw_step
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--init", default="recipes/digits/checkpoints/out_s2_3000", help="checkpoint to fine-tune")
+    p.add_argument("--work", default="runs/digits13", help="dir with stage 2's banks; gets count.safetensors")
+    p.add_argument("--out", default="runs/count/out", help="the fine-tuned checkpoint directory")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--count-weight", type=float, default=1.0, help="weight of questions.count_ratio_loss")
+    p.add_argument("--count-batches", type=int, default=2, help="count batches per step (other kinds: 1)")
+    p.add_argument("--kinds", nargs="+", default=["rowcol", "colour", "count", "video"])
+    p.add_argument("--ckpt-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--probe-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--resume", action="store_true", help="continue from --work/count.safetensors")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    t0 = time.time()
+    model = Qwen2VLForConditionalGeneration.from_pretrained(a.init, attn_implementation="eager")
+    model.model.language_model.config._attn_implementation = "eager"
+    tok = AutoTokenizer.from_pretrained(a.init)
+    work = Path(a.work)
+    train, test = (dq.Banks.load(work / f"banks_{s}.safetensors") for s in ("train", "test"))
+    model.model.visual.eval().requires_grad_(False)
+    cfg = TrainConfig()  # stage 2's sizes and token budget
+    params, groups = llm_param_groups(model, a.lr, None)
+    opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=0.01)
+    objs = {"llm": LLMState(model), "opt": opt}
+    ckpt = work / "count.safetensors"
+    step = load_state(ckpt, objs) if a.resume else 0
+    rng = np.random.default_rng([a.seed, 3, step])
+    kinds = [k for k in a.kinds for _ in range(a.count_batches if k == "count" else 1)]
+    hist: dict[str, list[float]] = {}
+    while step < a.steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, a.steps, g["peak"], warmup=a.warmup)
+        opt.zero_grad(set_to_none=True)
+        model.train()
+        for kind in kinds:
+            size, drawn = draw_step(kind, train, cfg, rng)
+            r = ground.step_kind(model, tok, kind, drawn, cfg.s2_attn, 1.0, 1.0 / len(kinds),
+                                 count_weight=a.count_weight)
+            for k in ("acc", "count"):
+                if k in r:
+                    hist.setdefault(f"{kind}.{k}", []).append(r[k])
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % a.log_every == 0 or step == a.steps:
+            summary = {k: round(float(np.mean(v)), 3) for k, v in hist.items()}
+            hist = {}
+            res = {}
+            if step % a.probe_every == 0 or step == a.steps:
+                model.eval()
+                res = dq.evaluate(model, tok, test, tuple(a.kinds), PROBE_FRAMES, n=32)
+            log(f"count step {step} train {summary} test {res} {time.time() - t0:.0f}s")
+        if step % a.ckpt_every == 0 or step == a.steps:
+            save_state(ckpt, step, objs)
+    model.eval()
+    out = Path(a.out)
+    shutil.copytree(a.init, out, dirs_exist_ok=True)  # config, tokenizer, processor unchanged
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        shutil.copy(Path(tmp) / "model.safetensors", out / "model.safetensors")
+    log(f"saved {out} in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
