@@ -86,3 +86,10 @@ def test_fingerprint_describes_the_text_model(vlm):
     fp = vlm.fingerprint()
     assert fp["model_type"] == vlm.config.model_type
     assert fp["num_hidden_layers"] == vlm.text_config.num_hidden_layers
+
+
+def test_prepare_refuses_a_misspelt_keyword_instead_of_dropping_the_image(vlm, image):
+    """``prepare(image=...)`` (singular) used to be swallowed by ``**kwargs``: a text-only prompt, no error."""
+    with pytest.raises(TypeError, match="image"):
+        vlm.prepare(image=image, question="what digit ?")
+    assert vlm.prepare(images=image, question="what digit ?", fps=2.0).num_visual > 0

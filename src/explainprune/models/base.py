@@ -253,7 +253,10 @@ class VLM:
         return cls._processor_class().from_pretrained(path, **options)
 
     # -- the protocol --------------------------------------------------------------------------------
-    def prepare(self, images: Any = None, video: Any = None, question: str = "", **kwargs: Any) -> Prompt:
+    def prepare(self, images: Any = None, video: Any = None, question: str = "", fps: float | None = None) -> Prompt:
+        """The Prompt for ``images`` (one image or a list), ``video`` (a list of frames or a ``Video``) and
+        ``question``. ``fps``: the rate the frames were sampled at (families with time positions use it; the
+        others ignore it). No other keywords: a misspelt one (``image=``) is an error, not a text-only prompt."""
         raise NotImplementedError
 
     @property

@@ -32,8 +32,9 @@ class Llava(VLM):
         return CLIPImageProcessorPil
 
     @torch.no_grad()
-    def prepare(self, images: Any = None, video: Any = None, question: str = "", **kwargs: Any) -> Prompt:
-        """Build the Prompt for ``images`` (one or a list) and/or ``video`` (frames, one image each)."""
+    def prepare(self, images: Any = None, video: Any = None, question: str = "", fps: float | None = None) -> Prompt:
+        """Build the Prompt for ``images`` (one or a list) and/or ``video`` (frames, one image each);
+        ``fps`` is unused (no time positions)."""
         question = self.clean_question(question)
         pictures = as_images(images) + as_images(list(video) if video is not None else None)
         text = self._render_media(len(pictures), False, question)

@@ -67,8 +67,9 @@ class LlavaOnevision(VLM):
                 "vision_feature_select_strategy": c.vision_feature_select_strategy}
 
     @torch.no_grad()
-    def prepare(self, images: Any = None, video: Any = None, question: str = "", **kwargs: Any) -> Prompt:
-        """Build the Prompt for ``images`` (one or a list) and/or ``video`` (a list of frames)."""
+    def prepare(self, images: Any = None, video: Any = None, question: str = "", fps: float | None = None) -> Prompt:
+        """Build the Prompt for ``images`` (one or a list) and/or ``video`` (a list of frames);
+        ``fps`` is unused (no time positions)."""
         question = self.clean_question(question)
         images = as_images(images)
         text = self._render_media(len(images), video is not None, question)

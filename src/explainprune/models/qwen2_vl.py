@@ -96,8 +96,7 @@ class Qwen2VL(VLM):
         return int(self.config.vision_config.spatial_merge_size)
 
     @torch.no_grad()
-    def prepare(self, images: Any = None, video: Any = None, question: str = "", fps: float | None = None,
-                **kwargs: Any) -> Prompt:
+    def prepare(self, images: Any = None, video: Any = None, question: str = "", fps: float | None = None) -> Prompt:
         """Build the Prompt for ``images`` (one or a list) and/or ``video`` (a list of frames).
 
         ``fps``: the rate the video's frames were sampled at (frames per second of the source); default the
