@@ -9,7 +9,7 @@ a fixed weight on ``<|vision_start|>`` (``questions.count_ratio_loss``), so thei
 w / (4 k + w), a number the later layers can read. Every step still trains all kinds at every size (as
 stage 2: a size per kind, batches by a token budget), with ``--count-batches`` count batches.
 
-    python -m recipes.digits.count --init recipes/digits/checkpoints/out_s2_3000 --work runs/digits13 \\
+    python -m recipes.digits.count --init src/explainprune/assets/demo --work runs/digits13 \\
         --out runs/count/out --steps 600 [--resume]
 
 ``--work`` holds stage 2's banks (``banks_{train,test}.safetensors``, computed by ``recipes.digits.train``)
@@ -36,7 +36,7 @@ from recipes.digits.stage2 import PROBE_FRAMES, LLMState, draw_step
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--init", default="recipes/digits/checkpoints/out_s2_3000", help="checkpoint to fine-tune")
+    p.add_argument("--init", default="src/explainprune/assets/demo", help="checkpoint to fine-tune")
     p.add_argument("--work", default="runs/digits13", help="dir with stage 2's banks; gets count.safetensors")
     p.add_argument("--out", default="runs/count/out", help="the fine-tuned checkpoint directory")
     p.add_argument("--steps", type=int, default=600)

@@ -5,7 +5,7 @@ every filled cell of the same board with ``rowcol`` questions and count the cell
 digit. The accuracy of that count is what a flawless counter reading this model's per-cell recognition
 would get; the model's own count answers are measured beside it:
 
-    python -m recipes.digits.count_bound --model recipes/digits/checkpoints/out_s2_3000 --n 60 --grids 3 4 6 8
+    python -m recipes.digits.count_bound --model demo --n 100 --grids 3 4 5 6 7 8
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def bound(vlm: object, grid: int, n: int, seed: int = 0, batch: int = 16) -> dic
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default="demo", help="'demo' (the shipped model) or a checkpoint directory")
     p.add_argument("--n", type=int, default=60, help="count questions per grid")
     p.add_argument("--grids", type=int, nargs="+", default=[3, 4, 6, 8])
     p.add_argument("--seed", type=int, default=0)
@@ -54,10 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     import torch
 
-    from explainprune.models.qwen2_vl import Qwen2VL
+    import explainprune
 
     torch.set_num_threads(a.threads)
-    vlm = Qwen2VL.from_pretrained(a.model)
+    vlm = explainprune.load(a.model)
     t0 = time.time()
     res = {}
     print("| grid | model's count answers | count from its per-cell answers | per-cell digit | n |")

@@ -32,7 +32,7 @@ def table(results: dict[str, dict[str, float]], grids: list[int], frames: list[i
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default="demo", help="'demo' (the shipped model) or a checkpoint directory")
     p.add_argument("--n", type=int, default=100, help="questions per size and kind")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grids", type=int, nargs="+", default=[3, 4, 5, 6, 7, 8])
@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     import torch
 
-    from explainprune.models.qwen2_vl import Qwen2VL
+    import explainprune
 
     torch.set_num_threads(a.threads)
-    vlm = Qwen2VL.from_pretrained(a.model)
+    vlm = explainprune.load(a.model)
     results: dict[str, dict[str, float]] = {}
     t0 = time.time()
     for kind in a.kinds:

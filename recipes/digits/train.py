@@ -4,7 +4,7 @@
   stage 2  vision frozen, the language model learns to answer every question kind at every size, in the
            exact chat format the ``Qwen2VL`` adapter renders (``stage2.py``, ``questions.py``).
 
-    python -m recipes.digits.train --init src/explainprune/assets/demo --work runs/digits13 \
+    python -m recipes.digits.train --init recipes/digits/checkpoints/demo_4x4 --work runs/digits13 \
         --out runs/digits13/out [--resume]
 
 Run from the repository root (``recipes`` is not part of the installed library). Checkpoints
