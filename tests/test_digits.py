@@ -96,16 +96,21 @@ def test_manifest_round_trip(tmp_path):
 
 
 @pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="no shipped demo model")
-def test_shipped_demo_model_answers_test_questions():
+@pytest.mark.parametrize("options", [{"kinds": ("rowcol",)}, {"grid": 3, "kinds": ("colour",)},
+                                     {"grid": 8, "kinds": ("rowcol",)}, {"grid": 8, "kinds": ("colour",)},
+                                     {"frames": 16, "kinds": ("video",)}, {"frames": 2, "kinds": ("video",)}])
+def test_shipped_demo_model_answers_test_questions(options):
+    """Every size the benchmark makes (3x3-8x8 boards, 2-16 frames): 90-98% measured on n = 300 per cell
+    (docs/digits.md); the model shipped before answered 0.3-15% at 8x8 and 26% at 16 frames."""
     from explainprune.models.qwen2_vl import Qwen2VL
 
     vlm = Qwen2VL.from_pretrained(DEMO)
-    task = DigitsTask("test", seed=0, n=10, kinds=("rowcol",))
+    task = DigitsTask("test", seed=0, n=12, **options)
     correct = 0
-    for i in range(10):
+    for i in range(12):
         s = task.sample(i)
         correct += vlm.generate(vlm.prepare(question=s.question, **s.media()), max_new_tokens=3).text == s.answer
-    assert correct >= 7
+    assert correct >= 9
 
 
 # ------------------------------------------------------------------------------- larger boards, longer videos
