@@ -106,11 +106,18 @@ class Video(list):
         self.fps = None if fps is None else float(fps)
 
 
-def visual_targets(prompts: list[Prompt], keeps: list[Tensor | None], length: int | None = None) -> Tensor:
+def kept_rows(prompts: list[Prompt], keeps: list[Tensor | None]) -> list[Tensor]:
+    """Each prompt's kept sequence indices (``Prompt.kept_positions``): what ``pad_left``, ``pad_left_ids``
+    and ``visual_targets`` gather; compute it once per batch and pass it as their ``rows``."""
+    return [p.kept_positions(k) for p, k in zip(prompts, keeps, strict=True)]
+
+
+def visual_targets(prompts: list[Prompt], keeps: list[Tensor | None], length: int | None = None,
+                   rows: list[Tensor] | None = None) -> Tensor:
     """LongTensor[B, L]: for each row of the batch ``pad_left`` builds, the index (into 0..N_v-1) of the
     visual token it holds, -1 for text and padding. ``length`` > the batch length right-extends with -1
-    (a prompt followed by answer tokens, as the relevance engine runs it)."""
-    rows = [p.kept_positions(k) for p, k in zip(prompts, keeps)]
+    (a prompt followed by answer tokens, as the relevance engine runs it). ``rows``: ``kept_rows``' result."""
+    rows = kept_rows(prompts, keeps) if rows is None else rows
     longest = max(len(r) for r in rows)
     out = torch.full((len(prompts), max(longest, length or 0)), -1, dtype=torch.long)
     for b, (p, r) in enumerate(zip(prompts, rows)):
@@ -158,13 +165,15 @@ class VisualResiduals:
             h.remove()
 
 
-def pad_left(prompts: list[Prompt], keeps: list[Tensor | None]) -> tuple[Tensor, Tensor, Tensor]:
+def pad_left(prompts: list[Prompt], keeps: list[Tensor | None],
+             rows: list[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gather each prompt's kept rows and left-pad them into one batch.
 
     Returns inputs_embeds [B, L, D], attention_mask [B, L] (0 on padding) and position_ids [3, B, L] or
     [B, L] holding each kept token's original position (padding gets position 0; it is masked out).
+    ``rows``: ``kept_rows(prompts, keeps)`` when the caller has it already.
     """
-    rows = [p.kept_positions(k) for p, k in zip(prompts, keeps)]
+    rows = kept_rows(prompts, keeps) if rows is None else rows
     longest = max(len(r) for r in rows)
     first = prompts[0]
     d = first.inputs_embeds.shape[-1]
@@ -186,11 +195,13 @@ def pad_left(prompts: list[Prompt], keeps: list[Tensor | None]) -> tuple[Tensor,
     return embeds, mask, pos
 
 
-def pad_left_ids(prompts: list[Prompt], keeps: list[Tensor | None], pad_id: int) -> Tensor:
+def pad_left_ids(prompts: list[Prompt], keeps: list[Tensor | None], pad_id: int,
+                 rows: list[Tensor] | None = None) -> Tensor:
     """The kept tokens' ids, left-padded with ``pad_id`` as ``pad_left`` pads the embeddings: LongTensor[B, L]."""
-    rows = [p.input_ids[0, p.kept_positions(k)] for p, k in zip(prompts, keeps)]
-    ids = torch.full((len(rows), max(len(r) for r in rows)), int(pad_id), dtype=torch.long)
-    for b, r in enumerate(rows):
+    rows = kept_rows(prompts, keeps) if rows is None else rows
+    kept = [p.input_ids[0, r] for p, r in zip(prompts, rows, strict=True)]
+    ids = torch.full((len(kept), max(len(r) for r in kept)), int(pad_id), dtype=torch.long)
+    for b, r in enumerate(kept):
         ids[b, ids.shape[1] - len(r):] = r
     return ids
 
@@ -361,14 +372,15 @@ class VLM:
             keeps = list(keep)
         if len(keeps) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(keeps)} keep entries")
-        embeds, mask, pos = pad_left(prompts, keeps)
-        ids = pad_left_ids(prompts, keeps, self.pad_token_id)
+        rows = kept_rows(prompts, keeps)  # once: the batch, its ids, the residual rows and the counts use it
+        embeds, mask, pos = pad_left(prompts, keeps, rows)
+        ids = pad_left_ids(prompts, keeps, self.pad_token_id, rows)
         dev = self.device
         options = {"do_sample": False, "pad_token_id": self.pad_token_id, "eos_token_id": self.eos_token_ids,
                    **generate_kwargs}
         if options.get("output_logits"):
             options["return_dict_in_generate"] = True
-        with self.residuals(prompts, keeps):
+        with self.residuals(prompts, keeps, rows=rows):
             out = self.model.generate(input_ids=ids.to(dev), inputs_embeds=embeds.to(dev),
                                       attention_mask=mask.to(dev), position_ids=pos.to(dev),
                                       max_new_tokens=max_new_tokens, **options)
@@ -381,7 +393,7 @@ class VLM:
             logits = torch.stack([s[b] for s in step_logits])[: len(new_ids)].cpu() if step_logits else None
             results.append(GenerationResult(
                 text=self.tokenizer.decode(new_ids, skip_special_tokens=True).strip(), token_ids=new_ids,
-                prompt_tokens=int(mask[b].sum()), visual_tokens=len(prompts[b].kept_positions(keeps[b]))
+                prompt_tokens=int(mask[b].sum()), visual_tokens=len(rows[b])
                 - (prompts[b].length - prompts[b].num_visual), logits=logits))
         return results[0] if single else results
 
@@ -411,15 +423,15 @@ class VLM:
                               **kwargs)
 
     @contextmanager
-    def residuals(self, prompts: list[Prompt], keeps: list[Tensor | None],
-                  length: int | None = None) -> Iterator[VisualResiduals | None]:
+    def residuals(self, prompts: list[Prompt], keeps: list[Tensor | None], length: int | None = None,
+                  rows: list[Tensor] | None = None) -> Iterator[VisualResiduals | None]:
         """Inside the block, forwards of the batch ``pad_left(prompts, keeps)`` get the prompts'
         ``visual_residuals`` (Qwen3-VL DeepStack) at their kept visual rows; ``self.active_residuals`` is the
         state (None when the prompts have none). Hooks are removed on exit."""
         if not prompts or not prompts[0].visual_residuals:
             yield None
             return
-        state = VisualResiduals(self.language_model.layers, prompts, visual_targets(prompts, keeps, length))
+        state = VisualResiduals(self.language_model.layers, prompts, visual_targets(prompts, keeps, length, rows))
         self.active_residuals = state
         try:
             yield state
