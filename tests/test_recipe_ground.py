@@ -95,3 +95,15 @@ def test_count_ratio_loss_is_minimal_at_the_exact_split_that_encodes_the_count()
     for noise in range(3):  # any other distribution costs more (Gibbs' inequality)
         other = torch.softmax(torch.randn(2, L, generator=torch.Generator().manual_seed(noise)), -1)
         assert best < loss(other)
+
+
+def test_cell_corners_are_the_last_token_of_each_region_cell_in_every_frame():
+    from recipes.digits.questions import cell_corners, cell_mask
+
+    side, sink = 4, 1  # a 2 x 2-cell board: 4 x 4 tokens; visual tokens start after the sink
+    cells = [(0, 0, 1), (1, 1, 0), (1, 1, 1)]  # (frame, row, col): two adjacent cells in frame 1
+    region = torch.zeros(1, sink + 1 + 2 * side * side + 3, dtype=torch.bool)
+    region[0, sink + 1: sink + 1 + 2 * side * side] = cell_mask(2, side, 2, cells)
+    corners = cell_corners({"region": region, "sink": sink, "side": side})
+    expected = [sink + 1 + f * side * side + (2 * r + 1) * side + 2 * c + 1 for f, r, c in cells]
+    assert torch.nonzero(corners[0]).flatten().tolist() == expected

@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--count-weight", type=float, default=1.0, help="weight of questions.count_ratio_loss")
+    p.add_argument("--count-target", choices=["tokens", "cells"], default="tokens",
+                   help="the count heads attend to every region token, or to each cell's last token only")
     p.add_argument("--count-batches", type=int, default=2, help="count batches per step (other kinds: 1)")
     p.add_argument("--kinds", nargs="+", default=["rowcol", "colour", "count", "video"])
     p.add_argument("--ckpt-every", type=int, default=50)
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         for kind in kinds:
             size, drawn = draw_step(kind, train, cfg, rng)
             r = ground.step_kind(model, tok, kind, drawn, cfg.s2_attn, 1.0, 1.0 / len(kinds),
-                                 count_weight=a.count_weight)
+                                 count_weight=a.count_weight, count_cells=a.count_target == "cells")
             for k in ("acc", "count"):
                 if k in r:
                     hist.setdefault(f"{kind}.{k}", []).append(r[k])

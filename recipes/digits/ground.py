@@ -115,11 +115,11 @@ def align_loss(a0: torch.Tensor, target: torch.Tensor, ratio: float = 0.25) -> t
 
 def step_kind(model: Any, tok: Any, kind: str, drawn: tuple, attn_weight: float, ground_weight: float,
               scale: float = 1.0, align_weight: float = 0.0, follow_weight: float = 0.0,
-              count_weight: float = 0.0) -> dict[str, float]:
+              count_weight: float = 0.0, count_cells: bool = False) -> dict[str, float]:
     """One kind's forward and backward on ``drawn`` (``questions.draw_questions``' result); returns its
     losses, answer accuracy, region share and, when a ranking term is on, A_v^0's top-25% recall against
     the answer row's gradient-weighted attention. ``count_weight`` weighs ``questions.count_ratio_loss`` on
-    count questions."""
+    count questions (``count_cells``: its cells-only variant)."""
     q, a, f, reg, side = drawn
     batch = dq.encode(model, tok, kind, q, a, f, side, reg)
     out = model.model.language_model(inputs_embeds=batch["embeds"], position_ids=batch["pos"],
@@ -133,7 +133,8 @@ def step_kind(model: Any, tok: Any, kind: str, drawn: tuple, attn_weight: float,
     loss = ans + attn_weight * aux + ground_weight * g
     stats = {"ans": float(ans.detach()), "ground": float(g.detach()), "share": float(share.mean())}
     if kind == "count" and count_weight > 0:
-        c = dq.count_ratio_loss(out.attentions, batch)
+        heads = dq.COUNT_HEADS_CELLS if count_cells else dq.COUNT_HEADS
+        c = dq.count_ratio_loss(out.attentions, batch, heads, cells=count_cells)
         loss = loss + count_weight * c
         stats["count"] = float(c.detach())
     if align_weight > 0 or follow_weight > 0:  # answer_cam costs a backward through layers 1..L-1

@@ -200,7 +200,7 @@ def encode(model: Any, tok: Any, kind: str, questions: list[str], answers: list[
                                   attention_mask=mask, **grid_kw)
     sink = int((input_ids[0] == cfg.vision_start_token_id).nonzero()[0])
     return {"ids": input_ids, "embeds": embeds, "pos": pos, "mask": mask, "targets": input_ids[:, -2:],
-            "region": in_region, "keys": keys, "sink": sink}
+            "region": in_region, "keys": keys, "sink": sink, "side": side_tokens}
 
 
 def _key_positions(tok: Any, ids: list[int]) -> list[int]:
@@ -229,18 +229,30 @@ def aux_attention_loss(attentions: tuple[torch.Tensor, ...], batch: dict[str, to
     return torch.stack(terms).mean()
 
 
-# (layer, head, sink weight in tokens) of the count heads: each attends, from the answer query, uniformly to
-# the tokens of every cell holding the asked digit and with ``w`` tokens' worth to ``<|vision_start|>``, so its
-# share on that sink, w / (4 k + w), encodes the count k (w = 4: 1 / (k + 1); w = 16: 4 / (k + 4)).
+# (layer, head, sink weight) of the count heads: each attends, from the answer query, uniformly to the asked
+# digit's cells and with weight ``w`` to ``<|vision_start|>``, so its share on that sink encodes the count k.
+# Weights are in tokens (every region token a target: w / (4 k + w)) or in cells (``cells=True``: only each
+# cell's last token in raster order, the one that can see the cell's other three: w / (k + w)).
 COUNT_HEADS = ((1, 2, 4.0), (1, 3, 16.0), (2, 2, 4.0), (2, 3, 16.0))
+COUNT_HEADS_CELLS = ((1, 2, 1.0), (1, 3, 4.0), (2, 2, 1.0), (2, 3, 4.0))
+
+
+def cell_corners(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, L] bool: the region's tokens at odd (row, column) of the visual token grid, i.e. the last token
+    of each 2 x 2-token cell (every frame of a video alike)."""
+    region = batch["region"]
+    v = torch.arange(region.shape[1]) - (batch["sink"] + 1)
+    row, col = (v // batch["side"]) % batch["side"], v % batch["side"]
+    return region & (v >= 0) & (row % 2 == 1) & (col % 2 == 1)
 
 
 def count_ratio_loss(attentions: tuple[torch.Tensor, ...], batch: dict[str, torch.Tensor],
-                     heads: tuple[tuple[int, int, float], ...] = COUNT_HEADS) -> torch.Tensor:
+                     heads: tuple[tuple[int, int, float], ...] = COUNT_HEADS, cells: bool = False) -> torch.Tensor:
     """Cross-entropy of the count heads' attention (answer query, row -3) against the target distribution
-    "uniform over the region's tokens, ``w`` tokens' worth on the sink": its minimum is that exact split,
-    unlike ``aux_attention_loss``'s region mass, which a head can meet by attending to one cell."""
-    region = batch["region"].float()
+    "uniform over the region's tokens (or its cells' last tokens), weight ``w`` on the sink": its minimum is
+    that exact split, unlike ``aux_attention_loss``'s region mass, which a head can meet by attending to one
+    cell."""
+    region = (cell_corners(batch) if cells else batch["region"]).float()
     n = region.sum(-1, keepdim=True)
     terms = []
     for layer, head, w in heads:
