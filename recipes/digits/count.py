@@ -20,8 +20,6 @@ and receives this stage's checkpoint ``count.safetensors`` (weights + AdamW stat
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -55,15 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", action="store_true", help="continue from --work/count.safetensors")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
-
     t0 = time.time()
-    model = Qwen2VLForConditionalGeneration.from_pretrained(a.init, attn_implementation="eager")
-    model.model.language_model.config._attn_implementation = "eager"
-    tok = AutoTokenizer.from_pretrained(a.init)
     work = Path(a.work)
-    train, test = (dq.Banks.load(work / f"banks_{s}.safetensors") for s in ("train", "test"))
-    model.model.visual.eval().requires_grad_(False)
+    model, tok, train, test = ground.load_for_finetune(a.init, work)
     cfg = TrainConfig()  # stage 2's sizes and token budget
     params, groups = llm_param_groups(model, a.lr, None)
     opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=0.01)
@@ -99,11 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         if step % a.ckpt_every == 0 or step == a.steps:
             save_state(ckpt, step, objs)
     model.eval()
-    out = Path(a.out)
-    shutil.copytree(a.init, out, dirs_exist_ok=True)  # config, tokenizer, processor unchanged
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        shutil.copy(Path(tmp) / "model.safetensors", out / "model.safetensors")
+    out = ground.export_finetuned(model, a.init, Path(a.out))
     log(f"saved {out} in {time.time() - t0:.0f}s")
 
 

@@ -177,6 +177,28 @@ def measure(model: Any, tok: Any, banks: dq.Banks, kinds: tuple[str, ...], grid:
     return res
 
 
+def load_for_finetune(init: str, banks: Path) -> tuple[Any, Any, dq.Banks, dq.Banks]:
+    """A checkpoint to fine-tune (eager attention: the losses read attention weights; vision frozen), its
+    tokenizer and stage 2's train / test banks from ``banks`` (``banks_{train,test}.safetensors``)."""
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(init, attn_implementation="eager")
+    model.model.language_model.config._attn_implementation = "eager"
+    model.model.visual.eval().requires_grad_(False)
+    train, test = (dq.Banks.load(Path(banks) / f"banks_{s}.safetensors") for s in ("train", "test"))
+    return model, AutoTokenizer.from_pretrained(init), train, test
+
+
+def export_finetuned(model: Any, init: str, out: Path) -> Path:
+    """``init``'s directory (config, tokenizer, processor) with ``model``'s weights: a loadable checkpoint."""
+    out = Path(out)
+    shutil.copytree(init, out, dirs_exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        shutil.copy(Path(tmp) / "model.safetensors", out / "model.safetensors")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--init", default="src/explainprune/assets/demo", help="checkpoint to fine-tune")
@@ -203,16 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
-
     t0 = time.time()
-    model = Qwen2VLForConditionalGeneration.from_pretrained(a.init, attn_implementation="eager")
-    model.model.language_model.config._attn_implementation = "eager"
-    tok = AutoTokenizer.from_pretrained(a.init)
-    banks_dir = Path(a.banks)
-    train = dq.Banks.load(banks_dir / "banks_train.safetensors")
-    test = dq.Banks.load(banks_dir / "banks_test.safetensors")
-    model.model.visual.requires_grad_(False)
+    model, tok, train, test = load_for_finetune(a.init, Path(a.banks))
     params, groups = llm_param_groups(model, a.lr, a.qk_lr)
     opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=0.0)
     kinds = tuple(a.kinds)
@@ -244,11 +258,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{time.time() - t0:.0f}s step {step} train {summary} test {test_m}", flush=True)
     model.eval()
     print(f"{time.time() - t0:.0f}s after {measure(model, tok, test, kinds, a.grid, a.frames)}", flush=True)
-    out = Path(a.out)
-    shutil.copytree(a.init, out, dirs_exist_ok=True)  # config, tokenizer, processor unchanged
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        shutil.copy(Path(tmp) / "model.safetensors", out / "model.safetensors")
+    out = export_finetuned(model, a.init, Path(a.out))
     print(f"saved {out} in {time.time() - t0:.0f}s", flush=True)
 
 
