@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from explainprune.answers import MATCHERS, display, is_correct, normalize_answer, normalize_answers
+from explainprune.answers import MATCHERS, display, is_correct, normalize_answers
 from explainprune.errors import InputError
 
 
@@ -22,7 +22,7 @@ def test_normalize_answers_rejects_other_types(bad):
 
 def test_is_correct_with_alternatives():
     assert is_correct(" Nine. ", ("9", "nine")) and is_correct("9", "9") and not is_correct("19", ["9", "nine"])
-    assert normalize_answer("  Seven. ") == "seven" and "exact" in MATCHERS
+    assert "exact" in MATCHERS
     assert display(("9", "nine")) == "9 | nine" and display("9") == "9"
     with pytest.raises(ValueError, match="available: exact"):
         is_correct("9", "9", matcher="f1x")

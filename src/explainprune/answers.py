@@ -16,11 +16,6 @@ from explainprune.errors import InputError
 from explainprune.matchers import MATCHERS, RULES, judge  # noqa: F401 (MATCHERS, RULES: the registry)
 
 
-def normalize_answer(text: Any) -> str:
-    """Lower-case, trim, collapse spaces, drop trailing punctuation: "  Seven. " -> "seven"."""
-    return " ".join(str(text).lower().split()).rstrip(".!?").strip()
-
-
 def _one(value: Any, where: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise InputError(f"{where} must be a string, a number or a list of them; got {type(value).__name__} "

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from explainprune.answers import display, normalize_answer, normalize_answers  # noqa: F401 (normalize_answer: old import path)
+from explainprune.answers import display, normalize_answers
 from explainprune.answers import is_correct as answers_match  # noqa: F401 (old import path)
 from explainprune.errors import InputError
 from explainprune.files import write_json_atomic
