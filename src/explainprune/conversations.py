@@ -30,6 +30,7 @@ path's share is then balanced over the other strata.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
@@ -41,6 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from explainprune.dataset_rows import Lazy, RowTable, file_stamp, media_digest, open_tables
 from explainprune.matchers import auto_rule, check_rule
 from explainprune.sources import LabelSample
 
@@ -128,60 +130,6 @@ def parse_columns(spec: str | None) -> dict[str, str]:
     return out
 
 
-def _data_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl", ".parquet") and p.is_file())
-    if not files:
-        raise FileNotFoundError(f"{path} holds no .json, .jsonl or .parquet files")
-    return files
-
-
-def _read_rows(name: str, config: DatasetConfig) -> tuple[list[dict[str, Any]], list[str], str]:
-    """(rows, subset name per row, digest of the data) of one dataset, read through ``datasets``."""
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError("reading --dataset needs the datasets library: pip install 'explainprune[data]'") from None
-
-    path = Path(name)
-    if not path.exists():
-        if name.startswith((".", "/")) or path.suffix in (".json", ".jsonl", ".parquet") or name.count("/") > 1:
-            raise FileNotFoundError(f"no dataset at {name}")
-        ds = datasets.load_dataset(name, config.subset, split=config.split)  # a hub id
-        return [dict(r) for r in ds], [config.subset or name] * len(ds), f"hub:{ds._fingerprint}"
-    rows, subsets, digest = [], [], hashlib.sha256()
-    for f in _data_files(path):
-        builder = "parquet" if f.suffix == ".parquet" else "json"
-        digest.update(f.name.encode() + f.read_bytes())
-        try:
-            ds = datasets.load_dataset(builder, data_files=str(f), split="train")
-            part = [dict(r) for r in ds]
-        except Exception as err:  # mixed-type columns (str here, list there) defeat arrow's schema
-            if builder != "json":
-                raise ValueError(f"{f}: cannot read ({err})") from None
-            part = _read_json(f)
-        rows += part
-        subsets += [f.stem] * len(part)
-    return rows, subsets, digest.hexdigest()[:16]
-
-
-def _read_json(f: Path) -> list[dict[str, Any]]:
-    text = f.read_text()
-    try:
-        data = json.loads(text)
-        return list(data) if isinstance(data, list) else [data]
-    except json.JSONDecodeError:
-        out = []
-        for k, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{f}:{k + 1}: not JSON ({err.msg})") from None
-        return out
-
-
 def _text(content: Any) -> tuple[str, int]:
     """(text, image count) of a messages-format content: a string or a list of typed parts."""
     if isinstance(content, str):
@@ -205,17 +153,25 @@ class ConversationSource:
                                                       "messages", "subset", "task")}
         self.col = col
         self._strata_cache: dict[tuple[int, str], tuple[str, ...]] = {}
+        self._tables: list[RowTable] = []
+        self._starts: list[int] = []  # the first global row of each table
+        self._digests: dict[int, str] = {}  # media digests of rows whose images were read lazily
+        columns, media = list(dict.fromkeys(col.values())), [col["image"], col["images"]]
         items, digests, r = [], [], 0
         for path_k, (name, root) in enumerate(zip(config.paths, config.roots)):
-            rows, subsets, digest = _read_rows(name, config)
+            tables, digest = open_tables(name, columns, media, config.subset, config.split)
             digests.append(digest)
             base = root or (name if Path(name).is_dir() else str(Path(name).parent))
             found = len(items)
-            for row, subset in zip(rows, subsets):
-                items += [replace(it, path=path_k) for it in self._items(r, row, subset, name, base)]
-                r += 1
+            for table in tables:
+                self._tables.append(table)
+                self._starts.append(r)
+                for row in table.rows():
+                    items += [replace(it, path=path_k) for it in self._items(r, row, table.subset, name, base)]
+                    r += 1
             if len(items) == found:
-                raise ValueError(f"{name}: no question/answer pairs found in {len(rows)} rows ({config.format} "
+                rows = sum(len(t) for t in tables)
+                raise ValueError(f"{name}: no question/answer pairs found in {rows} rows ({config.format} "
                                  f"format; map columns with --columns if yours are named differently)")
         self.digest = hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
         self._all = items
@@ -323,16 +279,44 @@ class ConversationSource:
             return Image.open(Path(it.root) / im).convert("RGB")
         raise ValueError(f"row {it.id}: cannot read an image from {type(im).__name__}")
 
+    def _media(self, it: _Item) -> list[Any]:
+        """The item's image values: ``Lazy`` ones read from their file now (and their digest kept)."""
+        if not any(isinstance(im, Lazy) for im in it.images):
+            return list(it.images)
+        k = bisect.bisect_right(self._starts, it.row) - 1
+        table, local = self._tables[k], it.row - self._starts[k]
+        cells = {c: table.fetch(local, c) for c in dict.fromkeys(im.column for im in it.images
+                                                                  if isinstance(im, Lazy))}
+        values = [im.pick(cells[im.column]) if isinstance(im, Lazy) else im for im in it.images]
+        self._digests[it.row] = media_digest(values, it.root)
+        return values
+
     def __getitem__(self, i: int) -> LabelSample:
         from explainprune.sources import read_video
 
         it = self.items[i]
-        images = [self._image(im, it) for im in it.images] or None
+        images = [self._image(im, it) for im in self._media(it)] or None
         video = read_video(Path(it.root) / it.video, self.config.max_frames) if it.video else None
         rule = self.config.match if self.config.match != "auto" else auto_rule([it.answer], it.question)
         kind = "multi-choice" if rule == "choice" else "open-ended"
         return LabelSample(it.id, it.question, it.answer, images=images, video=video,
                            meta={"kind": kind, "subset": it.subset, "match": rule})
+
+    def sample_digest(self, i: int) -> str:
+        """A digest of sample ``i`` (same digest, same sample): its id, question, answer and subset, and its
+        media: embedded image bytes hashed (when the sample was read: ``source[i]``; else read now), a path
+        by the file's size and modification time. A revised dataset's rerun keeps the shards it leaves
+        unchanged (``labels.label``)."""
+        it = self.items[i]
+        media = self._digests.get(it.row)
+        if media is None:
+            try:
+                media = media_digest(self._media(it), it.root)
+            except Exception as err:  # unreadable media: the digest still differs from a readable one's
+                media = f"<unreadable {type(err).__name__}>"
+        video = [it.video, file_stamp(Path(it.root) / it.video)] if it.video else None
+        text = json.dumps([it.id, it.question, it.answer, it.subset, media, video])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def describe(self) -> dict[str, Any]:
         selected = hashlib.sha256(json.dumps(self.indices).encode()).hexdigest()[:16]

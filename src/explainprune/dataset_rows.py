@@ -1,0 +1,282 @@
+"""The rows of a conversation dataset's files, text read up front and image columns left in place.
+
+A ``RowTable`` is one file (or one hub dataset): ``rows()`` yields each row as a dict of the columns a
+``ConversationSource`` asks for, ``fetch(row, column)`` reads one cell later. Image columns that hold bytes
+(parquet ``{"bytes", "path"}`` structs or binary, a hub dataset's ``Image`` feature) are not read by
+``rows()``: each of their cells becomes ``Lazy(column, k)`` markers (one per image of the cell, ``k`` None
+for a cell that is one image), read by ``fetch`` when the sample is labelled. So building a source over
+an Infinity-MM-style parquet reads its text columns and the images' shape (how many per row: the
+``path`` field of a struct, or the list offsets), never the bytes of rows that are not selected.
+
+  JsonTable     JSON / JSONL through ``datasets`` (or line by line when arrow's schema fails): all in memory
+  ParquetTable  pyarrow column projection; ``fetch`` reads the selected row's row group (one cached)
+  HubTable      a ``datasets.Dataset`` (hub id): text columns via ``select_columns``, ``fetch`` = ``ds[row]``
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+@dataclass(frozen=True)
+class Lazy:
+    """An image left in its data file: element ``k`` of the row's ``column`` cell (``k`` None: the cell)."""
+
+    column: str
+    k: int | None = None
+
+    def pick(self, cell: Any) -> Any:
+        return cell if self.k is None else cell[self.k]
+
+
+class RowTable(Protocol):
+    subset: str  # the subset name its rows get (file stem, or the hub subset)
+
+    def __len__(self) -> int: ...
+    def rows(self) -> Iterator[dict[str, Any]]: ...
+    def fetch(self, row: int, column: str) -> Any: ...
+
+
+def data_files(path: Path) -> list[Path]:
+    """The data files of ``path``: itself, or the .json / .jsonl / .parquet files under the folder, sorted."""
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{path} holds no .json, .jsonl or .parquet files")
+    return files
+
+
+def file_digest(files: list[Path], chunk: int = 1 << 24) -> str:
+    """SHA-256 of each file's name and bytes, in order (read in chunks: constant memory); 16 hex digits."""
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def open_tables(name: str, columns: list[str], media: list[str], subset: str | None,
+                split: str) -> tuple[list[RowTable], str]:
+    """(tables, data digest) of one dataset path or hub id. ``columns``: the columns rows need; ``media``:
+    those of them that may hold image bytes (read lazily)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("reading --dataset needs the datasets library: pip install 'explainprune[data]'") from None
+    path = Path(name)
+    if not path.exists():
+        if name.startswith((".", "/")) or path.suffix in DATA_SUFFIXES or name.count("/") > 1:
+            raise FileNotFoundError(f"no dataset at {name}")
+        ds = datasets.load_dataset(name, subset, split=split)  # a hub id
+        return [HubTable(ds, subset or name, columns, media)], f"hub:{ds._fingerprint}"
+    files = data_files(path)
+    tables: list[RowTable] = []
+    for f in files:
+        tables.append(ParquetTable(f, columns, media) if f.suffix == ".parquet" else JsonTable(f))
+    return tables, file_digest(files)
+
+
+class JsonTable:
+    """A JSON / JSONL file, every row in memory (annotation files: text and media paths)."""
+
+    def __init__(self, f: Path):
+        import datasets
+
+        self.subset = f.stem
+        try:
+            self._rows = [dict(r) for r in datasets.load_dataset("json", data_files=str(f), split="train")]
+        except Exception:  # mixed-type columns (str here, list there) defeat arrow's schema
+            self._rows = read_json(f)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        return iter(self._rows)
+
+    def fetch(self, row: int, column: str) -> Any:
+        return self._rows[row].get(column)
+
+
+def read_json(f: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON array / object or a JSONL file; a bad JSONL line is an error naming it."""
+    text = f.read_text()
+    try:
+        data = json.loads(text)
+        return list(data) if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        out = []
+        for k, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{f}:{k + 1}: not JSON ({err.msg})") from None
+        return out
+
+
+def _has_bytes(t: Any) -> bool:
+    """Whether the arrow type ``t`` holds binary data at any depth."""
+    import pyarrow as pa
+
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        return True
+    return any(_has_bytes(t.field(i).type) for i in range(t.num_fields))
+
+
+def shapes(array: Any) -> list[Any]:
+    """Per row of an arrow (chunked) array of images: None (null), the list length (a list), or "one"."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+        return pc.list_value_length(array).to_pylist()
+    return ["one" if ok else None for ok in pc.is_valid(array).to_pylist()]
+
+
+def markers(column: str, shape: Any) -> Any:
+    """The ``Lazy`` markers standing for a cell of ``shape`` (``shapes``)."""
+    if shape is None:
+        return None
+    return Lazy(column) if shape == "one" else [Lazy(column, k) for k in range(shape)]
+
+
+def _merge(texts: Iterable[dict[str, Any]], lazy: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
+    for r, row in enumerate(texts):
+        yield {**row, **{c: markers(c, s[r]) for c, s in lazy.items()}}
+
+
+class ParquetTable:
+    """A parquet file: the needed text columns read whole, image columns with bytes left lazy."""
+
+    def __init__(self, f: Path, columns: list[str], media: list[str]):
+        import pyarrow.parquet as pq
+
+        self.subset, self.path = f.stem, f
+        try:
+            self._file = pq.ParquetFile(f)
+            schema = self._file.schema_arrow
+        except Exception as err:
+            raise ValueError(f"{f}: cannot read ({err})") from None
+        present = [c for c in columns if c in schema.names]
+        self.lazy = [c for c in present if c in media and _has_bytes(schema.field(c).type)]
+        self.text = [c for c in present if c not in self.lazy]
+        meta = self._file.metadata
+        self._starts = [0]
+        for g in range(meta.num_row_groups):
+            self._starts.append(self._starts[-1] + meta.row_group(g).num_rows)
+        self._cache: tuple[int, Any] | None = None  # (row group, its image columns as an arrow table)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        try:
+            lazy = {c: self._shapes(c) for c in self.lazy}
+        except Exception as err:
+            raise ValueError(f"{self.path}: cannot read ({err})") from None
+        return _merge(self._texts(), lazy)
+
+    def _texts(self) -> Iterator[dict[str, Any]]:
+        """The text columns, row by row (read a row group at a time)."""
+        if not self.text:
+            yield from ({} for _ in range(len(self)))
+            return
+        for g in range(self._file.metadata.num_row_groups):
+            try:
+                part = self._file.read_row_group(g, columns=self.text).to_pylist()
+            except Exception as err:
+                raise ValueError(f"{self.path}: cannot read ({err})") from None
+            yield from part
+
+    def _shapes(self, column: str) -> list[Any]:
+        """``shapes`` of an image column, read from its text leaves only (a struct's ``path``) when it has
+        some; else row group by row group (its bytes pass through memory one group at a time)."""
+        schema = self._file.schema
+        leaves = [schema.column(i) for i in range(len(schema))]
+        light = [leaf.path for leaf in leaves if (leaf.path == column or leaf.path.startswith(column + "."))
+                 and (leaf.physical_type != "BYTE_ARRAY" or leaf.logical_type.type == "STRING")]
+        if light:
+            return shapes(self._file.read(columns=light[:1]).column(column))
+        out: list[Any] = []
+        for g in range(self._file.metadata.num_row_groups):
+            out += shapes(self._file.read_row_group(g, columns=[column]).column(column))
+        return out
+
+    def fetch(self, row: int, column: str) -> Any:
+        """Cell ``column`` of ``row``: its row group's image columns are read (and kept for the next row)."""
+        import bisect
+
+        g = bisect.bisect_right(self._starts, row) - 1
+        with self._lock:
+            if self._cache is None or self._cache[0] != g:
+                self._cache = None  # let the previous group go before reading the next
+                self._cache = (g, self._file.read_row_group(g, columns=self.lazy))
+            return self._cache[1].column(column)[row - self._starts[g]].as_py()
+
+
+class HubTable:
+    """A ``datasets.Dataset``: text columns iterated, image columns (bytes) shaped from arrow and fetched
+    (decoded by ``datasets``, as before) one row at a time."""
+
+    def __init__(self, ds: Any, subset: str, columns: list[str], media: list[str]):
+        self.ds, self.subset = ds, subset
+        present = [c for c in columns if c in ds.column_names]
+        self.lazy = [c for c in present if c in media and _has_bytes(ds.data.schema.field(c).type)]
+        self.text = [c for c in present if c not in self.lazy]
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        texts = [dict(r) for r in self.ds.select_columns(self.text)] if self.text else [{} for _ in range(len(self))]
+        return _merge(texts, {c: shapes(self.ds.data.column(c)) for c in self.lazy})
+
+    def fetch(self, row: int, column: str) -> Any:
+        return self.ds[row][column]
+
+
+def file_stamp(path: Path) -> str:
+    """A cheap identity of a media file: its size and modification time ("missing" if absent)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def media_digest(values: list[Any], root: str) -> str:
+    """A digest of a row's images (16 hex digits): bytes hashed, a path (relative to ``root``) by its
+    ``file_stamp``, a decoded PIL image by its pixels."""
+    h = hashlib.sha256()
+    for v in values:
+        h.update(b"|")
+        _feed(h, v, root)
+    return h.hexdigest()[:16]
+
+
+def _feed(h: Any, v: Any, root: str) -> None:
+    if isinstance(v, dict):
+        for key in sorted(v):
+            h.update(f"{key}=".encode())
+            _feed(h, v[key], root)
+    elif isinstance(v, (bytes, bytearray)):
+        h.update(hashlib.sha256(v).digest())
+    elif isinstance(v, str):
+        h.update(f"{v}@{file_stamp(Path(root) / v)}".encode())
+    elif hasattr(v, "tobytes") and hasattr(v, "mode"):  # a PIL image (a hub dataset's decoded Image)
+        h.update(f"{v.mode}{v.size}".encode() + v.tobytes())
+    else:
+        h.update(repr(v).encode())
