@@ -36,6 +36,11 @@ def _png(seed: int, kb: int) -> bytes:
     return buf.getvalue()
 
 
+def _conversation(k: int) -> list[dict[str, str]]:
+    question = f"<image>\nWhat is in picture {k}?" + ("\nA. a\nB. b" if k % 2 else "")
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": "A" if k % 2 else "something"}]
+
+
 def write(folder: Path, rows: int, kb: int) -> None:
     """``plain.parquet`` and ``hf.parquet`` (see the module docstring), 1000 rows per row group, every image
     distinct (parquet would store repeated ones once)."""
@@ -51,8 +56,7 @@ def write(folder: Path, rows: int, kb: int) -> None:
     for start in range(0, rows, 1000):
         ks = range(start, min(rows, start + 1000))
         table = pa.table({"id": [f"r{k}" for k in ks], "image": [{"bytes": _png(k, kb), "path": None} for k in ks],
-                          "conversations": [[{"from": "human", "value": f"<image>\nWhat is in picture {k}?\nA. a\nB. b"},
-                                             {"from": "gpt", "value": "A" if k % 2 else "something"}] for k in ks]})
+                          "conversations": [_conversation(k) for k in ks]})
         typed = table.cast(features.arrow_schema)
         plain = plain or pq.ParquetWriter(folder / "plain.parquet", table.schema)
         hf = hf or pq.ParquetWriter(folder / "hf.parquet", typed.schema)

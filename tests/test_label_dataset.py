@@ -86,3 +86,50 @@ def test_bad_rows_fail_before_the_model_loads(tmp_path, capsys, monkeypatch):
     assert main(["label", "--model", "demo", "--dataset", str(data), "--out", str(tmp_path / "o"),
                  "--match", "exakt"]) != 0
     assert "did you mean 'exact'" in capsys.readouterr().err
+
+
+def _write(rows, path):
+    """``rows`` as a JSON file, or as an Infinity-MM-style parquet (images embedded as {"bytes", "path"})."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=5)
+
+
+@pytest.mark.parametrize("fmt", ["json", "parquet"])
+def test_revised_dataset_keeps_unchanged_shards(tmp_path, digits_llava, capsys, fmt):
+    """A row fixed after a run (its answer; for parquet also its embedded image): the rerun relabels only
+    the shard holding it and keeps the others; a further rerun has nothing to do."""
+    rows = json.loads(digits_llava.read_text())
+    for r in rows:
+        where = digits_llava.parent / r["image"]
+        r["image"] = str(where) if fmt == "json" else {"bytes": where.read_bytes(), "path": None}
+    data = tmp_path / f"digits.{fmt}"
+    _write(rows, data)
+    out = tmp_path / "labels"
+    args = ["label", "--model", "demo", "--dataset", str(data), "--out", str(out), "--no-progress",
+            "--shard-size", "4", "--json"]
+
+    def run():
+        assert main(args) == 0
+        rep = json.loads(capsys.readouterr().out)
+        return rep["shards_written"], rep["shards_reused"]
+
+    assert run() == (3, 0)
+    shards = sorted((out / "shards").glob("*.parquet"))
+    kept = {p.name: p.read_bytes() for p in shards}
+    rows[5]["conversations"][1]["value"] = "The digit is 4."  # row 5: shard 1 (samples 4-7)
+    _write(rows, data)
+    assert run() == (1, 2)
+    assert [p.read_bytes() == kept[p.name] for p in shards] == [True, False, True]
+    t = read_table(out).to_pydict()
+    assert "The digit is 4." not in t["reference"] and rows[5]["id"] not in t["id"]  # the demo never says it
+    assert read_index(out)["counts"]["samples"] == 12
+    assert run() == (0, 3)
+    if fmt == "parquet":  # another image in row 9 (shard 2): only that shard again
+        rows[9]["image"] = rows[0]["image"]
+        _write(rows, data)
+        assert run() == (1, 2)

@@ -48,6 +48,7 @@ from explainprune.shards import (  # noqa: F401  (SCHEMA, write_shard, index_dig
     SCHEMA,
     file_sha256,
     index_digest,
+    revisable,
     samples_digest,
     shard_done,
     shard_meta,
@@ -232,14 +233,6 @@ def _run_record(source: SampleSource, config: LabelConfig, fingerprint: dict[str
             "config": config.to_json(), "fingerprint": fingerprint}
 
 
-def _revisable(old: dict[str, Any], record: dict[str, Any]) -> bool:
-    """Whether ``old`` is the same run on a revised copy of the same manifest (fixed lines, added lines):
-    then the finished shards whose samples are unchanged are kept."""
-    same = all(old.get(k) == record.get(k) for k in ("format", "version", "config", "fingerprint"))
-    o, n = old.get("source", {}), record.get("source", {})
-    return same and o.get("task") == n.get("task") == "manifest" and o.get("manifest") == n.get("manifest")
-
-
 def _check_run(out: Path, record: dict[str, Any]) -> bool:
     """Record the run in ``out/run.json``, or check it is the one recorded; True when the recorded one was a
     revision of the same manifest (its shards must then be checked sample by sample)."""
@@ -251,7 +244,7 @@ def _check_run(out: Path, record: dict[str, Any]) -> bool:
             raise InputError(f"not valid JSON ({err})", file=path, hint="choose another --out") from None
         if old == record:
             return False
-        if not _revisable(old, record):
+        if not revisable(old, record):
             diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
             raise InputError(f"holds labels of a different run (differs in {', '.join(diff)})", file=out,
                              hint="rerun the same command to resume it, or choose another --out")

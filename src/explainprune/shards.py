@@ -2,7 +2,8 @@
 
 One shard holds samples [start, stop) of a label run (``explainprune.labels``): rows of the correctly
 answered samples and, in its schema metadata, the skipped ids, counts, errors, a digest of its samples and
-the manifest revision it came from. ``shard_done`` decides whether a rerun may keep it.
+the manifest revision it came from. ``revisable`` decides whether a rerun may keep any shards of another
+revision of its source; ``shard_done`` whether it may keep one.
 """
 
 from __future__ import annotations
@@ -114,3 +115,15 @@ def shard_done(path: Path, source: Any, start: int, stop: int, revised: bool,
     if other_revision or meta.get("errors"):
         return meta.get("digest") is not None and meta.get("digest") == samples_digest(source, start, stop)
     return True
+
+
+def revisable(old: dict[str, Any], record: dict[str, Any]) -> bool:
+    """Whether ``old`` is the same run on a revised copy of the same manifest (fixed lines, added lines) or
+    of the same dataset files with the same options (fixed rows): then the finished shards whose samples
+    are unchanged are kept."""
+    same = all(old.get(k) == record.get(k) for k in ("format", "version", "config", "fingerprint"))
+    o, n = old.get("source", {}), record.get("source", {})
+    if o.get("task") == n.get("task") == "dataset":
+        data = ("data_sha256", "selected", "pairs")  # what a fixed row may change
+        return same and {k: v for k, v in o.items() if k not in data} == {k: v for k, v in n.items() if k not in data}
+    return same and o.get("task") == n.get("task") == "manifest" and o.get("manifest") == n.get("manifest")
