@@ -22,6 +22,11 @@ does); a row with more ``<image>`` tags than images is an error.
 Column names are mappable (``columns={"conversations": "dialog", "image": "img"}``). Every selected row
 is checked before any model work (``validate``): errors name the row id and what to fix.
 
+Reading (``explainprune.dataset_rows``): only the columns above are read; image columns holding bytes
+(parquet structs, a hub dataset's ``Image`` feature) are not read up front: a row's images are read, by
+row index, when its sample is (``source[i]``). ``sample_digest`` identifies a sample (text, and its image
+bytes or its files' size and time), so a rerun on a fixed dataset keeps the unchanged shards.
+
 Sampling: ``target`` samples balanced over strata (``strata`` of "subset", "task", "duration"), seeded and
 recorded in ``describe()`` so a resumed run takes the same samples (``balanced_indices``). ``target`` may
 also be one count per dataset path (the paper's 7K LLaVA-Video + 6K NeXT-QA + 4K ActivityNetQA): each
