@@ -1,4 +1,4 @@
-"""Label sources in the formats public instruction data ships in, read with the ``datasets`` library.
+"""Label sources in the formats public instruction data ships in, read with ``datasets`` and pyarrow.
 
 ``ConversationSource`` reads local JSON / JSONL / parquet files or folders (or a hub id when you have
 network) in one of two schemas:
