@@ -15,6 +15,7 @@ an Infinity-MM-style parquet reads its text columns and the images' shape (how m
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import threading
@@ -217,8 +218,6 @@ class ParquetTable:
 
     def fetch(self, row: int, column: str) -> Any:
         """Cell ``column`` of ``row``: its row group's image columns are read (and kept for the next row)."""
-        import bisect
-
         g = bisect.bisect_right(self._starts, row) - 1
         with self._lock:
             if self._cache is None or self._cache[0] != g:
