@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -41,6 +39,8 @@ from torch import Tensor
 
 from explainprune.answers import display, normalize_answers
 from explainprune.answers import is_correct as answers_match  # noqa: F401 (old import path)
+from explainprune.dist import DIST_TIMEOUT, barrier, dist_info, init_dist, local_rank, rank_device  # noqa: F401
+from explainprune.dist import dist_timeout as env_dist_timeout
 from explainprune.errors import InputError
 from explainprune.files import write_json_atomic
 from explainprune.prefetch import prepared
@@ -61,7 +61,6 @@ from explainprune.shards import (  # noqa: F401  (SCHEMA, write_shard, index_dig
 from explainprune.sources import DigitsSource, LabelSample, ManifestSource, SampleSource, read_video  # noqa: F401
 
 FORMAT = "explainprune-labels"
-DIST_TIMEOUT = timedelta(hours=12)  # barrier wait under torchrun; env EXPLAINPRUNE_DIST_TIMEOUT_HOURS overrides
 
 
 @dataclass
@@ -220,14 +219,6 @@ def load_records(out: str | Path) -> list[LabelRecord]:
 
 
 # -- the run ---------------------------------------------------------------------------------------------
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) from the torchrun / accelerate environment (0, 1 when absent)."""
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} is outside 0..WORLD_SIZE-1={world - 1}")
-    return rank, world
-
-
 def _run_record(source: SampleSource, config: LabelConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
     return {"format": FORMAT, "version": 1, "source": source.describe(), "samples": len(source),
             "config": config.to_json(), "fingerprint": fingerprint}
@@ -324,7 +315,7 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
         raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}; got {on_error!r}")
     out = Path(out)
     rank, world = dist_info()
-    created = _init_dist(world, getattr(vlm, "device", None), dist_timeout or _dist_timeout())
+    created = init_dist(world, getattr(vlm, "device", None), dist_timeout or env_dist_timeout())
     group = created or (world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized())
     fingerprint = vlm.fingerprint()
     record = _run_record(source, config, fingerprint)
@@ -380,10 +371,10 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
         ahead.close()  # stops the loader thread, also when labelling fails
     bar.close()
     if group:
-        _barrier()
+        barrier()
     index = finalize(out) if (rank == 0 or not group) else None
     if group:
-        _barrier()
+        barrier()
     if created:
         torch.distributed.destroy_process_group()
     return LabelReport(str(out), n, labeled, skipped, len(todo), len(mine) - len(todo),
@@ -394,62 +385,3 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
 
 def _errors_of(path: Path) -> list[dict[str, Any]]:
     return shard_meta(path).get("errors", []) if path.is_file() else []
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def rank_device(requested: str | torch.device | None = None) -> str | torch.device | None:
-    """The device for this rank's model: under torchrun (WORLD_SIZE > 1) with CUDA available, ``None`` or
-    ``"cuda"`` (no index) becomes ``cuda:LOCAL_RANK``; anything else (an explicit index, cpu) is kept."""
-    _, world = dist_info()
-    if world <= 1 or not torch.cuda.is_available():
-        return requested
-    if requested is None or torch.device(requested) == torch.device("cuda"):
-        return torch.device("cuda", local_rank())
-    return requested
-
-
-def _dist_timeout() -> timedelta:
-    hours = os.environ.get("EXPLAINPRUNE_DIST_TIMEOUT_HOURS")
-    if hours is None:
-        return DIST_TIMEOUT
-    try:
-        value = float(hours)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"EXPLAINPRUNE_DIST_TIMEOUT_HOURS must be a positive number of hours; got {hours!r}")
-    return timedelta(hours=value)
-
-
-def _init_dist(world: int, device: Any = None, timeout: timedelta = DIST_TIMEOUT) -> bool:
-    """Join the torchrun process group when launched with several ranks; True if this created it.
-
-    NCCL (rank r bound to ``cuda:LOCAL_RANK``) when the model is on CUDA, gloo otherwise; ``timeout``
-    bounds every barrier.
-    """
-    if world <= 1 or "MASTER_ADDR" not in os.environ or not torch.distributed.is_available():
-        return False
-    if torch.distributed.is_initialized():
-        return False
-    if device is not None and torch.device(device).type == "cuda":
-        local = local_rank()
-        if torch.device(device).index not in (None, local):
-            warnings.warn(f"rank {os.environ.get('RANK')}'s model is on {device} but LOCAL_RANK is {local}: "
-                          "under torchrun each rank's model belongs on cuda:LOCAL_RANK "
-                          "(explainprune.labels.rank_device)", stacklevel=3)
-        torch.cuda.set_device(local)
-        torch.distributed.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local))
-    else:
-        torch.distributed.init_process_group("gloo", timeout=timeout)
-    return True
-
-
-def _barrier() -> None:
-    """A barrier of the default group (on this rank's GPU under NCCL)."""
-    if torch.distributed.get_backend() == "nccl":
-        torch.distributed.barrier(device_ids=[torch.cuda.current_device()])
-    else:
-        torch.distributed.barrier()
