@@ -165,3 +165,49 @@ def test_media_digest_of_paths_and_bytes(tmp_path):
     assert media_digest(["a.png"], str(tmp_path)) != one
     assert media_digest([{"bytes": b"x", "path": None}], "") != media_digest([{"bytes": b"y", "path": None}], "")
     assert json.dumps(media_digest([], ""))
+
+
+def _files(tmp_path, n_files, rows=6):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for f in range(n_files):
+        pq.write_table(pa.table({"id": [f"f{f}r{k}" for k in range(rows)],
+                                 "image": [{"bytes": _png(100 * f + k), "path": None} for k in range(rows)],
+                                 "conversations": [_convs(k) for k in range(rows)]}), tmp_path / f"p{f:03d}.parquet")
+    return tmp_path
+
+
+def _open_fds():
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="counts file descriptors in /proc")
+def test_parquet_files_are_not_held_open():
+    """A folder of many parquet files: no handle stays open between reads (a handle per file used to stay open
+    for the source's life and hit the open-files limit on Infinity-MM-sized folders)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        folder = _files(Path(d), 40, rows=2)
+        before = _open_fds()
+        src = ConversationSource(DatasetConfig(str(folder), strata=()))
+        assert len(src) == 80 and _open_fds() == before
+        for i in (0, 41, 79):
+            src[i]
+        assert _open_fds() == before
+
+
+def test_one_row_group_of_images_is_held_across_files(tmp_path):
+    """Reading samples from several files keeps one row group of images in all (each file used to keep its
+    last row group for the source's life: memory grew with the number of files read)."""
+    folder = _files(tmp_path, 5)
+    src = ConversationSource(DatasetConfig(str(folder), target=5, strata=("subset",)))
+    caches = {id(t._cache) for t in src._tables}
+    got = [src[i] for i in range(len(src))]
+    assert len({s.images[0].tobytes() for s in got}) == 5  # five different embedded images read back
+    (held,) = caches  # one cache for the source, holding the row group of the last file read
+    assert src._tables[0]._cache._key[0] in {str(t.path) for t in src._tables}

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from explainprune.dataset_rows import Lazy, RowTable, file_stamp, media_digest, open_tables
+from explainprune.dataset_rows import GroupCache, Lazy, RowTable, file_stamp, media_digest, open_tables
 from explainprune.matchers import auto_rule, check_rule
 from explainprune.sources import LabelSample
 
@@ -163,8 +163,9 @@ class ConversationSource:
         self._digests: dict[int, str] = {}  # media digests of rows whose images were read lazily
         columns, media = list(dict.fromkeys(col.values())), [col["image"], col["images"]]
         items, digests, r = [], [], 0
+        cache = GroupCache()  # one parquet row group of images held at a time, over all files
         for path_k, (name, root) in enumerate(zip(config.paths, config.roots)):
-            tables, digest = open_tables(name, columns, media, config.subset, config.split)
+            tables, digest = open_tables(name, columns, media, config.subset, config.split, cache)
             digests.append(digest)
             base = root or (name if Path(name).is_dir() else str(Path(name).parent))
             found = len(items)

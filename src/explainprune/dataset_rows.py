@@ -67,10 +67,28 @@ def file_digest(files: list[Path], chunk: int = 1 << 24) -> str:
     return digest.hexdigest()[:16]
 
 
+class GroupCache:
+    """One parquet row group's image columns, shared by every table of a source: however many files a run
+    reads, one row group of images is held at a time. Thread-safe (the label loader reads ahead)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[str, int] | None = None
+        self._value: Any = None
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int], load: Any) -> Any:
+        """The value for ``key``, from ``load()`` when another key is held (that one is let go first)."""
+        with self._lock:
+            if self._key != key:
+                self._key, self._value = None, None
+                self._value, self._key = load(), key
+            return self._value
+
+
 def open_tables(name: str, columns: list[str], media: list[str], subset: str | None,
-                split: str) -> tuple[list[RowTable], str]:
+                split: str, cache: GroupCache | None = None) -> tuple[list[RowTable], str]:
     """(tables, data digest) of one dataset path or hub id. ``columns``: the columns rows need; ``media``:
-    those of them that may hold image bytes (read lazily)."""
+    those of them that may hold image bytes (read lazily); ``cache``: the source's row-group cache."""
     try:
         import datasets
     except ImportError:
@@ -84,7 +102,7 @@ def open_tables(name: str, columns: list[str], media: list[str], subset: str | N
     files = data_files(path)
     tables: list[RowTable] = []
     for f in files:
-        tables.append(ParquetTable(f, columns, media) if f.suffix == ".parquet" else JsonTable(f))
+        tables.append(ParquetTable(f, columns, media, cache) if f.suffix == ".parquet" else JsonTable(f))
     return tables, file_digest(files)
 
 
@@ -159,26 +177,29 @@ def _merge(texts: Iterable[dict[str, Any]], lazy: dict[str, list[Any]]) -> Itera
 
 
 class ParquetTable:
-    """A parquet file: the needed text columns read whole, image columns with bytes left lazy."""
+    """A parquet file: the needed text columns read whole, image columns with bytes left lazy. The file is
+    open only while it is read (a folder of thousands of files stays within the open-files limit)."""
 
-    def __init__(self, f: Path, columns: list[str], media: list[str]):
-        import pyarrow.parquet as pq
-
+    def __init__(self, f: Path, columns: list[str], media: list[str], cache: GroupCache | None = None):
         self.subset, self.path = f.stem, f
         try:
-            self._file = pq.ParquetFile(f)
-            schema = self._file.schema_arrow
+            with self._open() as fh:
+                schema, meta = fh.schema_arrow, fh.metadata
         except Exception as err:
             raise ValueError(f"{f}: cannot read ({err})") from None
         present = [c for c in columns if c in schema.names]
         self.lazy = [c for c in present if c in media and _has_bytes(schema.field(c).type)]
         self.text = [c for c in present if c not in self.lazy]
-        meta = self._file.metadata
+        self._groups = meta.num_row_groups
         self._starts = [0]
         for g in range(meta.num_row_groups):
             self._starts.append(self._starts[-1] + meta.row_group(g).num_rows)
-        self._cache: tuple[int, Any] | None = None  # (row group, its image columns as an arrow table)
-        self._lock = threading.Lock()
+        self._cache = cache if cache is not None else GroupCache()
+
+    def _open(self) -> Any:
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self.path)
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -195,35 +216,40 @@ class ParquetTable:
         if not self.text:
             yield from ({} for _ in range(len(self)))
             return
-        for g in range(self._file.metadata.num_row_groups):
-            try:
-                part = self._file.read_row_group(g, columns=self.text).to_pylist()
-            except Exception as err:
-                raise ValueError(f"{self.path}: cannot read ({err})") from None
-            yield from part
+        with self._open() as fh:
+            for g in range(self._groups):
+                try:
+                    part = fh.read_row_group(g, columns=self.text).to_pylist()
+                except Exception as err:
+                    raise ValueError(f"{self.path}: cannot read ({err})") from None
+                yield from part
 
     def _shapes(self, column: str) -> list[Any]:
         """``shapes`` of an image column, read from its text leaves only (a struct's ``path``) when it has
         some; else row group by row group (its bytes pass through memory one group at a time)."""
-        schema = self._file.schema
-        leaves = [schema.column(i) for i in range(len(schema))]
-        light = [leaf.path for leaf in leaves if (leaf.path == column or leaf.path.startswith(column + "."))
-                 and (leaf.physical_type != "BYTE_ARRAY" or leaf.logical_type.type == "STRING")]
-        if light:
-            return shapes(self._file.read(columns=light[:1]).column(column))
-        out: list[Any] = []
-        for g in range(self._file.metadata.num_row_groups):
-            out += shapes(self._file.read_row_group(g, columns=[column]).column(column))
-        return out
+        with self._open() as fh:
+            schema = fh.schema
+            leaves = [schema.column(i) for i in range(len(schema))]
+            light = [leaf.path for leaf in leaves if (leaf.path == column or leaf.path.startswith(column + "."))
+                     and (leaf.physical_type != "BYTE_ARRAY" or leaf.logical_type.type == "STRING")]
+            if light:
+                return shapes(fh.read(columns=light[:1]).column(column))
+            out: list[Any] = []
+            for g in range(self._groups):
+                out += shapes(fh.read_row_group(g, columns=[column]).column(column))
+            return out
 
     def fetch(self, row: int, column: str) -> Any:
-        """Cell ``column`` of ``row``: its row group's image columns are read (and kept for the next row)."""
+        """Cell ``column`` of ``row``: its row group's image columns are read (and kept, in the source's one
+        ``GroupCache``, for the next row)."""
         g = bisect.bisect_right(self._starts, row) - 1
-        with self._lock:
-            if self._cache is None or self._cache[0] != g:
-                self._cache = None  # let the previous group go before reading the next
-                self._cache = (g, self._file.read_row_group(g, columns=self.lazy))
-            return self._cache[1].column(column)[row - self._starts[g]].as_py()
+
+        def load() -> Any:
+            with self._open() as fh:
+                return fh.read_row_group(g, columns=self.lazy)
+
+        group = self._cache.get((str(self.path), g), load)
+        return group.column(column)[row - self._starts[g]].as_py()
 
 
 class HubTable:
