@@ -201,3 +201,21 @@ def test_baseline_selection_flops_and_stage_layers_are_accounted(qwen):
     dart = run_one(qwen, get_pruner("dart", layer=1), "dart", p, sample, 0.25, shape, 3)
     assert dart.flops_overhead == n * d + 8 * n * d and dart.layer == 1
     assert run_one(qwen, get_pruner("random"), "random", p, sample, 0.25, shape, 3).flops_overhead == 0
+
+
+def test_output_cache_reads_either_field_without_the_deprecated_alias():
+    """transformers 5.24 names the KV cache ``cache`` and logs a deprecation when ``past_key_values`` is read
+    (once per eval run, printed on every ``eval``/``demo``); 5.18 has only ``past_key_values``."""
+    from collections import OrderedDict
+
+    from explainprune.evaluation.runner import output_cache
+
+    class Output(OrderedDict):
+        @property
+        def past_key_values(self):  # the deprecated alias: must not be read when "cache" is there
+            raise AssertionError("read the deprecated past_key_values alias")
+
+    new, old = object(), object()
+    assert output_cache(Output(logits=1, cache=new)) is new
+    assert output_cache(OrderedDict(logits=1, past_key_values=old)) is old
+    assert output_cache(OrderedDict(logits=1)) is None

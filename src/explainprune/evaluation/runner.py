@@ -132,6 +132,17 @@ def _new_tokens(kwargs: dict[str, Any]) -> int:
     return 0
 
 
+
+def output_cache(output: Any) -> Any:
+    """The KV cache of a model output: its ``cache`` field (newer transformers 5.x, e.g. 5.24, where reading
+    ``past_key_values`` logs a deprecation on every call) or ``past_key_values`` (e.g. 5.18)."""
+    keys = output.keys() if hasattr(output, "keys") else ()
+    for name in ("cache", "past_key_values"):
+        if name in keys:
+            return output[name]
+    return getattr(output, "past_key_values", None)
+
+
 @contextmanager
 def measure(model: torch.nn.Module) -> Iterator[Meter]:
     """Time every forward of ``model``; a forward over more than one new token starts a new generation
@@ -151,7 +162,7 @@ def measure(model: torch.nn.Module) -> Iterator[Meter]:
         _sync(device)
         meter.calls.append(time.perf_counter() - start.pop())
         if len(meter.calls) == 1:
-            meter.kv_bytes = cache_bytes(getattr(output, "past_key_values", None))
+            meter.kv_bytes = cache_bytes(output_cache(output))
 
     handles = [model.register_forward_pre_hook(before, with_kwargs=True),
                model.register_forward_hook(after, with_kwargs=True)]
