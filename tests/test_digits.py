@@ -187,3 +187,16 @@ def test_sixteen_frame_video_regions_and_frame_cues():
         greens = [_background(s.video[2 * j], 56, 0, 0)[1] for j in range(16)]
         assert np.allclose(greens, [cue_level(j) for j in range(16)], atol=0.03)
     assert task.sample(3).question == DigitsTask("test", seed=2, n=4, frames=16, kinds=("video",)).sample(3).question
+
+
+def test_module_cli_runs_without_the_runpy_warning(tmp_path):
+    """``python -m explainprune.tasks.digits`` used to warn "found in sys.modules" (tasks/__init__ imported it)."""
+    import subprocess
+    import sys
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "explainprune.tasks.digits", "export",
+                          "--dir", str(tmp_path / "m"), "--n", "1"], capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(src)})
+    assert out.returncode == 0 and "RuntimeWarning" not in out.stderr, out.stderr
+    assert (tmp_path / "m" / "manifest.jsonl").is_file()
