@@ -308,6 +308,16 @@ class ConversationSource:
         return LabelSample(it.id, it.question, it.answer, images=images, video=video,
                            meta={"kind": kind, "subset": it.subset, "match": rule})
 
+    def media_files(self, i: int) -> list[Path]:
+        """The files sample ``i`` reads by path (images, video), as absolute paths; no I/O. Embedded images
+        are not files (the data files' digest covers them), nor are those left in a data file's cell
+        (``Lazy``: listing them would read the cell)."""
+        it = self.items[i]
+        root = Path(it.root).absolute()
+        paths = [im if isinstance(im, str) else im.get("path") for im in it.images
+                 if isinstance(im, str) or (isinstance(im, dict) and im.get("bytes") is None)]
+        return [root / p for p in paths if p] + ([root / it.video] if it.video else [])
+
     def sample_digest(self, i: int) -> str:
         """A digest of sample ``i`` (same digest, same sample): its id, question, answer and subset, and its
         media: embedded image bytes hashed (when the sample was read: ``source[i]``; else read now), a path

@@ -48,6 +48,7 @@ from explainprune.shards import (  # noqa: F401  (SCHEMA, write_shard, index_dig
     SCHEMA,
     file_sha256,
     index_digest,
+    media_stamp,
     revisable,
     samples_digest,
     shard_done,
@@ -331,6 +332,7 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
     mine = list(range(rank, -(-n // size), world))
     todo = [s for s in mine if not shard_done(shard_path(out, s), source, s * size, min(n, (s + 1) * size),
                                                revised, old_index, source_id)]
+    stamps = {s: media_stamp(source, s * size, min(n, (s + 1) * size)) for s in todo}  # before any media is read
     total_mine = sum(min(n, (s + 1) * size) - s * size for s in todo)
     started, labeled, skipped = time.perf_counter(), 0, 0
     bar = tqdm(total=total_mine, unit="sample", disable=not progress or rank != 0,
@@ -365,6 +367,7 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
                                                    "skipped": wrong, "wrong": n_wrong, "errors": errors,
                                                    "by_rule": by_rule,
                                                    "digest": samples_digest(source, start, stop),
+                                                   "media_stamp": stamps[s],
                                                    "source": source_id})
             labeled, skipped = labeled + len(rows), skipped + len(wrong)
     finally:

@@ -1,15 +1,17 @@
 """Label shard files: the parquet schema, atomic writes with page checksums, SHA-256s and read-back checks.
 
 One shard holds samples [start, stop) of a label run (``explainprune.labels``): rows of the correctly
-answered samples and, in its schema metadata, the skipped ids, counts, errors, a digest of its samples and
-the manifest revision it came from. ``revisable`` decides whether a rerun may keep any shards of another
-revision of its source; ``shard_done`` whether it may keep one.
+answered samples and, in its schema metadata, the skipped ids, counts, errors, a digest of its samples, a
+stamp of their media files (``media_stamp``) and the manifest revision it came from. ``revisable`` decides
+whether a rerun may keep any shards of another revision of its source; ``shard_done`` whether it may keep
+one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +99,32 @@ def samples_digest(source: Any, start: int, stop: int) -> str | None:
     return hashlib.sha256(" ".join(one(i) for i in range(start, stop)).encode()).hexdigest()[:16]
 
 
+def media_stamp(source: Any, start: int, stop: int) -> str | None:
+    """A cheap identity of the media files samples [start, stop) of ``source`` read: each file's path, size
+    and modification time (``os.stat`` only, no file is read), hashed to 16 hex digits. None when the source
+    has no ``media_files(i)`` (e.g. generated images). Embedded image bytes are not files: the source's data
+    file digest covers them."""
+    files = getattr(source, "media_files", None)
+    if files is None:
+        return None
+    h = hashlib.sha256()
+    for i in range(start, stop):
+        h.update(b"\n")
+        for p in files(i):
+            try:
+                st = os.stat(p)
+                h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            except OSError:
+                h.update(f"{p}\0missing\0".encode())
+    return h.hexdigest()[:16]
+
+
 def shard_done(path: Path, source: Any, start: int, stop: int, revised: bool,
                 index: dict[str, Any] | None, source_id: str = "") -> bool:
     """Whether an existing shard file counts as finished: it reads back whole (and matches index.json's
-    SHA-256), and, when it was written from another revision of the manifest (``source_id``) or skipped bad
-    samples, its samples are unchanged."""
+    SHA-256), and, when it was written from another revision of the manifest (``source_id``), skipped bad
+    samples or a media file of its samples changed size or modification time since (``media_stamp``; checked
+    on every resume), its samples are unchanged (``samples_digest``: for a manifest, the media bytes)."""
     if not path.is_file():
         return False
     recorded = {s["file"]: s.get("sha256") for s in (index or {}).get("shards", [])}
@@ -112,7 +135,9 @@ def shard_done(path: Path, source: Any, start: int, stop: int, revised: bool,
     if (meta.get("start"), meta.get("stop")) != (start, stop):
         return False
     other_revision = revised or ("source" in meta and meta["source"] != source_id)  # (old shards: no key)
-    if other_revision or meta.get("errors"):
+    stamp = meta.get("media_stamp")  # (shards written before stamps: no key)
+    media_changed = stamp is not None and stamp != media_stamp(source, start, stop)
+    if other_revision or media_changed or meta.get("errors"):
         return meta.get("digest") is not None and meta.get("digest") == samples_digest(source, start, stop)
     return True
 

@@ -184,6 +184,7 @@ class ManifestSource:
         if not self.records:
             raise InputError("holds no samples", file=self.path)
         self.limit, self.max_frames = limit, max_frames
+        self._base = self.path.absolute().parent  # media paths are relative to the manifest
 
     def __len__(self) -> int:
         return len(self.records)
@@ -221,6 +222,11 @@ class ManifestSource:
         answer = answers[0] if len(answers) == 1 else answers
         return LabelSample(str(rec.get("id", i)), rec["question"], answer, images=images, video=video,
                            region=region, meta=meta)
+
+    def media_files(self, i: int) -> list[Path]:
+        """The files sample ``i`` reads (its image(s), frame files or video file), as absolute paths; no I/O."""
+        value = next(self.records[i][f] for f in MEDIA_FIELDS if f in self.records[i])
+        return [self._base / rel for rel in ([value] if isinstance(value, str) else value)]
 
     def sample_digest(self, i: int) -> str:
         """A digest of sample ``i``: its record and the bytes of its media files (same digest, same sample)."""
