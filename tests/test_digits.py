@@ -200,3 +200,12 @@ def test_module_cli_runs_without_the_runpy_warning(tmp_path):
                          env={**__import__("os").environ, "PYTHONPATH": str(src)})
     assert out.returncode == 0 and "RuntimeWarning" not in out.stderr, out.stderr
     assert (tmp_path / "m" / "manifest.jsonl").is_file()
+
+
+def test_tasks_package_names_resolve_lazily():
+    import explainprune.tasks as tasks
+
+    assert tasks.DigitsTask is DigitsTask and tasks.digits.DigitsTask is DigitsTask
+    assert {"DigitsTask", "digits", "load_manifest"} <= set(dir(tasks))
+    with pytest.raises(AttributeError):
+        tasks.NoSuchTask  # noqa: B018

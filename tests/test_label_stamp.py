@@ -176,3 +176,59 @@ def test_dataset_image_replaced_relabels_exactly_its_shard(tmp_path, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["shards_written"] == 0 and shard_bytes(out) == after
     assert META_KEY in pq.read_schema(shard_path(out, 1)).metadata
+
+
+def test_touched_image_is_verified_once_then_resumes_by_stat_again(tmp_path, monkeypatch):
+    """After a touch (same bytes) the shard's samples are compared once; the verified stamp is kept beside the
+    shard, so later resumes are stat-only again (they used to re-read the media bytes on every resume)."""
+    import explainprune.shards as shards
+
+    path, out = image_manifest(tmp_path / "data"), tmp_path / "out"
+    run(path, out)
+    replace_file(path.parent / "3.png", (path.parent / "3.png").read_bytes())
+    calls = []
+    real = shards.samples_digest
+    monkeypatch.setattr(shards, "samples_digest", lambda *a: calls.append(a[1:]) or real(*a))
+    for expected in ([(2, 4)], [(2, 4)], [(2, 4)]):  # first resume verifies shard 1; the next ones do not
+        seen, rep = run(path, out)
+        assert seen == [] and rep.shards_reused == 3
+        assert calls == expected
+    assert shards.verified_stamp_path(shard_path(out, 1)).is_file()
+    replace_file(path.parent / "3.png", png("purple"))  # then a real change is still noticed
+    seen, rep = run(path, out)
+    assert [s for s in seen] and rep.shards_reused == 2 and not shards.verified_stamp_path(shard_path(out, 1)).exists()
+
+
+def test_parquet_image_stored_as_a_path_is_stamped(tmp_path, capsys):
+    """A parquet image cell {bytes: null, path: ...} (what datasets' to_parquet writes for local files) is
+    read lazily; replacing its file must still relabel its shard (it was never stamped)."""
+    import pyarrow as pa
+
+    root = tmp_path / "pq"
+    (root / "img").mkdir(parents=True)
+    task = DigitsTask("test", seed=5, n=4, kinds=("rowcol",))
+    rows = []
+    for i in range(len(task)):
+        s = task.sample(i)
+        s.image.save(root / "img" / f"{i}.png")
+        rows.append({"id": s.id, "image": {"bytes": None, "path": f"img/{i}.png"}, "conversations": [
+            {"from": "human", "value": f"<image>\n{s.question}"}, {"from": "gpt", "value": s.answer}]})
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # typed as datasets writes it
+    conv = pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))
+    schema = pa.schema([("id", pa.string()), ("image", image), ("conversations", conv)])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), root / "d.parquet")
+    out = tmp_path / "labels"
+    args = ["label", "--model", "demo", "--dataset", str(root / "d.parquet"), "--out", str(out), "--no-progress",
+            "--shard-size", "2", "--json"]
+    assert main(args) == 0
+    capsys.readouterr()
+    before = shard_bytes(out, 2)
+    other = DigitsTask("test", seed=11, n=1, kinds=("rowcol",)).sample(0).image
+    other.save(root / "img" / "0.png")
+    st = os.stat(root / "img" / "0.png")
+    os.utime(root / "img" / "0.png", ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    assert main(args) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["shards_written"] == 1 and rep["shards_reused"] == 1
+    after = shard_bytes(out, 2)
+    assert after[1] == before[1] and after[0] != before[0]

@@ -309,14 +309,16 @@ class ConversationSource:
                            meta={"kind": kind, "subset": it.subset, "match": rule})
 
     def media_files(self, i: int) -> list[Path]:
-        """The files sample ``i`` reads by path (images, video), as absolute paths; no I/O. Embedded images
-        are not files (the data files' digest covers them), nor are those left in a data file's cell
-        (``Lazy``: listing them would read the cell)."""
+        """The files sample ``i`` may read by path (images, video), resolved; no file is read. Embedded bytes
+        are not files (the data files' digest covers them); an image left in a parquet / hub cell counts by
+        its ``path`` field (a cell with bytes names a file that is usually absent: stamped "missing", the
+        same on every run)."""
         it = self.items[i]
-        root = Path(it.root).absolute()
-        paths = [im if isinstance(im, str) else im.get("path") for im in it.images
-                 if isinstance(im, str) or (isinstance(im, dict) and im.get("bytes") is None)]
-        return [root / p for p in paths if p] + ([root / it.video] if it.video else [])
+        root = Path(it.root)
+        paths = [im.path if isinstance(im, Lazy) else im if isinstance(im, str) else im.get("path")
+                 for im in it.images
+                 if isinstance(im, (str, Lazy)) or (isinstance(im, dict) and im.get("bytes") is None)]
+        return [(root / p).resolve() for p in paths if p] + ([(root / it.video).resolve()] if it.video else [])
 
     def sample_digest(self, i: int) -> str:
         """A digest of sample ``i`` (same digest, same sample): its id, question, answer and subset, and its

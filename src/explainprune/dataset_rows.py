@@ -33,6 +33,7 @@ class Lazy:
 
     column: str
     k: int | None = None
+    path: str | None = None  # the cell's ``path`` field, when it has one (read without the bytes)
 
     def pick(self, cell: Any) -> Any:
         return cell if self.k is None else cell[self.k]
@@ -164,16 +165,42 @@ def shapes(array: Any) -> list[Any]:
     return ["one" if ok else None for ok in pc.is_valid(array).to_pylist()]
 
 
-def markers(column: str, shape: Any) -> Any:
-    """The ``Lazy`` markers standing for a cell of ``shape`` (``shapes``)."""
+def cell_paths(array: Any) -> list[Any] | None:
+    """Per row of an arrow (chunked) array of image structs (or lists of them) with a ``path`` field: the
+    path (a list of paths for a list cell; None where null), taken from the field alone (the bytes are not
+    copied or read). None when the structs have no ``path`` field."""
+    import pyarrow as pa
+
+    out: list[Any] = []
+    for chunk in getattr(array, "chunks", [array]):
+        is_list = pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type)
+        struct = chunk.flatten() if is_list else chunk
+        if not pa.types.is_struct(struct.type) or struct.type.get_field_index("path") < 0:
+            return None
+        paths = struct.field("path").to_pylist()
+        valid = struct.is_valid().to_pylist()
+        paths = [p if ok else None for p, ok in zip(paths, valid, strict=True)]
+        if is_list:
+            offsets, ok = chunk.offsets.to_pylist(), chunk.is_valid().to_pylist()
+            out += [paths[offsets[r]:offsets[r + 1]] if ok[r] else None for r in range(len(chunk))]
+        else:
+            out += paths
+    return out
+
+
+def markers(column: str, shape: Any, path: Any = None) -> Any:
+    """The ``Lazy`` markers standing for a cell of ``shape`` (``shapes``), with its path(s) (``cell_paths``)."""
     if shape is None:
         return None
-    return Lazy(column) if shape == "one" else [Lazy(column, k) for k in range(shape)]
+    if shape == "one":
+        return Lazy(column, None, path)
+    return [Lazy(column, k, path[k] if path else None) for k in range(shape)]
 
 
-def _merge(texts: Iterable[dict[str, Any]], lazy: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
+def _merge(texts: Iterable[dict[str, Any]], lazy: dict[str, tuple[list[Any], list[Any] | None]]
+           ) -> Iterator[dict[str, Any]]:
     for r, row in enumerate(texts):
-        yield {**row, **{c: markers(c, s[r]) for c, s in lazy.items()}}
+        yield {**row, **{c: markers(c, s[r], p[r] if p else None) for c, (s, p) in lazy.items()}}
 
 
 class ParquetTable:
@@ -224,20 +251,22 @@ class ParquetTable:
                     raise ValueError(f"{self.path}: cannot read ({err})") from None
                 yield from part
 
-    def _shapes(self, column: str) -> list[Any]:
-        """``shapes`` of an image column, read from its text leaves only (a struct's ``path``) when it has
-        some; else row group by row group (its bytes pass through memory one group at a time)."""
+    def _shapes(self, column: str) -> tuple[list[Any], list[Any] | None]:
+        """(``shapes``, ``cell_paths``) of an image column, read from its text leaves only (a struct's
+        ``path``) when it has some; else row group by row group (its bytes pass through memory one group at
+        a time; no paths)."""
         with self._open() as fh:
             schema = fh.schema
             leaves = [schema.column(i) for i in range(len(schema))]
             light = [leaf.path for leaf in leaves if (leaf.path == column or leaf.path.startswith(column + "."))
                      and (leaf.physical_type != "BYTE_ARRAY" or leaf.logical_type.type == "STRING")]
             if light:
-                return shapes(fh.read(columns=light[:1]).column(column))
+                projected = fh.read(columns=light[:1]).column(column)
+                return shapes(projected), cell_paths(projected)
             out: list[Any] = []
             for g in range(self._groups):
                 out += shapes(fh.read_row_group(g, columns=[column]).column(column))
-            return out
+            return out, None
 
     def fetch(self, row: int, column: str) -> Any:
         """Cell ``column`` of ``row``: its row group's image columns are read (and kept, in the source's one
@@ -267,7 +296,8 @@ class HubTable:
 
     def rows(self) -> Iterator[dict[str, Any]]:
         texts = [dict(r) for r in self.ds.select_columns(self.text)] if self.text else [{} for _ in range(len(self))]
-        return _merge(texts, {c: shapes(self.ds.data.column(c)) for c in self.lazy})
+        return _merge(texts, {c: (shapes(col), cell_paths(col)) for c in self.lazy
+                              for col in [self.ds.data.column(c)]})
 
     def fetch(self, row: int, column: str) -> Any:
         return self.ds[row][column]

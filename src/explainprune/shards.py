@@ -45,6 +45,13 @@ def write_shard(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) ->
     table = pa.table(columns, schema=SCHEMA.with_metadata({META_KEY: json.dumps(meta, sort_keys=True)}))
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, write_page_checksum=True)
+    verified_stamp_path(path).unlink(missing_ok=True)  # the new shard's own stamp is in its metadata
+
+
+def verified_stamp_path(path: Path) -> Path:
+    """Beside a shard: the media stamp its samples were last verified at (``shard_done``), when that differs
+    from the stamp in its metadata (media files touched or copied without a change of content)."""
+    return path.with_name(path.name + ".stamp")
 
 
 def shard_meta(path: Path) -> dict[str, Any]:
@@ -136,9 +143,16 @@ def shard_done(path: Path, source: Any, start: int, stop: int, revised: bool,
         return False
     other_revision = revised or ("source" in meta and meta["source"] != source_id)  # (old shards: no key)
     stamp = meta.get("media_stamp")  # (shards written before stamps: no key)
-    media_changed = stamp is not None and stamp != media_stamp(source, start, stop)
+    current = media_stamp(source, start, stop) if stamp is not None else None
+    verified = verified_stamp_path(path)
+    media_changed = stamp is not None and current != stamp and not (
+        verified.is_file() and verified.read_text() == current)
     if other_revision or media_changed or meta.get("errors"):
-        return meta.get("digest") is not None and meta.get("digest") == samples_digest(source, start, stop)
+        same = meta.get("digest") is not None and meta.get("digest") == samples_digest(source, start, stop)
+        if same and media_changed:  # same content at a new stamp: later resumes compare against this one
+            with atomic_path(verified) as tmp:
+                Path(tmp).write_text(str(current))
+        return same
     return True
 
 

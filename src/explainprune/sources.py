@@ -224,9 +224,10 @@ class ManifestSource:
                            region=region, meta=meta)
 
     def media_files(self, i: int) -> list[Path]:
-        """The files sample ``i`` reads (its image(s), frame files or video file), as absolute paths; no I/O."""
+        """The files sample ``i`` reads (its image(s), frame files or video file), resolved (the same paths
+        whichever folder or symlink the manifest was named from); no file is read."""
         value = next(self.records[i][f] for f in MEDIA_FIELDS if f in self.records[i])
-        return [self._base / rel for rel in ([value] if isinstance(value, str) else value)]
+        return [(self._base / rel).resolve() for rel in ([value] if isinstance(value, str) else value)]
 
     def sample_digest(self, i: int) -> str:
         """A digest of sample ``i``: its record and the bytes of its media files (same digest, same sample)."""
