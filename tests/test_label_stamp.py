@@ -144,16 +144,23 @@ def test_video_frame_or_file_replaced_changes_the_stamp(tmp_path):
     assert run(path, out)[0] == []
 
 
-def test_dataset_image_replaced_relabels_exactly_its_shard(tmp_path, capsys):
-    root = tmp_path / "llava"
-    (root / "images").mkdir(parents=True)
-    task = DigitsTask("test", seed=3, n=6, kinds=("rowcol",))
+def digits_rows(folder, n, seed, cell=lambda rel: rel):
+    """LLaVA rows of ``n`` digits questions whose images are saved as ``folder``/i.png; ``cell`` maps the
+    image's path (relative to ``folder``'s parent) to the row's image value."""
+    folder.mkdir(parents=True)
+    task = DigitsTask("test", seed=seed, n=n, kinds=("rowcol",))
     rows = []
     for i in range(len(task)):
         s = task.sample(i)
-        s.image.save(root / "images" / f"{i}.png")
-        rows.append({"id": s.id, "image": f"images/{i}.png", "conversations": [
+        s.image.save(folder / f"{i}.png")
+        rows.append({"id": s.id, "image": cell(f"{folder.name}/{i}.png"), "conversations": [
             {"from": "human", "value": f"<image>\n{s.question}"}, {"from": "gpt", "value": s.answer}]})
+    return rows
+
+
+def test_dataset_image_replaced_relabels_exactly_its_shard(tmp_path, capsys):
+    root = tmp_path / "llava"
+    rows = digits_rows(root / "images", 6, seed=3)
     (root / "d.json").write_text(json.dumps(rows))
     out = tmp_path / "labels"
     args = ["label", "--model", "demo", "--dataset", str(root / "d.json"), "--out", str(out), "--no-progress",
@@ -205,14 +212,7 @@ def test_parquet_image_stored_as_a_path_is_stamped(tmp_path, capsys):
     import pyarrow as pa
 
     root = tmp_path / "pq"
-    (root / "img").mkdir(parents=True)
-    task = DigitsTask("test", seed=5, n=4, kinds=("rowcol",))
-    rows = []
-    for i in range(len(task)):
-        s = task.sample(i)
-        s.image.save(root / "img" / f"{i}.png")
-        rows.append({"id": s.id, "image": {"bytes": None, "path": f"img/{i}.png"}, "conversations": [
-            {"from": "human", "value": f"<image>\n{s.question}"}, {"from": "gpt", "value": s.answer}]})
+    rows = digits_rows(root / "img", 4, seed=5, cell=lambda rel: {"bytes": None, "path": rel})
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # typed as datasets writes it
     conv = pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))
     schema = pa.schema([("id", pa.string()), ("image", image), ("conversations", conv)])
