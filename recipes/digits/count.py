@@ -27,9 +27,8 @@ import numpy as np
 import torch
 
 from recipes.digits import ground
-from recipes.digits import questions as dq
-from recipes.digits.common import TrainConfig, llm_param_groups, load_state, log, lr_at, save_state
-from recipes.digits.stage2 import PROBE_FRAMES, LLMState, draw_step
+from recipes.digits.common import TrainConfig, llm_param_groups, load_state, log
+from recipes.digits.stage2 import LLMState, train_steps
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     work = Path(a.work)
     model, tok, train, test = ground.load_for_finetune(a.init, work)
-    cfg = TrainConfig()  # stage 2's sizes and token budget
+    cfg = TrainConfig(log_every=a.log_every)  # stage 2's sizes and token budget
     params, groups = llm_param_groups(model, a.lr, None)
     opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=0.01)
     objs = {"llm": LLMState(model), "opt": opt}
@@ -64,32 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     step = load_state(ckpt, objs) if a.resume else 0
     rng = np.random.default_rng([a.seed, 3, step])
     kinds = [k for k in a.kinds for _ in range(a.count_batches if k == "count" else 1)]
-    hist: dict[str, list[float]] = {}
-    while step < a.steps:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, a.steps, g["peak"], warmup=a.warmup)
-        opt.zero_grad(set_to_none=True)
-        model.train()
-        for kind in kinds:
-            size, drawn = draw_step(kind, train, cfg, rng)
-            r = ground.step_kind(model, tok, kind, drawn, cfg.s2_attn, 1.0, 1.0 / len(kinds),
-                                 count_weight=a.count_weight, count_cells=a.count_target == "cells")
-            for k in ("acc", "count"):
-                if k in r:
-                    hist.setdefault(f"{kind}.{k}", []).append(r[k])
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        if step % a.log_every == 0 or step == a.steps:
-            summary = {k: round(float(np.mean(v)), 3) for k, v in hist.items()}
-            hist = {}
-            res = {}
-            if step % a.probe_every == 0 or step == a.steps:
-                model.eval()
-                res = dq.evaluate(model, tok, test, tuple(a.kinds), PROBE_FRAMES, n=32)
-            log(f"count step {step} train {summary} test {res} {time.time() - t0:.0f}s")
-        if step % a.ckpt_every == 0 or step == a.steps:
-            save_state(ckpt, step, objs)
+    train_steps(model, tok, opt, params, objs, ckpt, step, a.steps, a.warmup, kinds, train, test, cfg, rng, "count",
+                a.probe_every, a.ckpt_every, t0, attn_weight=cfg.s2_attn, ground_weight=1.0,
+                count_weight=a.count_weight, count_cells=a.count_target == "cells")
     model.eval()
     out = ground.export_finetuned(model, a.init, Path(a.out))
     log(f"saved {out} in {time.time() - t0:.0f}s")

@@ -72,28 +72,44 @@ def stage2(model: Any, tok: Any, cfg: TrainConfig, work: Path, gen: BoardMaker, 
     objs = {"llm": LLMState(model), "opt": opt}
     step = load_state(work / "stage2.safetensors", objs) if resume else 0
     rng = np.random.default_rng([cfg.seed, 2, step])
-    model.train()
+    train_steps(model, tok, opt, params, objs, work / "stage2.safetensors", step, cfg.s2_steps, cfg.s2_warmup,
+                list(cfg.kinds), train_banks, test_banks, cfg, rng, "stage2", cfg.log_every * 4, cfg.ckpt_every,
+                t0, attn_weight=cfg.s2_attn, ground_weight=cfg.s2_ground)
+    model.eval()
+
+
+def train_steps(model: Any, tok: Any, opt: torch.optim.Optimizer, params: list[Any], objs: dict[str, Any],
+                ckpt: Path, step: int, steps: int, warmup: int, kinds: list[str], train_banks: dq.Banks,
+                test_banks: dq.Banks, cfg: TrainConfig, rng: np.random.Generator, name: str, probe_every: int,
+                ckpt_every: int, t0: float, **step_kwargs: Any) -> None:
+    """The language model's training loop from ``step`` to ``steps`` (stage 2 and the fine-tunes after it):
+    warmup + cosine schedule on each group's peak; per step, one batch per entry of ``kinds`` (a kind listed
+    twice gets two batches) at a random size (``draw_step``) through ``ground.step_kind(**step_kwargs)``;
+    train accuracy (and count loss) logged every ``cfg.log_every`` steps, the teacher-forced probe on
+    ``test_banks`` every ``probe_every``, checkpoints (weights + AdamW state) to ``ckpt`` every ``ckpt_every``."""
+    probe_kinds = tuple(dict.fromkeys(kinds))
     hist: dict[str, list[float]] = {}
-    while step < cfg.s2_steps:
+    while step < steps:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.s2_steps, g["peak"], warmup=cfg.s2_warmup)
+            g["lr"] = lr_at(step, steps, g["peak"], warmup=warmup)
         opt.zero_grad(set_to_none=True)
-        for kind in cfg.kinds:
+        model.train()
+        for kind in kinds:
             size, drawn = draw_step(kind, train_banks, cfg, rng)
-            r = ground.step_kind(model, tok, kind, drawn, cfg.s2_attn, cfg.s2_ground, 1.0 / len(cfg.kinds))
-            hist.setdefault(kind, []).append(r["acc"])
+            r = ground.step_kind(model, tok, kind, drawn, scale=1.0 / len(kinds), **step_kwargs)
+            for k in ("acc", "count"):
+                if k in r:
+                    hist.setdefault(f"{kind}.{k}", []).append(r[k])
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        if step % cfg.log_every == 0 or step == cfg.s2_steps:
-            train_acc = {k: round(float(np.mean(v)), 3) for k, v in hist.items()}
+        if step % cfg.log_every == 0 or step == steps:
+            summary = {k: round(float(np.mean(v)), 3) for k, v in hist.items()}
             hist = {}
             res = {}
-            if step % (cfg.log_every * 4) == 0 or step == cfg.s2_steps:
+            if step % probe_every == 0 or step == steps:
                 model.eval()
-                res = dq.evaluate(model, tok, test_banks, cfg.kinds, PROBE_FRAMES, n=32)
-                model.train()
-            log(f"stage2 step {step} train {train_acc} test {res} {time.time() - t0:.0f}s")
-        if step % cfg.ckpt_every == 0 or step == cfg.s2_steps:
-            save_state(work / "stage2.safetensors", step, objs)
-    model.eval()
+                res = dq.evaluate(model, tok, test_banks, probe_kinds, PROBE_FRAMES, n=32)
+            log(f"{name} step {step} train {summary} test {res} {time.time() - t0:.0f}s")
+        if step % ckpt_every == 0 or step == steps:
+            save_state(ckpt, step, objs)
