@@ -329,7 +329,8 @@ class ConversationSource:
         media = self._digests.get(it.row)
         if media is None:
             try:
-                media = media_digest(self._media(it), it.root)
+                values = self._media(it)  # reading lazy images also records their digest
+                media = self._digests.get(it.row) or media_digest(values, it.root)
             except Exception as err:  # unreadable media: the digest still differs from a readable one's
                 media = f"<unreadable {type(err).__name__}>"
         video = [it.video, file_stamp(Path(it.root) / it.video)] if it.video else None

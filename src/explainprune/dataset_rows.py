@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from explainprune.files import file_stamp
+
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
@@ -301,15 +303,6 @@ class HubTable:
 
     def fetch(self, row: int, column: str) -> Any:
         return self.ds[row][column]
-
-
-def file_stamp(path: Path) -> str:
-    """A cheap identity of a media file: its size and modification time ("missing" if absent)."""
-    try:
-        st = path.stat()
-    except OSError:
-        return "missing"
-    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def media_digest(values: list[Any], root: str) -> str:

@@ -46,6 +46,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def file_stamp(path: str | Path) -> str:
+    """A cheap identity of a file, from ``os.stat`` only: its size and modification time ("missing" if
+    absent). Media files are stamped with it (label resume, dataset digests)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

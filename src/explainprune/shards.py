@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from explainprune.errors import InputError
-from explainprune.files import atomic_path
+from explainprune.files import atomic_path, file_stamp, write_text_atomic
 
 META_KEY = b"explainprune"
 
@@ -118,11 +117,7 @@ def media_stamp(source: Any, start: int, stop: int) -> str | None:
     for i in range(start, stop):
         h.update(b"\n")
         for p in files(i):
-            try:
-                st = os.stat(p)
-                h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-            except OSError:
-                h.update(f"{p}\0missing\0".encode())
+            h.update(f"{p}\0{file_stamp(p)}\0".encode())
     return h.hexdigest()[:16]
 
 
@@ -150,8 +145,7 @@ def shard_done(path: Path, source: Any, start: int, stop: int, revised: bool,
     if other_revision or media_changed or meta.get("errors"):
         same = meta.get("digest") is not None and meta.get("digest") == samples_digest(source, start, stop)
         if same and media_changed:  # same content at a new stamp: later resumes compare against this one
-            with atomic_path(verified) as tmp:
-                Path(tmp).write_text(str(current))
+            write_text_atomic(verified, str(current))
         return same
     return True
 

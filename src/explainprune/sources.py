@@ -184,7 +184,6 @@ class ManifestSource:
         if not self.records:
             raise InputError("holds no samples", file=self.path)
         self.limit, self.max_frames = limit, max_frames
-        self._base = self.path.absolute().parent  # media paths are relative to the manifest
 
     def __len__(self) -> int:
         return len(self.records)
@@ -223,20 +222,22 @@ class ManifestSource:
         return LabelSample(str(rec.get("id", i)), rec["question"], answer, images=images, video=video,
                            region=region, meta=meta)
 
-    def media_files(self, i: int) -> list[Path]:
-        """The files sample ``i`` reads (its image(s), frame files or video file), resolved (the same paths
-        whichever folder or symlink the manifest was named from); no file is read."""
+    def _media_paths(self, i: int) -> list[Path]:
+        """The media files of sample ``i`` (image(s), frame files or a video file), relative to the manifest."""
         value = next(self.records[i][f] for f in MEDIA_FIELDS if f in self.records[i])
-        return [(self._base / rel).resolve() for rel in ([value] if isinstance(value, str) else value)]
+        return [self.path.parent / rel for rel in ([value] if isinstance(value, str) else value)]
+
+    def media_files(self, i: int) -> list[Path]:
+        """The files sample ``i`` reads, resolved (the same paths whichever folder or symlink the manifest was
+        named from); no file is read."""
+        return [p.resolve() for p in self._media_paths(i)]
 
     def sample_digest(self, i: int) -> str:
         """A digest of sample ``i``: its record and the bytes of its media files (same digest, same sample)."""
-        rec = self.records[i]
-        h = hashlib.sha256(json.dumps(rec, sort_keys=True).encode())
-        value = next(rec[f] for f in MEDIA_FIELDS if f in rec)
-        for rel in [value] if isinstance(value, str) else value:
+        h = hashlib.sha256(json.dumps(self.records[i], sort_keys=True).encode())
+        for path in self._media_paths(i):
             try:
-                h.update((self.path.parent / rel).read_bytes())
+                h.update(path.read_bytes())
             except OSError:
                 h.update(b"<missing>")
         return h.hexdigest()[:16]

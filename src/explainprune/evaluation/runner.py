@@ -132,7 +132,6 @@ def _new_tokens(kwargs: dict[str, Any]) -> int:
     return 0
 
 
-
 def output_cache(output: Any) -> Any:
     """The KV cache of a model output: its ``cache`` field (newer transformers 5.x, e.g. 5.24, where reading
     ``past_key_values`` logs a deprecation on every call) or ``past_key_values`` (e.g. 5.18)."""
