@@ -44,13 +44,26 @@ def load_tiny(tiny_dirs):
 
 
 @pytest.fixture(scope="session")
-def deep(tmp_path_factory):
+def deep_dirs(tmp_path_factory):
+    """family -> checkpoint directory of a 4-layer tiny model (built once per session, on first use)."""
+    cache: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = build_tiny(family, tmp_path_factory.mktemp(f"{family}-deep"), layers=4)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def deep(deep_dirs):
     """family -> (sdpa VLM, eager VLM) of a 4-layer tiny model (in-LLM pruners need K < layers)."""
     cache: dict[str, tuple] = {}
 
     def get(family: str):
         if family not in cache:
-            path = build_tiny(family, tmp_path_factory.mktemp(f"{family}-deep"), layers=4)
+            path = deep_dirs(family)
             cache[family] = (explainprune.load(path), explainprune.load(path, attn_implementation="eager"))
         return cache[family]
 

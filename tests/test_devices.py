@@ -16,22 +16,10 @@ from explainprune.compressor import Compressor
 from explainprune.pruning.base import Pruner, as_keep, select
 from explainprune.pruning.fastv import FastV
 from explainprune.relevance import relevance
-from explainprune.testing import build_tiny, random_image
+from explainprune.testing import random_image
 from fakedevice import CPU, FAKE, FakeDevices, shard, to_device
 
 QUESTION = "what digit is in row 2 column 3 ?"
-
-
-@pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    cache: dict[str, object] = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = build_tiny(family, tmp_path_factory.mktemp(f"{family}-dev"), layers=4)
-        return cache[family]
-
-    return get
 
 
 def test_the_fake_device_refuses_what_cuda_refuses():
@@ -81,10 +69,10 @@ def assert_same_runs(got, ref):
 
 @pytest.mark.parametrize("family,impl", [("qwen2_vl", "eager"), ("llava", "sdpa"), ("llava_onevision", "sdpa"),
                                          ("qwen3_vl", "eager")])
-def test_fastv_on_another_device(paths, family, impl):
+def test_fastv_on_another_device(deep_dirs, family, impl):
     """FastV's masks and indices follow the model (they were built on CPU: eager, or sdpa with a padded
     batch, crashed on CUDA)."""
-    vlm = explainprune.load(paths(family), attn_implementation=impl)
+    vlm = explainprune.load(deep_dirs(family), attn_implementation=impl)
     ps = prompts(vlm)
     ref, ref_score = fastv_runs(vlm, ps), FastV(layer=2).score(vlm, ps[0])
     with FakeDevices():
@@ -115,7 +103,7 @@ def _flash_like(module, query, key, value, attention_mask, scaling=None, dropout
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
-def test_fastv_gives_flash_attention_a_2d_mask(paths, family):
+def test_fastv_gives_flash_attention_a_2d_mask(deep_dirs, family):
     """Under a flash implementation layers >= K get FA2's 2-D bool mask (a 4-D additive one is what
     eager / sdpa take), also for a left-padded batch; the outputs equal sdpa's."""
     from transformers import AttentionInterface
@@ -123,7 +111,7 @@ def test_fastv_gives_flash_attention_a_2d_mask(paths, family):
 
     AttentionInterface.register(FLASH, _flash_like)
     AttentionMaskInterface.register(FLASH, flash_attention_mask)
-    vlm = explainprune.load(paths(family))
+    vlm = explainprune.load(deep_dirs(family))
     ps = prompts(vlm)
     ref = fastv_runs(vlm, ps)
     seen = []
@@ -141,10 +129,10 @@ def test_fastv_gives_flash_attention_a_2d_mask(paths, family):
 
 
 @pytest.mark.parametrize("family,lm_head_on_fake", [("qwen2_vl", False), ("qwen2_vl", True), ("qwen3_vl", True)])
-def test_sharded_model(paths, family, lm_head_on_fake):
+def test_sharded_model(deep_dirs, family, lm_head_on_fake):
     """Layers over two devices (device_map): relevance folds each layer on its device, FastV, A_v^0, the
     learned pruner and generation give the single-device numbers (Qwen3-VL: DeepStack rows included)."""
-    vlm = explainprune.load(paths(family))
+    vlm = explainprune.load(deep_dirs(family))
     p = prompts(vlm)[0]
     comp = Compressor(in_channels=vlm.text_config.num_attention_heads)
     learned = explainprune.get_pruner("learned", compressor=comp)
@@ -163,9 +151,9 @@ def test_sharded_model(paths, family, lm_head_on_fake):
         assert_same_runs(fastv_runs(vlm, prompts(vlm)), ref_fastv)
 
 
-def test_learned_pruner_runs_f_theta_on_the_model_device(paths):
+def test_learned_pruner_runs_f_theta_on_the_model_device(deep_dirs):
     """A_v^0 and f_θ run where the model is (f_θ used to run on CPU whatever the model's device)."""
-    vlm = explainprune.load(paths("llava"))
+    vlm = explainprune.load(deep_dirs("llava"))
     p = prompts(vlm)[0]
     comp = Compressor(in_channels=vlm.text_config.num_attention_heads)
     pruner = explainprune.get_pruner("learned", compressor=comp)
@@ -201,8 +189,8 @@ class _DeviceScores(Pruner):
         return torch.linspace(0, 1, prompt.num_visual, device=FAKE)
 
 
-def test_custom_pruners_may_return_keep_or_scores_on_any_device(paths):
-    vlm = explainprune.load(paths("llava"))
+def test_custom_pruners_may_return_keep_or_scores_on_any_device(deep_dirs):
+    vlm = explainprune.load(deep_dirs("llava"))
     p = prompts(vlm)[0]
     n = p.num_visual
     ref_keep = vlm.generate(p, keep=torch.arange(n - 1, -1, -3).sort().values, max_new_tokens=3)

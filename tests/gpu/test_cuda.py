@@ -17,7 +17,7 @@ from explainprune.labels import LabelConfig, label
 from explainprune.memory import free_memory
 from explainprune.pruning.fastv import FastV
 from explainprune.relevance import relevance
-from explainprune.testing import build_tiny, random_image
+from explainprune.testing import random_image
 from explainprune.train import TrainConfig, train
 from test_labels import FakeVLM  # tests/ is on sys.path (its conftest.py)
 from test_train import SMALL, ToyLabeler, ToySource
@@ -27,18 +27,6 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="needs CUDA")]
 QUESTION = "what digit is in row 2 column 3 ?"
 ANSWER = [5, 6, 7]
-
-
-@pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    cache: dict[str, object] = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = build_tiny(family, tmp_path_factory.mktemp(f"{family}-gpu"), layers=4)
-        return cache[family]
-
-    return get
 
 
 def load(path, device=DEVICE, dtype=torch.float32, impl="sdpa"):
@@ -56,8 +44,8 @@ def overlap(a, b) -> float:
 
 @pytest.mark.parametrize("family,impl", [("qwen2_vl", "eager"), ("qwen2_vl", "sdpa"), ("llava", "sdpa"),
                                          ("llava_onevision", "eager")])
-def test_fastv_fp32_matches_cpu_and_bf16_runs(paths, family, impl):
-    cpu, dev = load(paths(family), "cpu", impl=impl), load(paths(family), impl=impl)
+def test_fastv_fp32_matches_cpu_and_bf16_runs(deep_dirs, family, impl):
+    cpu, dev = load(deep_dirs(family), "cpu", impl=impl), load(deep_dirs(family), impl=impl)
     ps_cpu, ps_dev = prompts(cpu), prompts(dev)
     for vlm, ps in ((cpu, ps_cpu), (dev, ps_dev)):
         assert FastV(layer=2).generate(vlm, ps[0], 0.25, max_new_tokens=3).keep.device.type == "cpu"
@@ -69,7 +57,7 @@ def test_fastv_fp32_matches_cpu_and_bf16_runs(paths, family, impl):
         assert overlap(g.keep, r.keep) >= 0.9
         if g.keep.tolist() == r.keep.tolist():
             torch.testing.assert_close(g.logits[:1], r.logits[:1], atol=1e-3, rtol=1e-3)
-    bf = load(paths(family), dtype=torch.bfloat16, impl=impl)
+    bf = load(deep_dirs(family), dtype=torch.bfloat16, impl=impl)
     ps = prompts(bf)
     batch = FastV(layer=2).generate(bf, ps, 0.25, max_new_tokens=3, output_logits=True)
     for p, b in zip(ps, batch):
@@ -79,10 +67,10 @@ def test_fastv_fp32_matches_cpu_and_bf16_runs(paths, family, impl):
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="flash attention needs CUDA")
-def test_fastv_with_flash_attention_2(paths):
+def test_fastv_with_flash_attention_2(deep_dirs):
     pytest.importorskip("flash_attn")
-    fa = load(paths("qwen2_vl"), dtype=torch.bfloat16, impl="flash_attention_2")
-    sd = load(paths("qwen2_vl"), dtype=torch.bfloat16, impl="sdpa")
+    fa = load(deep_dirs("qwen2_vl"), dtype=torch.bfloat16, impl="flash_attention_2")
+    sd = load(deep_dirs("qwen2_vl"), dtype=torch.bfloat16, impl="sdpa")
     got = FastV(layer=2).generate(fa, prompts(fa), 0.25, max_new_tokens=3, output_logits=True)
     ref = FastV(layer=2).generate(sd, prompts(sd), 0.25, max_new_tokens=3, output_logits=True)
     for g, r in zip(got, ref):
@@ -92,8 +80,8 @@ def test_fastv_with_flash_attention_2(paths):
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
-def test_relevance_on_device(paths, family):
-    cpu, dev = load(paths(family), "cpu"), load(paths(family))
+def test_relevance_on_device(deep_dirs, family):
+    cpu, dev = load(deep_dirs(family), "cpu"), load(deep_dirs(family))
     p_cpu, p_dev = prompts(cpu)[0], prompts(dev)[0]
     for options in (dict(), dict(rule="mean"), dict(head_chunk=1), dict(clamp=False, batch_bytes=1 << 30)):
         got = relevance(dev, p_dev, answer=ANSWER, **options).scores
@@ -102,18 +90,18 @@ def test_relevance_on_device(paths, family):
                                    atol=1e-6, rtol=1e-3)
     assert free_memory(DEVICE) > 0
     assert relevance(dev, p_dev, answer=ANSWER).head_chunk is None  # tiny: all heads fit at once
-    bf = load(paths(family), dtype=torch.bfloat16)
+    bf = load(deep_dirs(family), dtype=torch.bfloat16)
     r16 = relevance(bf, prompts(bf)[0], answer=ANSWER).scores
     r32 = relevance(dev, p_dev, answer=ANSWER).scores
     assert torch.isfinite(r16).all()
     assert torch.corrcoef(torch.stack([r16.float(), r32]))[0, 1] > 0.9
 
 
-def test_auto_head_chunk_on_device(paths, monkeypatch):
+def test_auto_head_chunk_on_device(deep_dirs, monkeypatch):
     """Short of memory (patched), relevance chunks the heads on the GPU and gives the same numbers."""
     import explainprune.memory as memory
 
-    vlm = load(paths("qwen2_5_vl"), dtype=torch.bfloat16)
+    vlm = load(deep_dirs("qwen2_5_vl"), dtype=torch.bfloat16)
     p = prompts(vlm)[0]
     full = relevance(vlm, p, answer=ANSWER)
     n = p.length + len(ANSWER) - 1
@@ -123,8 +111,8 @@ def test_auto_head_chunk_on_device(paths, monkeypatch):
     torch.testing.assert_close(short.scores, full.scores, atol=1e-4, rtol=2e-2)
 
 
-def test_learned_pruner_and_generation_on_device(paths):
-    cpu, dev = load(paths("qwen2_vl"), "cpu"), load(paths("qwen2_vl"))
+def test_learned_pruner_and_generation_on_device(deep_dirs):
+    cpu, dev = load(deep_dirs("qwen2_vl"), "cpu"), load(deep_dirs("qwen2_vl"))
     comp = Compressor(in_channels=cpu.text_config.num_attention_heads)
     a = explainprune.get_pruner("learned", compressor=comp)
     ref = a.score(cpu, prompts(cpu)[0])
@@ -133,18 +121,18 @@ def test_learned_pruner_and_generation_on_device(paths):
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-4)
     assert cpu.generate(prompts(cpu)[0], max_new_tokens=4).token_ids == \
         dev.generate(prompts(dev)[0], max_new_tokens=4).token_ids
-    bf = load(paths("qwen2_vl"), dtype=torch.bfloat16)
+    bf = load(deep_dirs("qwen2_vl"), dtype=torch.bfloat16)
     out = a.generate(bf, prompts(bf)[0], 0.25, max_new_tokens=4)
     assert out.visual_tokens == -(-prompts(bf)[0].num_visual // 4) and len(out.token_ids) >= 1
 
 
-def test_accelerate_offload_and_multi_gpu_shards(paths):
+def test_accelerate_offload_and_multi_gpu_shards(deep_dirs):
     """device_map through accelerate: layers 1-2 CPU-offloaded (weights on meta, executed on the GPU),
     and, with two GPUs, layers split over cuda:0 / cuda:1. Relevance and FastV equal one device."""
     accelerate = pytest.importorskip("accelerate")
     if DEVICE.type != "cuda":
         pytest.skip("accelerate offload runs on CUDA")
-    ref = load(paths("qwen2_vl"))
+    ref = load(deep_dirs("qwen2_vl"))
     p_ref = prompts(ref)
     rel_ref = relevance(ref, p_ref[0], answer=ANSWER).scores
     fv_ref = FastV(layer=2).generate(ref, p_ref, 0.25, max_new_tokens=3)
@@ -152,7 +140,7 @@ def test_accelerate_offload_and_multi_gpu_shards(paths):
     if torch.cuda.device_count() > 1:
         maps.append(lambda i: 1 if i >= 2 else 0)
     for where in maps:
-        vlm = load(paths("qwen2_vl"), "cpu")
+        vlm = load(deep_dirs("qwen2_vl"), "cpu")
         names = {"model.visual": 0, "model.language_model.embed_tokens": 0, "model.language_model.rotary_emb": 0,
                  "model.language_model.norm": 0, "lm_head": 0}
         names.update({f"model.language_model.layers.{i}": where(i) for i in range(4)})

@@ -11,7 +11,7 @@ import torch
 
 import explainprune
 from explainprune import get_pruner
-from explainprune.testing import build_tiny, random_image
+from explainprune.testing import random_image
 
 DEVICE = torch.device(os.environ.get("EXPLAINPRUNE_TEST_DEVICE", "cuda"))
 pytestmark = [pytest.mark.gpu,
@@ -21,8 +21,8 @@ METHODS = ("layer0", "pdrop", "dart", "divprune", "visionzip", "uniform")
 
 
 @pytest.fixture(scope="module")
-def path(tmp_path_factory):
-    return build_tiny("qwen2_vl", tmp_path_factory.mktemp("qwen2_vl-gpu-baselines"), layers=4)
+def path(deep_dirs):
+    return deep_dirs("qwen2_vl")
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
