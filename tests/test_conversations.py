@@ -16,6 +16,7 @@ from explainprune.conversations import (
     parse_columns,
     video_duration,
 )
+from explainprune.testing import write_video
 
 
 def _png(path, seed=0, size=(40, 48)):
@@ -25,17 +26,8 @@ def _png(path, seed=0, size=(40, 48)):
 
 
 def _mp4(path, seconds, fps=2, size=(32, 32)):
-    av = pytest.importorskip("av")
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=fps)
-        s.width, s.height, s.pix_fmt = size[1], size[0], "yuv420p"
-        for k in range(int(seconds * fps)):
-            arr = np.full((*size, 3), (k * 7) % 255, dtype=np.uint8)
-            for packet in s.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-                c.mux(packet)
-        for packet in s.encode():
-            c.mux(packet)
-    return path
+    pytest.importorskip("av")
+    return write_video(path, lambda k: np.full((*size, 3), (k * 7) % 255, dtype=np.uint8), int(seconds * fps), fps)
 
 
 @pytest.fixture()

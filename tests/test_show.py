@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from explainprune.cli.main import main
+from explainprune.testing import write_video
 from explainprune.visualize import _upsample, frame_pictures, relevance_figure, token_map
 
 pytestmark = pytest.mark.parametrize("family", ["qwen2_vl"])
@@ -98,19 +99,10 @@ def test_pictures_as_the_model_sees_them(load_tiny, family, vlm):
 
 
 def test_read_frames_from_a_video_file(family, tmp_path):
-    av = pytest.importorskip("av")
+    pytest.importorskip("av")
     from explainprune.cli.show import read_frames
 
-    path = tmp_path / "v.mp4"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=4)
-        stream.width, stream.height, stream.pix_fmt = 112, 112, "yuv420p"
-        for i in range(12):
-            frame = av.VideoFrame.from_ndarray(np.full((112, 112, 3), i * 20, dtype=np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    path = write_video(tmp_path / "v.mp4", lambda i: np.full((112, 112, 3), i * 20, dtype=np.uint8), 12, 4)
     frames = read_frames(path, 4)  # frames 0, 3, 6, 9 of 12
     assert [f.size for f in frames] == [(112, 112)] * 4
     assert [round(float(np.asarray(f).mean()) / 20) for f in frames] == [0, 3, 6, 9]

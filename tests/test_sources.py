@@ -12,6 +12,7 @@ import explainprune.labels as labels
 import explainprune.sources as sources
 from explainprune.errors import InputError
 from explainprune.sources import LabelSample, ManifestSource
+from explainprune.testing import write_video
 
 
 def test_labels_reexports_the_sources():
@@ -64,21 +65,12 @@ def test_digits_source_is_deterministic():
 
 
 def test_read_video_reports_the_sampled_fps(tmp_path):
-    av = pytest.importorskip("av")
+    pytest.importorskip("av")
     import numpy as np
 
     from explainprune.models.base import Video
 
-    path = tmp_path / "v.mp4"
-    with av.open(str(path), "w") as container:  # 20 frames at 10 fps: 2 s
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-        for i in range(20):
-            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 12, dtype=np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    path = write_video(tmp_path / "v.mp4", lambda i: np.full((32, 32, 3), i * 12, dtype=np.uint8), 20, 10)  # 2 s
     video = sources.read_video(path, max_frames=4)  # frames 0, 5, 10, 15: 4 frames over 2 s
     assert isinstance(video, Video) and isinstance(video, list) and len(video) == 4
     assert video.fps == pytest.approx(2.0)
@@ -168,23 +160,18 @@ def test_sample_digest_follows_the_media_bytes(tmp_path):
 # -- video files: decoded by seeking to the sampled frames only ------------------------------------------
 def write_clip(path, frames: int = 900, size: tuple[int, int] = (64, 48), codec: str = "libx264", gop: int = 30):
     """A ``frames``-frame 30 fps clip whose every frame differs (moving bar, colour ramp)."""
-    av = pytest.importorskip("av")
+    pytest.importorskip("av")
     import numpy as np
 
     w, h = size
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=30)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.codec_context.gop_size = gop
-        for i in range(frames):
-            img = np.zeros((h, w, 3), np.uint8)
-            img[..., 0], img[..., 1] = (i * 7) % 256, (i // 30 * 40) % 256
-            img[i % h, :, 2] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
+
+    def pixels(i: int) -> np.ndarray:
+        img = np.zeros((h, w, 3), np.uint8)
+        img[..., 0], img[..., 1] = (i * 7) % 256, (i // 30 * 40) % 256
+        img[i % h, :, 2] = 255
+        return img
+
+    return write_video(path, pixels, frames, 30, codec=codec, gop=gop)
 
 
 def full_decode_reference(path, max_frames: int = 8) -> list:

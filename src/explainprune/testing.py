@@ -202,6 +202,26 @@ def random_image(seed: int = 0, size: tuple[int, int] = (112, 140)):
     return Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))
 
 
+def write_video(path: str | Path, pixels, frames: int, fps: float, codec: str = "mpeg4",
+                gop: int | None = None) -> Path:
+    """A video file (PyAV) of ``frames`` frames at ``fps``; frame i is ``pixels(i)``, an H x W x 3 uint8 array
+    (H, W even: yuv420p). ``gop``: the encoder's keyframe interval (default: the codec's)."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.height, stream.width = pixels(0).shape[:2]
+        stream.pix_fmt = "yuv420p"
+        if gop is not None:
+            stream.codec_context.gop_size = gop
+        for i in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels(i), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return Path(path)
+
+
 def put_in_hub_cache(checkpoint: str | Path, repo_id: str, cache_dir: str | Path, revision: str = "main",
                      commit: str | None = None) -> Path:
     """Copy a checkpoint directory into a hub cache laid out as huggingface_hub lays it out.
