@@ -15,24 +15,15 @@ from PIL import Image
 from explainprune.answers import is_correct
 from explainprune.errors import InputError
 from explainprune.labels import LabelConfig, LabelOutput, label, read_index, read_table, shard_path
-from explainprune.models.base import Prompt
 from explainprune.sources import ManifestSource
+from test_labels import FakeVLM  # tests/ is on sys.path (its conftest.py)
 
 
-class ImageVLM:
+class ImageVLM(FakeVLM):
     """Enough of a VLM for the label loop: every image becomes a 1 x 2 x 3 token grid."""
 
-    def fingerprint(self):
-        return {"model_type": "fake", "num_hidden_layers": 2, "num_attention_heads": 3, "hidden_size": 8}
-
     def prepare(self, images=None, video=None, question=""):
-        n = 6
-        grid = torch.tensor([[0, r, c] for r in range(2) for c in range(3)])
-        length = n + 4
-        return Prompt(input_ids=torch.zeros(1, length, dtype=torch.long), inputs_embeds=torch.zeros(1, length, 8),
-                      position_ids=torch.arange(length)[None], attention_mask=torch.ones(1, length, dtype=torch.long),
-                      visual_pos=torch.arange(1, n + 1), visual_grid=grid, instruction=(n + 1, length),
-                      question=question)
+        return super().prepare((1, 2, 3), video, question)
 
 
 class NineLabeler:
