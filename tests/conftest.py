@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -21,53 +23,25 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """family -> checkpoint directory (built once per session, on first use)."""
-    cache: dict[str, object] = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = build_tiny(family, tmp_path_factory.mktemp(family))
-        return cache[family]
-
-    return get
+    return functools.cache(lambda family: build_tiny(family, tmp_path_factory.mktemp(family)))
 
 
 @pytest.fixture(scope="session")
 def load_tiny(tiny_dirs):
-    cache: dict[str, object] = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = explainprune.load(tiny_dirs(family))
-        return cache[family]
-
-    return get
+    return functools.cache(lambda family: explainprune.load(tiny_dirs(family)))
 
 
 @pytest.fixture(scope="session")
 def deep_dirs(tmp_path_factory):
     """family -> checkpoint directory of a 4-layer tiny model (built once per session, on first use)."""
-    cache: dict[str, object] = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = build_tiny(family, tmp_path_factory.mktemp(f"{family}-deep"), layers=4)
-        return cache[family]
-
-    return get
+    return functools.cache(lambda family: build_tiny(family, tmp_path_factory.mktemp(f"{family}-deep"), layers=4))
 
 
 @pytest.fixture(scope="session")
 def deep(deep_dirs):
     """family -> (sdpa VLM, eager VLM) of a 4-layer tiny model (in-LLM pruners need K < layers)."""
-    cache: dict[str, tuple] = {}
-
-    def get(family: str):
-        if family not in cache:
-            path = deep_dirs(family)
-            cache[family] = (explainprune.load(path), explainprune.load(path, attn_implementation="eager"))
-        return cache[family]
-
-    return get
+    return functools.cache(lambda family: (explainprune.load(deep_dirs(family)),
+                                           explainprune.load(deep_dirs(family), attn_implementation="eager")))
 
 
 @pytest.fixture(params=FAMILIES)
