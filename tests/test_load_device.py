@@ -34,3 +34,14 @@ def test_cpu_load_passes_no_device_map(tiny_dirs, seen):
     vlm = explainprune.load(tiny_dirs("qwen2_vl"))
     assert "device_map" not in seen[-1]
     assert {p.device.type for p in vlm.model.parameters()} == {"cpu"}
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "llava_onevision", "qwen3_vl"])
+def test_eager_is_for_the_language_model_only(tiny_dirs, family):
+    """--attn-implementation eager: the text decoder runs eager (its attention maps are what relevance and
+    FastV read); the vision tower stays on sdpa (eager there builds [heads, S, S] maps over the patches)."""
+    vlm = explainprune.load(tiny_dirs(family), attn_implementation="eager")
+    assert vlm.model.config.get_text_config()._attn_implementation == "eager"
+    assert vlm.model.config.vision_config._attn_implementation == "sdpa"
+    p = vlm.prepare(images=__import__("explainprune.testing").testing.random_image(0), question="what is here ?")
+    assert len(vlm.generate(p, max_new_tokens=2).token_ids) >= 1
