@@ -98,10 +98,9 @@ def test_card_metadata_of_a_plain_save(tmp_path):
 
 
 def test_trained_compressor_card_has_labels_metrics_and_command(tmp_path):
-    from test_train import SMALL, ToyLabeler, ToySource
-
     from explainprune.labels import LabelConfig, label
     from test_labels import FakeVLM
+    from test_train import SMALL, ToyLabeler, ToySource
 
     labels = tmp_path / "labels"
     label(FakeVLM(), ToySource(12), labels, LabelConfig(shard_size=6), labeler=ToyLabeler(), progress=False)

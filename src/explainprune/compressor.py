@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from explainprune.errors import InputError
-from explainprune.files import atomic_path, write_json_atomic, write_text_atomic  # write_json_atomic: also imported from here
+from explainprune.files import atomic_path, write_json_atomic  # write_json_atomic: also imported from here
 
 FORMAT = "explainprune-compressor"
 FINGERPRINT_KEYS = ("model_type", "num_hidden_layers", "num_attention_heads", "hidden_size")
@@ -171,6 +171,7 @@ class Compressor(nn.Module):
         card; ``card``: its ``base_model`` / ``labels`` / ``metrics`` / ``training``, default ``self.card``) to
         ``directory``, atomically file by file."""
         from explainprune.compressor_hub import CARD, CHECKSUM_KEY, CONFIG, WEIGHTS, card_text, sha256_file
+        from explainprune.files import write_text_atomic
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
