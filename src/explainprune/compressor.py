@@ -218,12 +218,6 @@ class Compressor(nn.Module):
             raise InputError("is not an explainprune compressor config", file=cfg_file)
         raw.pop("version", None)
         expected = raw.pop(CHECKSUM_KEY, None)
-        if expected is not None:
-            found = sha256_file(weights)
-            if not isinstance(expected, str) or found != expected.lower():
-                raise InputError(f"does not match the SHA-256 in {cfg_file.name} (expected {str(expected)[:16]}..., "
-                                 f"found {found[:16]}...): the weights changed after they were saved",
-                                 file=weights, hint="the compressor folder is damaged: train it again or copy it anew")
         known = CompressorConfig.__dataclass_fields__
         try:
             model = cls(CompressorConfig(**{k: v for k, v in raw.items() if k in known}))
@@ -234,6 +228,12 @@ class Compressor(nn.Module):
         except Exception as err:  # safetensors raises its own SafetensorError (truncated / damaged file)
             raise InputError(f"cannot read the weights ({type(err).__name__}: {err})", file=weights,
                              hint="the compressor folder is damaged: train it again or copy it anew") from None
+        if expected is not None:  # folders saved before the checksum existed have none
+            found = sha256_file(weights)
+            if not isinstance(expected, str) or found != expected.lower():
+                raise InputError(f"does not match the SHA-256 in {cfg_file.name} (expected {str(expected)[:16]}..., "
+                                 f"found {found[:16]}...): the weights changed after they were saved",
+                                 file=weights, hint="the compressor folder is damaged: train it again or copy it anew")
         try:
             model.load_state_dict(state)
         except RuntimeError as err:
