@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import explainprune
 from explainprune.cli.main import main
 from explainprune.compressor import Compressor
 from explainprune.errors import InputError
-from explainprune.testing import put_in_hub_cache
+from explainprune.testing import put_in_hub_cache, random_image
 from explainprune.train import TrainConfig, train
 from test_load import _no_network, hub_cache  # noqa: F401  (hub_cache is a fixture)
 
@@ -127,16 +128,42 @@ def test_hub_id_loads_offline_from_the_cache_with_revision(tmp_path, hub_cache, 
     put_in_hub_cache(v2_f.save_pretrained(tmp_path / "v2"), "org/tiny-compressor", hub_cache, revision="v2")
     assert (hub_cache / "models--org--tiny-compressor" / "refs" / "main").read_text() == snap.name
     _no_network(monkeypatch)
-    for rev, want in ((None, main_f), ("v2", v2_f)):
-        got = Compressor.from_pretrained("org/tiny-compressor", revision=rev)
+    for name, rev, want in (("org/tiny-compressor", None, main_f), ("org/tiny-compressor", "v2", v2_f),
+                            ("org/tiny-compressor@v2", None, v2_f), ("org/tiny-compressor@main", None, main_f)):
+        got = Compressor.from_pretrained(name, revision=rev)
         for k, v in want.state_dict().items():
-            assert torch.equal(v, got.state_dict()[k]), (rev, k)
+            assert torch.equal(v, got.state_dict()[k]), (name, rev, k)
+    with pytest.raises(ValueError, match="two revisions"):
+        Compressor.from_pretrained("org/tiny-compressor@v2", revision="main")
     got = Compressor.from_pretrained("org/tiny-compressor")
     got.check_compatible(FP)
     with pytest.raises(ValueError, match="num_hidden_layers: trained for 2, given 3"):
         got.check_compatible({**FP, "num_hidden_layers": 3})
     pruner = explainprune.get_pruner("learned", compressor="org/tiny-compressor")
     assert torch.equal(pruner.compressor.head.weight, main_f.head.weight)
+
+
+def test_unreachable_hub_loads_from_the_cache_at_once(tmp_path, monkeypatch):
+    """No HF_HUB_OFFLINE, but no network either (name resolution fails): the cached snapshot is used."""
+    import socket
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf_home" / "hub"
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    f = _small(2)
+    put_in_hub_cache(f.save_pretrained(tmp_path / "c"), "org/tiny-compressor", cache)
+
+    def unreachable(*args, **kwargs):
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unreachable)
+    t = time.perf_counter()
+    got = Compressor.from_pretrained("org/tiny-compressor")
+    assert time.perf_counter() - t < 10
+    assert torch.equal(got.head.weight, f.head.weight)
 
 
 def test_hub_blob_changed_in_the_cache_fails_the_checksum(tmp_path, hub_cache, monkeypatch):  # noqa: F811
@@ -173,6 +200,29 @@ def test_eval_cli_takes_a_hub_id_offline(tmp_path, hub_cache, monkeypatch, capsy
     assert rc == 0
     rows = json.loads(out[out.index("{"):])["results"]
     assert {(r["method"], r["ratio"]) for r in rows} >= {("learned", 0.5)}
+    random_image(0).save(tmp_path / "x.png")
+    rc = main(["show", "--model", "demo", "--image", str(tmp_path / "x.png"), "--question",
+               "what digit is in row 1 , column 2 ?", "--compressor", "org/demo-compressor", "--out",
+               str(tmp_path / "show.png"), "--json"])
+    shown = json.loads(capsys.readouterr().out)
+    assert rc == 0 and (tmp_path / "show.png").is_file() and shown["predicted"]
+    rc = main(["flops", "--model", "demo", "--visual-tokens", "64", "--ratio", "0.25", "--compressor",
+               "org/demo-compressor", "--json"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["conv"] > 0
+
+
+def test_lmms_eval_model_takes_a_hub_id_offline(tmp_path, hub_cache, monkeypatch, tiny_dirs, load_tiny):  # noqa: F811
+    pytest.importorskip("lmms_eval")
+    from explainprune.integrations.lmms_eval.model import ExplainPrune
+
+    vlm = load_tiny("qwen2_vl")
+    f = _small(fingerprint=vlm.fingerprint(), heads=vlm.text_config.num_attention_heads)
+    put_in_hub_cache(f.save_pretrained(tmp_path / "c"), "org/tiny-compressor", hub_cache)
+    _no_network(monkeypatch)
+    model = ExplainPrune.create_from_arg_string(
+        f"pretrained={tiny_dirs('qwen2_vl')},method=learned,ratio=0.25,compressor=org/tiny-compressor,warmup=false",
+        {"batch_size": 1, "device": "cpu"})
+    assert torch.equal(model.engine.pruner.compressor.head.weight, f.head.weight)
 
 
 # -- push ---------------------------------------------------------------------------------------------------

@@ -30,12 +30,18 @@ def sha256_file(path: str | Path) -> str:
 
 def locate(source: str | Path, revision: str | None = None) -> tuple[Path, Path, Path | None]:
     """(config.json, model.safetensors, README.md or None) of a compressor: a local folder, or a hub id
-    ``org/name`` at ``revision`` (hub cache first; ``HF_HUB_OFFLINE=1`` uses the cache only).
+    ``org/name`` at ``revision`` (or ``org/name@revision``, for command lines), found as checkpoints are: the
+    hub cache when the hub is unreachable or ``HF_HUB_OFFLINE=1``.
 
     Raises FileNotFoundError naming the folder / id when there is no compressor there."""
     from explainprune.models.hub import _looks_local, checkpoint_file, is_hub_id
 
     path = Path(source).expanduser()
+    if not isinstance(source, Path) and "@" in str(source) and not path.exists():
+        source, _, at = str(source).rpartition("@")
+        if revision is not None and revision != at:
+            raise ValueError(f"two revisions given: {at!r} after '@' and revision={revision!r}")
+        revision, path = at, Path(source)
     if path.is_dir() or isinstance(source, Path) or not is_hub_id(str(source)) or _looks_local(str(source)):
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to a hub id (org/name); {source} is a local path")
