@@ -51,7 +51,10 @@ def locate(source: str | Path, revision: str | None = None) -> tuple[Path, Path,
                                     "org/name)")
         card = path / CARD
         return cfg, weights, card if card.is_file() else None
-    cfg = checkpoint_file(str(source), CONFIG, revision=revision)
+    try:
+        cfg = checkpoint_file(str(source), CONFIG, revision=revision)
+    except FileNotFoundError as err:  # the checkpoints' message, worded for a compressor
+        raise FileNotFoundError(str(err).replace("local checkpoint directory", "local compressor folder")) from None
     weights = checkpoint_file(str(source), WEIGHTS, revision=revision, required=False)
     if weights is None:
         raise FileNotFoundError(f"the hub repository {source} has {CONFIG} but no {WEIGHTS}: it is not a "
