@@ -186,6 +186,15 @@ def test_example_center_pruner_keeps_the_centre(example_installed, load_tiny):
     assert sorted(prompt.visual_grid[kept, 1:].tolist()) == [[1, 1], [1, 2], [2, 1], [2, 2]]
     out = p.generate(vlm, prompt, 0.25, max_new_tokens=2)
     assert out.visual_tokens == 4
+    wide = vlm.prepare(images=random_image(0, (112, 224)), question=Q)  # 4 x 8 tokens: the option matters
+    assert wide.grid_shape == (1, 4, 8)
+    ellipse = wide.visual_grid[get_pruner("center").keep(vlm, wide, 0.375), 1:].tolist()  # 12 of 32
+    circle = wide.visual_grid[get_pruner("center", aspect=False).keep(vlm, wide, 0.375), 1:].tolist()
+    assert sorted(ellipse) == [[r, c] for r in (1, 2) for c in range(1, 7)]
+    assert sorted(circle) == sorted([[r, c] for r in (1, 2) for c in range(2, 6)] + [[r, c] for r in (0, 3)
+                                                                                     for c in (3, 4)])
+    with pytest.raises(ValueError, match="option aspect must be bool"):
+        get_pruner("center", aspect="no")
 
 
 def test_example_in_eval_flops_and_demo_methods(example_installed, capsys, tmp_path):
