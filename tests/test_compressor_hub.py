@@ -226,16 +226,27 @@ def test_lmms_eval_model_takes_a_hub_id_offline(tmp_path, hub_cache, monkeypatch
 
 
 # -- push ---------------------------------------------------------------------------------------------------
+def _real_signature(name: str, kwargs: dict) -> None:
+    import inspect
+
+    from huggingface_hub import HfApi
+
+    assert set(kwargs) <= set(inspect.signature(getattr(HfApi, name)).parameters), (name, sorted(kwargs))
+
+
 class FakeApi:
-    """Stands in for huggingface_hub.HfApi: records the calls and the uploaded folder's files."""
+    """Stands in for huggingface_hub.HfApi: records the calls (keywords checked against HfApi's own
+    signatures) and the uploaded folder's files."""
 
     def __init__(self):
         self.calls, self.files = [], {}
 
     def create_repo(self, repo_id, **kwargs):
+        _real_signature("create_repo", kwargs)
         self.calls.append(("create_repo", repo_id, kwargs))
 
     def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        _real_signature("upload_folder", {"repo_id": repo_id, "folder_path": folder_path, **kwargs})
         self.calls.append(("upload_folder", repo_id, kwargs))
         root = Path(folder_path)
         self.files = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}

@@ -14,7 +14,6 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-import torch
 
 from explainprune import plugins
 from explainprune.cli.main import main
@@ -231,5 +230,12 @@ def test_example_in_the_lmms_eval_engine_and_model(example_installed, tiny_dirs,
     model = ExplainPrune.create_from_arg_string(f"pretrained={tiny_dirs('qwen2_vl')},method=center,ratio=0.25,"
                                                 "warmup=false", {"batch_size": 1, "device": "cpu"})
     assert type(model.engine.pruner).__name__ == "CenterPruner"
-    assert torch.equal(model.engine.pruner.keep(vlm, vlm.prepare(images=image, question=Q), 0.25),
-                       get_pruner("center").keep(vlm, vlm.prepare(images=image, question=Q), 0.25))
+    from lmms_eval.api.instance import Instance
+
+    docs = [{"question": Q, "visual": [image]}]
+    model.task_dict = {"t": {"test": docs}}
+    (res,) = model.generate_until([Instance(
+        request_type="generate_until", idx=0, metadata={"task": "t", "doc_id": 0, "repeats": 1},
+        arguments=(Q, {"max_new_tokens": 2}, lambda doc: doc["visual"], 0, "t", "test"))])
+    assert getattr(res, "text", res) == ref.text
+    assert model.engine.records[-1].kept == 4
