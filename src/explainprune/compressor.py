@@ -203,7 +203,7 @@ class Compressor(nn.Module):
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu",
                         revision: str | None = None) -> Compressor:
         """Load a compressor written by ``save_pretrained`` (JSON + safetensors; nothing is unpickled) from a
-        folder, or from a hub id ``org/name`` at ``revision`` (the hub cache first, as checkpoints are found).
+        folder, or from a hub id ``org/name`` at ``revision``, found as checkpoints are (the hub cache offline).
         The weights are checked against the SHA-256 in config.json (folders saved before it had none)."""
         from explainprune.compressor_hub import CHECKSUM_KEY, locate, read_card, sha256_file
 

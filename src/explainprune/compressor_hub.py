@@ -4,8 +4,9 @@ A saved compressor folder holds ``config.json`` (with ``weights_sha256``, the SH
 ``model.safetensors``), ``model.safetensors`` and ``README.md``, a model card whose YAML metadata names the
 model it was trained for (hub id when known, and the fingerprint), the label set, the validation metrics,
 the training command and the library version. ``Compressor.from_pretrained("org/name", revision=...)``
-finds the files as checkpoints are found (``models.hub.checkpoint_file``: the hub cache first, so it works
-offline); ``Compressor.push_to_hub`` uploads exactly the folder ``save_pretrained`` writes.
+finds the files as checkpoints are found (``models.hub.checkpoint_file``: from the hub cache when
+``HF_HUB_OFFLINE=1`` or the hub is unreachable); ``Compressor.push_to_hub`` uploads exactly the folder
+``save_pretrained`` writes.
 """
 
 from __future__ import annotations

@@ -43,8 +43,7 @@ _STATE = _State()
 
 def reset() -> None:
     """Forget the entry points read and the plug-ins loaded (the next look-up reads them again)."""
-    global _STATE
-    _STATE = _State()
+    _STATE.__init__()
 
 
 def _package(ep: metadata.EntryPoint) -> str:
