@@ -11,7 +11,7 @@ TORCH_PIN := torch==2.13.0
 TRANSFORMERS_LOWEST := transformers==5.18.0
 LOWEST := .venv-lowest
 
-.PHONY: install install-lmms demo test test-gpu test-lowest lint clean gpu-bundle
+.PHONY: install install-lmms install-plugin demo test test-gpu test-lowest lint clean gpu-bundle
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,10 +33,19 @@ $(VENV)/.installed-lmms: $(VENV)/.installed
 
 install-lmms: $(VENV)/.installed-lmms
 
+# The example plug-in package (a pruner found through the entry-point group explainprune.pruners): the tests
+# run it in get_pruner, eval, flops and lmms-eval as an outside package (docs/plugins.md).
+PLUGIN_EXAMPLE := examples/explainprune-plugin-example
+$(VENV)/.installed-plugin: $(VENV)/.installed $(PLUGIN_EXAMPLE)/pyproject.toml
+	$(BIN)/pip install -q --no-deps -e $(PLUGIN_EXAMPLE)
+	touch $@
+
+install-plugin: $(VENV)/.installed-plugin
+
 demo: install
 	$(BIN)/explainprune demo
 
-test: install-lmms gpu-bundle
+test: install-lmms install-plugin gpu-bundle
 	$(BIN)/ruff check src tests benchmarks recipes
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 

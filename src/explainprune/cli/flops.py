@@ -23,10 +23,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ratio", type=float, default=1.0, help="retention ratio in (0, 1] (default 1)")
     p.add_argument("--method", default="learned",
                    help="'learned' (before the LLM, + compressor overhead), 'fastv' (from --fastv-layer), "
-                   "or any other name (before the LLM, no overhead); default learned")
+                   "an installed plug-in's name (its layer and selection cost), or any other name (before the "
+                   "LLM, no overhead); default learned")
     p.add_argument("--fastv-layer", type=int, default=2, help="FastV's K: layers 0..K-1 see every token")
-    p.add_argument("--compressor", help="a saved compressor directory (its channels; default the paper's "
-                   "1 -> 32, 64, 128, 256, 512 -> 1, k=3)")
+    p.add_argument("--compressor", help="a saved compressor directory or hub id org/name (its channels; default "
+                   "the paper's 1 -> 32, 64, 128, 256, 512 -> 1, k=3)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
@@ -83,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--visual-tokens must be >= 1; got {args.visual_tokens}")
     shape = _shape(args)
     layer = args.fastv_layer if args.method == "fastv" else 0
+    plugin = _plugin(args.method)
+    if plugin is not None:  # an installed package's pruner: its own layer and selection cost
+        layer = int(getattr(plugin, "layer", 0))
     compressor = None
     if args.method == "learned":
         compressor = dict(PAPER_COMPRESSOR)
@@ -91,9 +95,22 @@ def run(args: argparse.Namespace) -> int:
 
             compressor = compressor_channels(Compressor.from_pretrained(args.compressor))
     acc = account(shape, args.visual_tokens, args.ratio, layer, compressor=compressor)
+    if plugin is not None:
+        acc.selection = int(plugin.overhead_flops(shape.hidden, args.visual_tokens, acc.tokens_per_layer))
     if args.json:
         print(json.dumps({"method": args.method, **acc.to_json()}, indent=2))
     else:
         print(f"Appendix-D FLOPs, method {args.method}\n")
         print(acc.to_markdown())
     return 0
+
+
+def _plugin(method: str):
+    """The pruner of an installed plug-in named ``method`` (built with no options), else None."""
+    from explainprune.plugins import names
+
+    if method not in names():
+        return None
+    from explainprune.pruning import available, get_pruner
+
+    return get_pruner(method) if method not in available(plugins=False) else None

@@ -76,17 +76,29 @@ def register(name: str):
     return deco
 
 
-def available() -> list[str]:
-    return sorted(_REGISTRY)
+def available(plugins: bool = True) -> list[str]:
+    """The built-in methods and (unless ``plugins=False``) the installed plug-ins that load (entry-point group
+    ``explainprune.pruners``; one that fails gives a warning naming its package)."""
+    if not plugins:
+        return sorted(_REGISTRY)
+    from explainprune import plugins as found
+
+    return sorted({*_REGISTRY, *found.load_all(set(_REGISTRY))})
 
 
 def get_pruner(name: str, **options: Any) -> Pruner:
-    """The pruner registered as ``name``, built with ``options`` (e.g. ``seed=0``, ``layer=2``)."""
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.5)
+    """The pruner registered as ``name`` (built in, or an installed plug-in), built with ``options``
+    (e.g. ``seed=0``, ``layer=2``)."""
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        from explainprune import plugins
+
+        cls = plugins.find(name, set(_REGISTRY))
+    if cls is None:
+        names = available()
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
         hint = f" did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(f"unknown pruner {name!r}.{hint} available: {', '.join(available())}")
-    cls = _REGISTRY[name]
+        raise ValueError(f"unknown pruner {name!r}.{hint} available: {', '.join(names)}")
     _check_option_types(name, cls, options)
     try:
         return cls(**options)
