@@ -4,7 +4,6 @@ summary's parsing of pytest's junit XML and real_scale.py's JSON."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,16 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from explainprune.testing import script_module
+
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = ROOT / ".gpu-bundle"
 
 
 @pytest.fixture(scope="module")
 def check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    module = sys.modules["gpu_check"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module(ROOT / "benchmarks" / "gpu_check.py", "gpu_check")
 
 
 @pytest.mark.skipif(not list(BUNDLE.glob("transformers-*.whl")), reason="no .gpu-bundle (make gpu-bundle; "

@@ -4,23 +4,20 @@ the shipped configs are the real shapes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from explainprune.testing import script_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("real_scale", ROOT / "benchmarks" / "real_scale.py")
-    module = sys.modules["real_scale"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module(ROOT / "benchmarks" / "real_scale.py", "real_scale")
 
 
 def test_synthetic_prompt_matches_a_prepared_image(bench, load_tiny):
