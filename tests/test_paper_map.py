@@ -24,19 +24,18 @@ def test_every_equation_has_a_row():
         assert f"| Eq. {eq}" in DOC, f"Eq. {eq} has no row in docs/paper.md"
 
 
-def test_code_references_exist():
-    refs = CODE.findall(DOC)
+def check(refs: list[tuple[str, str]], sep: str) -> None:
     assert len(refs) >= 15
     for file, name in refs:
         assert (ROOT / file).is_file(), file
-        assert name in names(ROOT / file), f"{file}:{name} named in docs/paper.md does not exist"
+        assert name in names(ROOT / file), f"{file}{sep}{name} named in docs/paper.md does not exist"
+
+
+def test_code_references_exist():
+    check(CODE.findall(DOC), ":")
 
 
 def test_test_references_exist():
-    refs = TEST.findall(DOC)
-    assert len(refs) >= 15
-    for file, name in refs:
-        assert (ROOT / file).is_file(), file
-        assert name in names(ROOT / file), f"{file}::{name} named in docs/paper.md does not exist"
+    check(TEST.findall(DOC), "::")
     for file in FILE.findall(DOC):
         assert (ROOT / file).is_file(), file
