@@ -30,9 +30,9 @@ from typing import Any
 import torch
 
 from explainprune.answers import display, is_correct, normalize_answers
+from explainprune.cost import LLMShape, method_account
 from explainprune.errors import InputError
 from explainprune.evaluation import DEFAULT_METHODS, DEFAULT_RATIOS
-from explainprune.cost import LLMShape, method_account
 from explainprune.evaluation.report import VANILLA, Report, SampleRecord
 from explainprune.evaluation.tasks import TaskConfig, load_task, sample_kind
 from explainprune.prefetch import prefetch as load_ahead

@@ -117,7 +117,8 @@ class DART(SetInLLM, Pruner):
     def schedule(self, num_layers: int, ratio: float) -> list[Stage]:
         """DART's one stage at ``layer`` (also what ``tokens_per_layer`` counts)."""
         if not 1 <= self.layer < num_layers:
-            raise ValueError(f"dart layer must be in 1..{num_layers - 1} for a {num_layers}-layer LLM; got {self.layer}")
+            raise ValueError(f"dart layer must be in 1..{num_layers - 1} for a {num_layers}-layer LLM; "
+                             f"got {self.layer}")
         return [dart_stage(ratio, self.layer, self.pivot_image, self.pivot_text)]
 
     def overhead_flops(self, d: int, n_visual: int, tokens_per_layer: list[int]) -> int:
