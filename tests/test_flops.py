@@ -8,7 +8,7 @@ import pytest
 
 from explainprune.cli.main import main
 from explainprune.compressor import Compressor
-from explainprune.evaluation.flops import (
+from explainprune.cost import (
     PAPER_COMPRESSOR,
     LLMShape,
     account,
@@ -19,6 +19,7 @@ from explainprune.evaluation.flops import (
     layer_flops,
     visual_tokens_per_layer,
 )
+from explainprune.pruning import available
 
 N, D, M, L = 1568, 3584, 18944, 28
 QWEN7B = LLMShape(D, M, L)
@@ -105,4 +106,62 @@ def test_flops_cli_json_and_table(capsys):
 def test_flops_cli_reads_a_checkpoint_config(tiny_dirs, capsys):
     assert main(["flops", "--model", str(tiny_dirs("qwen2_vl")), "--visual-tokens", "20", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["shape"] == {"hidden": 64, "intermediate": 128, "layers": 2, "ffn_matrices": 3}
+    assert out["shape"] == {"hidden": 64, "intermediate": 128, "layers": 2, "ffn_matrices": 3, "vision_head_dim": 16}
+
+
+# -- one cost model: `explainprune flops` counts every registered method as the runner does ---------------
+def _spec_and_runner_pruner(name: str, vlm, tmp_path):
+    """(the --method spec, the pruner the runner uses): 'learned' with a saved compressor of the model's
+    heads (the CLI then reads its channels from the directory)."""
+    from explainprune.pruning import get_pruner
+
+    if name == "learned":
+        comp = Compressor(in_channels=vlm.text_config.num_attention_heads, channels=(8, 16))
+        comp.save_pretrained(tmp_path / "f")
+        return f"learned:compressor={tmp_path / 'f'}", get_pruner("learned", compressor=str(tmp_path / "f"))
+    return name, get_pruner(name)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25])
+@pytest.mark.parametrize("name", available())
+def test_flops_cli_agrees_with_the_runner(name, ratio, deep, deep_dirs, tmp_path, capsys):
+    """Same per-layer visual tokens (those the generation kept) and the same FLOPs, for every method."""
+    from explainprune.evaluation.runner import run_one
+    from explainprune.testing import random_image
+
+    vlm = deep("qwen2_vl")[0]
+    p = vlm.prepare(images=random_image(3), question="what digit is in row 2 column 3 ?")
+    sample = type("S", (), {"id": "a", "question": p.question, "answer": "7", "video": None, "meta": {}})()
+    spec, pruner = _spec_and_runner_pruner(name, vlm, tmp_path)
+    runs = []
+    generate = pruner.generate
+    pruner.generate = lambda *a, **k: runs.append(generate(*a, **k)) or runs[-1]  # see what the run kept
+    shape = LLMShape.from_config(vlm.text_config, vlm.config.vision_config)
+    rec = run_one(vlm, pruner, spec, p, sample, ratio, shape, 2)
+    assert main(["flops", "--model", str(deep_dirs("qwen2_vl")), "--visual-tokens", str(p.num_visual),
+                 "--ratio", str(ratio), "--method", spec, "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    out = runs[0]
+    kept_per_layer = list(getattr(out, "visual_per_layer", None) or [out.visual_tokens] * shape.layers)
+    assert cli["tokens_per_layer"] == kept_per_layer
+    assert cli["llm"] == rec.flops_llm and cli["attention"] + cli["conv"] + cli["selection"] == rec.flops_overhead
+    assert cli["average_retention"] == pytest.approx(rec.average_retention)
+    if name != "vanilla":
+        assert 0 < cli["llm"] < cli["vanilla"]  # it pruned: the comparison is not between two unpruned runs
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava"])
+def test_visionzip_key_dim_from_the_config_is_the_measured_one(family, load_tiny, tiny_dirs):
+    from explainprune.pruning import get_pruner
+    from explainprune.testing import random_image
+
+    vlm = load_tiny(family)
+    pruner = get_pruner("visionzip")
+    p = vlm.prepare(images=random_image(1), question="how many 7 are there ?")
+    pruner.keep(vlm, p, 0.5)
+    shape = LLMShape.from_config(json.loads((tiny_dirs(family) / "config.json").read_text())["text_config"],
+                                 json.loads((tiny_dirs(family) / "config.json").read_text())["vision_config"])
+    assert shape.vision_head_dim == pruner._key_dim > 1
+    fresh = get_pruner("visionzip")  # never run: the key dim comes from the shape alone
+    assert fresh.selection_flops(shape, 40, [20] * 2) == pruner.selection_flops(shape, 40, [20] * 2) == \
+        (40 - 20) * round(20 * 10 / 64) * shape.vision_head_dim + 40 * shape.hidden
