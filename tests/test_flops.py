@@ -165,3 +165,36 @@ def test_visionzip_key_dim_from_the_config_is_the_measured_one(family, load_tiny
     fresh = get_pruner("visionzip")  # never run: the key dim comes from the shape alone
     assert fresh.selection_flops(shape, 40, [20] * 2) == pruner.selection_flops(shape, 40, [20] * 2) == \
         (40 - 20) * round(20 * 10 / 64) * shape.vision_head_dim + 40 * shape.hidden
+
+
+SHAPE_ARGS = ["--hidden", "64", "--intermediate", "128", "--layers", "8", "--visual-tokens", "100"]
+
+
+def test_flops_cli_takes_method_specs_and_refuses_unknown_names(capsys):
+    assert main(["flops", *SHAPE_ARGS, "--ratio", "0.25", "--method", "fastv:layer=3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens_per_layer"] == [100] * 3 + [25] * 5 and out["method"] == "fastv:layer=3"
+    assert main(["flops", *SHAPE_ARGS, "--ratio", "0.25", "--method", "fastv:layer=3"]) == 0
+    assert "| visual tokens per layer | 100 x 3, 25 x 5 |" in capsys.readouterr().out
+    from explainprune.pruning import get_pruner
+
+    seen = []
+    for spec, options in (("pdrop:lam=0.5", {"lam": 0.5}), ("pdrop", {})):  # the options reach the pruner
+        assert main(["flops", *SHAPE_ARGS, "--ratio", "0.25", "--method", spec, "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        pruner = get_pruner("pdrop", **options)
+        assert out["tokens_per_layer"] == pruner.tokens_per_layer(100, 0.25, 8)
+        assert out["selection"] == pruner.selection_flops(LLMShape(64, 128, 8), 100, out["tokens_per_layer"]) > 0
+        seen.append(out["tokens_per_layer"])
+    assert seen[0] != seen[1]
+    for method, message in (("nosuchmethod", "unknown pruner 'nosuchmethod'. available: "),
+                            ("fastv2", "unknown pruner 'fastv2'. did you mean 'fastv'?"),
+                            ("fastv:layer=8", "fastv prunes at layer 8: it must be in 1..7 for a 8-layer LLM"),
+                            ("pdrop:lam=2", "pdrop lam must be in [0, 1]")):
+        assert main(["flops", *SHAPE_ARGS, "--method", method]) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert captured.out == "" and len(lines) == 1 and lines[0].startswith("explainprune flops: error: ")
+        assert message in lines[0], lines[0]
+    assert main(["flops", *SHAPE_ARGS, "--method", "dart", "--fastv-layer", "3"]) == 2
+    assert "--fastv-layer is for --method fastv" in capsys.readouterr().err

@@ -152,14 +152,28 @@ class FlopsAccount:
         rows = [
             ("visual tokens n", f"{self.n_visual} (kept {self.kept}, ratio {self.ratio:g}, from layer {self.layer})"),
             ("LLM", f"d={s.hidden}, m={s.intermediate}, N_L={s.layers}, l={s.ffn_matrices}"),
+            ("visual tokens per layer", _runs(self.tokens_per_layer)),
             ("average retention over layers", f"{100 * self.average_retention:.1f}%"),
             ("FLOPs_LLM vanilla (Eq. 4)", _fmt(self.vanilla)),
             ("FLOPs_LLM pruned (Eq. 4 per layer)", _fmt(self.llm)),
             ("FLOPs_attn (Eq. 5)", f"{_fmt(self.attention)} ({100 * self.attention / self.vanilla:.4f}% of vanilla)"),
             ("FLOPs_conv (Eq. 6)", f"{_fmt(self.conv)} ({100 * self.conv / self.vanilla:.5f}% of vanilla)"),
+            ("the method's own selection", f"{_fmt(self.selection)} ({100 * self.selection / self.vanilla:.4f}% of "
+             "vanilla)"),
             ("total", f"{_fmt(self.total)} ({100 * (1 - self.total / self.vanilla):.1f}% fewer than vanilla)"),
         ]
         return "\n".join(["| quantity | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
+
+
+def _runs(tokens: Sequence[int]) -> str:
+    """[64, 64, 16, 16, 16] -> "64 x 2, 16 x 3" (layers in order)."""
+    runs: list[list[int]] = []
+    for t in tokens:
+        if runs and runs[-1][0] == t:
+            runs[-1][1] += 1
+        else:
+            runs.append([t, 1])
+    return ", ".join(f"{t} x {k}" for t, k in runs)
 
 
 def _fmt(x: int) -> str:
