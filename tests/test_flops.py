@@ -17,6 +17,7 @@ from explainprune.cost import (
     compressor_channels,
     conv_flops,
     layer_flops,
+    llm_flops,
     visual_tokens_per_layer,
 )
 from explainprune.pruning import available
@@ -198,3 +199,22 @@ def test_flops_cli_takes_method_specs_and_refuses_unknown_names(capsys):
         assert message in lines[0], lines[0]
     assert main(["flops", *SHAPE_ARGS, "--method", "dart", "--fastv-layer", "3"]) == 2
     assert "--fastv-layer is for --method fastv" in capsys.readouterr().err
+
+
+def test_method_account_defaults_and_what_a_run_kept():
+    from explainprune.cost import method_account
+    from explainprune.pruning import get_pruner
+
+    shape = LLMShape(64, 128, 4)
+
+    class Outside:  # a pruner from outside the registry, with none of the cost methods
+        layer = 0
+
+    assert method_account(Outside(), shape, 100, 0.5).tokens_per_layer == [50] * 4
+    assert method_account(Outside(), shape, 100, 0.5, kept=10).tokens_per_layer == [10] * 4  # what it kept
+    fastv = get_pruner("fastv", layer=1)
+    assert fastv.tokens_per_layer(100, 0.3, 4) == [100, 30, 30, 30]
+    assert method_account(fastv, shape, 100, 0.3, kept=20).tokens_per_layer == [100, 20, 20, 20]
+    assert method_account(fastv, shape, 100, 0.3, measured=[100, 100, 7, 7]).llm == llm_flops([100, 100, 7, 7], shape)
+    assert get_pruner("vanilla").tokens_per_layer(100, 0.1, 4) == [100] * 4
+    assert get_pruner("random").tokens_per_layer(7, 0.5, 3) == [4] * 3  # ceil, as select keeps
