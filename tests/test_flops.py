@@ -126,13 +126,15 @@ def _spec_and_runner_pruner(name: str, vlm, tmp_path):
 @pytest.mark.parametrize("ratio", [0.5, 0.25])
 @pytest.mark.parametrize("name", available())
 def test_flops_cli_agrees_with_the_runner(name, ratio, deep, deep_dirs, tmp_path, capsys):
-    """Same per-layer visual tokens (those the generation kept) and the same FLOPs, for every method."""
+    """Same per-layer visual tokens (those the generation kept) and the same FLOPs, for every method. The
+    input is a short video: every method serves videos (some, e.g. temporal ones, only videos)."""
     from explainprune.evaluation.runner import run_one
     from explainprune.testing import random_image
 
     vlm = deep("qwen2_vl")[0]
-    p = vlm.prepare(images=random_image(3), question="what digit is in row 2 column 3 ?")
-    sample = type("S", (), {"id": "a", "question": p.question, "answer": "7", "video": None, "meta": {}})()
+    frames = [random_image(20 + i, (112, 112)) for i in range(4)]
+    p = vlm.prepare(video=frames, question="in frame 2 what digit is in row 1 column 2 ?")
+    sample = type("S", (), {"id": "a", "question": p.question, "answer": "7", "video": frames, "meta": {}})()
     spec, pruner = _spec_and_runner_pruner(name, vlm, tmp_path)
     runs = []
     generate = pruner.generate
