@@ -25,6 +25,9 @@ class Vanilla(Pruner):
         select(torch.ones(max(prompt.num_visual, 1)), ratio)  # validates the ratio
         return torch.arange(prompt.num_visual)
 
+    def tokens_per_layer(self, n_visual: int, ratio: float, num_layers: int) -> list[int]:
+        return [n_visual] * num_layers
+
 
 @register("random")
 @dataclass

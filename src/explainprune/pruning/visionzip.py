@@ -259,11 +259,16 @@ class VisionZip(Pruner):
         return vlm.generate([merged_prompt(p, z) for p, z in zip(prompt, plans)], keep=[z.keep for z in plans],
                             max_new_tokens=max_new_tokens, **kwargs)
 
-    def overhead_flops(self, d: int, n_visual: int, tokens_per_layer: list[int]) -> int:
-        """Key similarity of the merged tokens to the targets ((N - k) c d_k) plus their means (N d).
+    def overhead_flops(self, d: int, n_visual: int, tokens_per_layer: list[int], key_dim: int | None = None) -> int:
+        """Key similarity of the merged tokens to the targets ((N - k) c d_k) plus their means (N d); d_k is
+        ``key_dim``, else the key dim of the last analysed prompt.
 
         The dominance attention is the encoder's own (computed anyway), so it is not counted."""
         kept = tokens_per_layer[0] if tokens_per_layer else n_visual
         c = round(kept * float(self.contextual_share))
-        return max(n_visual - kept, 0) * c * max(self._key_dim, 1) + n_visual * d
+        return max(n_visual - kept, 0) * c * max(key_dim or self._key_dim, 1) + n_visual * d
+
+    def selection_flops(self, shape: Any, n_visual: int, tokens_per_layer: list[int]) -> int:
+        """``overhead_flops`` with d_k the vision encoder's head dim from the model's config when known."""
+        return self.overhead_flops(shape.hidden, n_visual, tokens_per_layer, shape.vision_head_dim)
 
