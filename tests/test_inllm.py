@@ -137,6 +137,9 @@ def test_pdrop_never_collapses_and_costs_less_at_lower_ratio():
     assert at25 == [576] * 3 + [288] * 3 + [144] * 3 + [72] * 19  # λ = 0.5, int(576 λ^s)
     assert abs(sum(at25) / (28 * 576) - 0.25) < 0.03 and abs(sum(at10) / (28 * 576) - 0.10) < 0.01
     assert PyramidDrop(lam=0.5).tokens_per_layer(576, 0.1, 32) == [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8
+    # out of reach (4 layers: layer 0 alone is 25%): the last stage keeps ratio * N_v, never one token
+    assert PyramidDrop().tokens_per_layer(100, 0.25, 4) == [100, 62, 39, 25]
+    assert PyramidDrop().tokens_per_layer(100, 0.10, 4) == [100, 46, 21, 10]
 
 
 def test_pdrop_kv_cache_per_stage(deep):

@@ -19,7 +19,9 @@ default ``schedule="authors"`` maps it to a setting as the authors' (never colla
     λ solved from the ratio (>= 0.5; λ = 0.5 exactly at their average);
   - below: λ = 0.5 fixed and the boundaries moved earlier, evenly spaced K, 2K, 3K, with the integer K
     in 1..round(L/4) whose average retention is nearest the ratio;
-  - below what K = 1 reaches (1/8 + 11/(8L)): boundaries 1, 2, 3 and λ solved from the ratio (< 0.5).
+  - below what K = 1 reaches (1/8 + 11/(8L)): boundaries 1, 2, 3 and λ solved from the ratio (< 0.5);
+    a ratio no λ reaches (<= K_1 / L, e.g. 25% of a 4-layer LLM) takes λ = ratio^(1/S), so the last stage
+    keeps ratio * N_v, instead of one token per stage (the average retention reached is then above it).
 ``schedule="solve"`` is the former rule (the authors' boundaries, λ solved; λ = 0, one token per stage,
 below K_1 / L). ``layers`` / ``lam`` given explicitly override the schedule (``lam=0.5`` alone is the
 authors' literal command line). ``positions``: "compact" (authors: renumbered after each drop) or
@@ -92,7 +94,10 @@ def authors_schedule(ratio: float, num_layers: int) -> tuple[tuple[int, ...], fl
     reach = [abs(average_retention(AUTHORS_LAMBDA, ks, num_layers) - ratio) for ks in spaced]
     best = spaced[min(range(len(spaced)), key=lambda i: (reach[i], i))]
     if best == spaced[0] and average_retention(AUTHORS_LAMBDA, best, num_layers) > ratio:
-        return best, solve_lambda(ratio, best, num_layers)
+        lam = solve_lambda(ratio, best, num_layers)
+        # out of reach (the layers before K_1 alone exceed the ratio): rather than one token per stage,
+        # the last stage keeps ratio * N_v (λ = ratio^(1/S)); the report shows the average reached
+        return best, (lam if lam > 0 else float(ratio) ** (1 / len(best)))
     return best, AUTHORS_LAMBDA
 
 
