@@ -35,7 +35,7 @@ def main() -> None:
     rows = []
     demo = explainprune.load("demo")
     task = DigitsTask(split="test")
-    prompts = [demo.prepare(images=s.images, video=s.video, question=s.question)
+    prompts = [demo.prepare(**s.media(), question=s.question)
                for s in (task[i] for i in range(args.samples))]
     base = explainprune.get_pruner("dart")
     for label, options in [("dart keys=raw", {"keys": "raw"}), ("dart order=norm", {"order": "norm"}),
