@@ -10,6 +10,7 @@ their keys (layer -2's k_proj, mean over heads), L2-normalised, give every step-
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import pytest
@@ -37,6 +38,17 @@ def peaked():
             w.copy_(old)
 
 
+@contextlib.contextmanager
+def eager_tower(vlm):
+    """The vision tower on eager attention for the reference (explainprune keeps it on sdpa: models/base.py)."""
+    config = vlm.model.config.vision_config
+    saved, config._attn_implementation = config._attn_implementation, "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = saved
+
+
 def encoder_of(vlm):
     tower = vlm.model.model.vision_tower
     return tower.vision_model.encoder if hasattr(tower, "vision_model") else tower.encoder
@@ -46,7 +58,8 @@ def encoder_of(vlm):
 def authors_visionzip_llava(vlm, pixels, dominant: int, contextual: int) -> list[int]:
     """Kept patch indices (0-based, CLS excluded) of the authors' rule: ``dominant`` (CLS included) + ``contextual``."""
     tower = vlm.model.model.vision_tower
-    out = tower(pixels, output_hidden_states=True, output_attentions=True)
+    with eager_tower(vlm):
+        out = tower(pixels, output_hidden_states=True, output_attentions=True)
     attn = out.attentions[-2]                                               # [1, H, 1 + P, 1 + P]
     layer = encoder_of(vlm).layers[-2]
     x = layer.layer_norm1(out.hidden_states[-3])                            # the input of layer -2
@@ -65,7 +78,7 @@ def authors_visionzip_llava(vlm, pixels, dominant: int, contextual: int) -> list
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
 def test_visionzip_equals_the_authors_rule_on_llava(deep, peaked, ratio):
-    _, vlm = deep("llava")  # eager: the tower returns its attentions
+    _, vlm = deep("llava")
     sa = encoder_of(vlm).layers[-2].self_attn
     peaked(sa.q_proj.weight, sa.k_proj.weight)
     p = vlm.prepare(images=random_image(5), question=QUESTION)
@@ -83,7 +96,7 @@ def test_visionzip_cls_columns(deep, peaked):
     sa = encoder_of(vlm).layers[-2].self_attn
     peaked(sa.q_proj.weight, sa.k_proj.weight)
     p = vlm.prepare(images=random_image(6), question=QUESTION)
-    with torch.no_grad():
+    with torch.no_grad(), eager_tower(vlm):
         out = vlm.model.model.vision_tower(p.model_inputs["pixel_values"], output_attentions=True)
     expected = out.attentions[-2][0, :, 0, 1:].sum(0)
     torch.testing.assert_close(vision_scores(vlm, p)[0], expected.float(), atol=1e-5, rtol=1e-4)
@@ -114,7 +127,7 @@ def test_visionzip_received_attention_equals_the_blocks_eager_attention(deep, pe
     hooks = [block.attn.register_forward_pre_hook(lambda m, a: flag.__setitem__("on", True)),
              block.attn.register_forward_hook(lambda m, a, o: flag.__setitem__("on", False))]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eager_tower(vlm):
             vlm.model.model.get_image_features(p.model_inputs["pixel_values"], p.model_inputs["image_grid_thw"])
     finally:
         for h in hooks:

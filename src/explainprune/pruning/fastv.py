@@ -88,10 +88,6 @@ class FastV(Pruner):
             raise ValueError(f"fastv's layer K must be an integer >= 1 (layers 0..K-1 see every token); "
                              f"got {self.layer!r}")
 
-    def tokens_per_layer(self, n_visual: int, ratio: float, num_layers: int) -> list[int]:
-        """Visual tokens each LLM layer sees at ``ratio``: N_v before layer K, ceil(ratio N_v) from K on."""
-        return [n_visual] * self.layer + [kept_count(n_visual, ratio)] * (num_layers - self.layer)
-
     @torch.no_grad()
     def score(self, vlm: VLM, prompt: Prompt) -> Tensor:
         """Tensor[N_v]: the last prompt token's attention at layer K-1, averaged over heads."""
