@@ -3,6 +3,7 @@
 # importing a method's module registers it
 from explainprune.pruning import (  # noqa: F401
     baselines,
+    cdpruner,
     dart,
     divprune,
     fastv,
