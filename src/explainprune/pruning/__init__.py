@@ -6,6 +6,7 @@ from explainprune.pruning import (  # noqa: F401
     cdpruner,
     dart,
     divprune,
+    downsample,
     evs,
     fastv,
     layer0,
