@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from explainprune.evaluation.flops import LLMShape
@@ -92,3 +93,28 @@ def test_eval_of_images_only_with_evs_runs_through(qwen, manifest, tmp_path):
     assert "| evs | 25% | n/a | n/a |" in md
     paths = report.save(tmp_path)
     assert json.loads(paths["json"].read_text())["results"][1]["accuracy"] is None
+
+
+def test_peers_through_the_lmms_eval_engine(qwen):
+    """The lmms-eval model's engine takes the peers by name: answers and kept counts as the pruners give them
+    (one by one and as a ragged batch); evs on an image request refuses with its message."""
+    from explainprune import get_pruner
+    from explainprune.errors import NotApplicable
+    from explainprune.integrations.lmms_eval.engine import PrunedEngine, Request
+
+    image, frames = random_image(4, (112, 140)), [random_image(30 + k, (56, 84)) for k in range(4)]
+    q = "what digit is in row 1 column 2 ?"
+    requests = [Request(q, [image], {"max_new_tokens": 3}, "t", 0), Request(q, np.stack([np.asarray(f) for f in frames]), {"max_new_tokens": 3}, "t", 1)]
+    prompts = [qwen.prepare(images=[image], question=q), qwen.prepare(video=frames, question=q)]
+    for method in ("cdpruner", "downsample"):
+        engine = PrunedEngine(qwen, method, 0.25, warmup=False)
+        alone = [engine.run([r])[0].text for r in requests]
+        assert [a.text for a in engine.run(requests)] == alone
+        expected = [get_pruner(method).generate(qwen, p, 0.25, max_new_tokens=3) for p in prompts]
+        assert alone == [e.text for e in expected]
+        assert [r.kept for r in engine.records[:2]] == [e.visual_tokens for e in expected]
+    engine = PrunedEngine(qwen, "evs", 0.25, warmup=False)
+    assert engine.run([requests[1]])[0].text == get_pruner("evs").generate(qwen, prompts[1], 0.25,
+                                                                           max_new_tokens=3).text
+    with pytest.raises(NotApplicable, match="evs prunes videos only"):
+        engine.run([requests[0]])
