@@ -104,7 +104,8 @@ def test_peers_through_the_lmms_eval_engine(qwen):
 
     image, frames = random_image(4, (112, 140)), [random_image(30 + k, (56, 84)) for k in range(4)]
     q = "what digit is in row 1 column 2 ?"
-    requests = [Request(q, [image], {"max_new_tokens": 3}, "t", 0), Request(q, np.stack([np.asarray(f) for f in frames]), {"max_new_tokens": 3}, "t", 1)]
+    clip = np.stack([np.asarray(f) for f in frames])  # THWC: a video, as lmms-eval may hand it over
+    requests = [Request(q, [image], {"max_new_tokens": 3}, "t", 0), Request(q, clip, {"max_new_tokens": 3}, "t", 1)]
     prompts = [qwen.prepare(images=[image], question=q), qwen.prepare(video=frames, question=q)]
     for method in ("cdpruner", "downsample"):
         engine = PrunedEngine(qwen, method, 0.25, warmup=False)

@@ -59,7 +59,8 @@ def video_tokens(vlm: VLM, prompt: Prompt) -> Tensor:
     token = getattr(cfg, "video_token_id", None)
     token = getattr(cfg, "video_token_index", None) if token is None else token
     if token is None:
-        raise ValueError(f"evs needs a model with video input; the {getattr(vlm, 'family', '') or type(vlm).__name__!r} "
+        family = getattr(vlm, "family", "") or type(vlm).__name__
+        raise ValueError(f"evs needs a model with video input; the {family!r} "
                          "family takes a video as separate images (supported: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, "
                          "LLaVA-OneVision). Use another method")
     return prompt.input_ids[0, prompt.visual_pos] == token
