@@ -47,14 +47,14 @@ def conditional_relevance(visual: Tensor, text: Tensor, negate: bool = True) -> 
     r = mean_m (-cos(v_i, t_m)) (``negate``; the authors' sign), then (r - min + 1e-6) / (max - min).
     M = 0 or a constant r -> all ones."""
     if text.shape[0] == 0:
-        return torch.ones(visual.shape[0])
+        return visual.new_ones(visual.shape[0], dtype=torch.float32)
     v = visual.float() / visual.float().norm(dim=-1, keepdim=True)
     t = text.float() / text.float().norm(dim=-1, keepdim=True)
     rel = (v @ t.T).mean(-1)
     rel = -rel if negate else rel
     span = rel.max() - rel.min()
     if not span > 0:
-        return torch.ones(visual.shape[0])
+        return visual.new_ones(visual.shape[0], dtype=torch.float32)
     return (rel - rel.min() + 1e-6) / span
 
 
@@ -70,9 +70,9 @@ def greedy_map_order(kernel: Tensor, relevance: Tensor, steps: int | None = None
     Once every remaining d^2 <= ``EXHAUSTED`` the rest is taken in descending ``relevance`` (see the module)."""
     n = kernel.shape[0]
     steps = n if steps is None else min(steps, n)
-    cis = torch.zeros(steps, n)
+    cis = kernel.new_zeros(steps, n)
     d2 = torch.diagonal(kernel).clone().float()
-    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen = torch.zeros(n, dtype=torch.bool, device=kernel.device)
     order = []
     for i in range(steps):
         j = int(torch.argmax(d2))
@@ -87,7 +87,7 @@ def greedy_map_order(kernel: Tensor, relevance: Tensor, steps: int | None = None
         d2 -= e.square()
         d2[j] = float("-inf")
         chosen[j] = True
-    return torch.tensor(order, dtype=torch.long)
+    return torch.tensor(order, dtype=torch.long)  # on the CPU
 
 
 @register("cdpruner")
@@ -104,9 +104,10 @@ class CDPruner(Pruner):
         self._text_tokens = 0
 
     def parts(self, prompt: Prompt) -> tuple[Tensor, Tensor]:
-        """(visual features [N_v, D], instruction embeddings [M, D]) of ``prompt``, float32 on the CPU."""
+        """(visual features [N_v, D], instruction embeddings [M, D]) of ``prompt``, float32 where the prompt is
+        (the DPP runs there: a GPU for long videos)."""
         start, end = prompt.instruction
-        embeds = prompt.inputs_embeds[0].detach().float().cpu()
+        embeds = prompt.inputs_embeds[0].detach().float()
         return embeds[prompt.visual_pos], embeds[start:end]
 
     def score(self, vlm: VLM, prompt: Prompt) -> Tensor:
@@ -116,7 +117,7 @@ class CDPruner(Pruner):
         visual, text = self.parts(prompt)
         self._text_tokens = int(text.shape[0])
         relevance = conditional_relevance(visual, text, self.negate)
-        order = greedy_map_order(dpp_kernel(visual, relevance), relevance)
+        order = greedy_map_order(dpp_kernel(visual, relevance), relevance).cpu()
         scores = torch.empty(prompt.num_visual)
         scores[order] = -torch.arange(prompt.num_visual, dtype=torch.float32)
         return scores
@@ -129,7 +130,7 @@ class CDPruner(Pruner):
         visual, text = self.parts(prompt)
         self._text_tokens = int(text.shape[0])
         relevance = conditional_relevance(visual, text, self.negate)
-        return torch.sort(greedy_map_order(dpp_kernel(visual, relevance), relevance, k)).values
+        return torch.sort(greedy_map_order(dpp_kernel(visual, relevance), relevance, k)).values.cpu()
 
     def overhead_flops(self, d: int, n_visual: int, tokens_per_layer: list[int]) -> int:
         """Similarity (N^2 d), relevance (N M d), kernel (2 N^2) and k greedy steps (each i N for the Cholesky
