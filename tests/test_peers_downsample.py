@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,6 +96,7 @@ def test_downsample_counts_and_batch(load_tiny):
     assert p.num_visual == 63
     pruner = get_pruner("downsample")
     assert [pruner.prompt(vlm, p, r).num_visual for r in (0.5, 0.25, 0.1)] == [30, 16, 6]  # 5x6, 4x4, 2x3
+    assert [pruner.prompt(vlm, p, r).num_visual for r in (np.float32(0.25), torch.tensor(0.25))] == [16, 16]
     q = vlm.prepare(images=random_image(3, (56, 84)), question=QUESTION)
     batch = pruner.generate(vlm, [p, q], 0.25, max_new_tokens=3)
     assert [b.token_ids for b in batch] == [pruner.generate(vlm, x, 0.25, max_new_tokens=3).token_ids for x in (p, q)]

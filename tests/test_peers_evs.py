@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,6 +59,7 @@ def test_evs_equals_the_literal_rule(load_tiny, frames, fam):
     for ratio in (0.5, 0.3, 0.1):
         keep = get_pruner("evs").keep(vlm, p, ratio)
         assert keep.tolist() == reference_keep(feats, where, p.num_visual, ratio), ratio
+    assert torch.equal(get_pruner("evs").keep(vlm, p, np.float32(0.5)), get_pruner("evs").keep(vlm, p, 0.5))
 
 
 def test_evs_mask_hand_made():

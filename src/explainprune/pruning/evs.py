@@ -46,10 +46,14 @@ def frame_dissimilarity(video: Tensor) -> Tensor:
 def evs_mask(video: Tensor, ratio: float) -> Tensor:
     """[T, H, W, D] -> BoolTensor[T * H * W] (flattened t, h, w): the tokens EVS keeps at ``ratio``."""
     t, h, w = video.shape[:3]
-    flat = frame_dissimilarity(video).reshape(-1)
-    order = torch.argsort(flat, descending=True, stable=True)
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    mask[order[: retained_count(h * w, t, ratio)]] = True
+    return retention_mask(frame_dissimilarity(video).reshape(-1), h * w, ratio)
+
+
+def retention_mask(dissimilarity: Tensor, tokens_per_frame: int, ratio: float) -> Tensor:
+    """[T * H * W] dissimilarities (flattened t, h, w) -> BoolTensor: the top ``retained_count``, stable order."""
+    order = torch.argsort(dissimilarity, descending=True, stable=True)
+    mask = torch.zeros(dissimilarity.numel(), dtype=torch.bool)
+    mask[order[: retained_count(tokens_per_frame, dissimilarity.numel() // tokens_per_frame, ratio)]] = True
     return mask
 
 
@@ -105,10 +109,9 @@ class EVS(Pruner):
         """Every image / off-grid token, and the video tokens ``evs_mask`` keeps (vLLM's budget)."""
         ratio = _as_ratio(ratio)
         select(torch.ones(1), ratio)  # validates the ratio
-        is_video, idx, (t, h, w) = self._parts(vlm, prompt)
-        feats = prompt.inputs_embeds[0, prompt.visual_pos[idx]].detach().cpu()
+        _, idx, (t, h, w) = self._parts(vlm, prompt)
         kept = torch.ones(prompt.num_visual, dtype=torch.bool)
-        kept[idx] = evs_mask(feats.reshape(t, h, w, -1), float(ratio))
+        kept[idx] = retention_mask(self.score(vlm, prompt)[idx], h * w, float(ratio))  # score: shared, timed
         return torch.nonzero(kept).flatten()
 
     def overhead_flops(self, d: int, n_visual: int, tokens_per_layer: list[int]) -> int:
