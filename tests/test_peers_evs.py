@@ -97,3 +97,16 @@ def test_evs_keeps_the_images_of_a_mixed_prompt(load_tiny, frames):
     out = get_pruner("evs").generate(vlm, p, 0.25, max_new_tokens=3)
     assert out.visual_tokens == len(keep) and out.token_ids == vlm.generate(p, keep=keep, max_new_tokens=3).token_ids
     assert math.isclose(get_pruner("evs").overhead_flops(64, 10, [4]), 3 * 10 * 64)
+
+
+def test_cli_refuses_evs_on_an_image_alone(tiny_dirs, tmp_path, capsys):
+    """Asked alone on an image (``explainprune show --compare evs``): one error line, exit 2, no figure."""
+    from explainprune.cli.main import main
+
+    random_image(0).save(tmp_path / "im.png")
+    out = tmp_path / "fig.png"
+    rc = main(["show", "--model", str(tiny_dirs("qwen2_vl")), "--image", str(tmp_path / "im.png"), "--question",
+               QUESTION, "--answer", "x", "--out", str(out), "--compare", "evs"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "explainprune show: error: evs prunes videos only" in err and "Traceback" not in err
+    assert not out.exists()
