@@ -34,7 +34,7 @@ def manifest(tmp_path_factory, qwen):
             random_image(i).save(d / f"img{i}.png")
             media, rec = {"images": random_image(i)}, {"image": f"img{i}.png"}
         else:
-            frames = [random_image(10 * i + k, (56, 84)) for k in range(4)]
+            frames = [random_image(10 * i + k, (112, 140)) for k in range(4)]  # 2 x 20 tokens: dearer than images
             for k, f in enumerate(frames):
                 f.save(d / f"v{i}f{k}.png")
             media, rec = {"video": frames}, {"video": [f"v{i}f{k}.png" for k in range(4)]}
@@ -119,3 +119,20 @@ def test_peers_through_the_lmms_eval_engine(qwen):
                                                                            max_new_tokens=3).text
     with pytest.raises(NotApplicable, match="evs prunes videos only"):
         engine.run([requests[0]])
+
+
+def test_na_method_costs_against_vanilla_on_its_own_samples(qwen, manifest):
+    """FLOPs (% of vanilla) and the matched-FLOPs budgets of a method n/a on some samples use the samples it
+    ran on: evs on the videos is compared with vanilla on the same videos, not with the cheaper images."""
+    samples = ManifestSource(manifest)
+    config = EvalConfig(methods=("evs",), ratios=(0.5,), max_new_tokens=MAX_NEW, progress=False, warmup=False)
+    report = run_eval(qwen, samples, config)
+    evs = report.result("evs", 0.5)
+    assert report.applicable_ids(evs) == {"s2", "s3"}
+    videos = [r.flops for r in report.samples if r.method == "vanilla" and r.id in ("s2", "s3")]
+    row = next(line for line in report.efficiency_table().splitlines() if line.startswith("| evs | 50% |"))
+    assert row.strip("| ").split(" | ")[-1] == f"{100 * evs.flops / (sum(videos) / 2):.1f}"
+    (q, video_budget), = report.budgets({"s2", "s3"})
+    (_, all_budget), = report.budgets()
+    assert all_budget < evs.flops <= video_budget * 1.02  # within its own budget only
+    assert f"| evs | {evs.preservation:.1f} |" in report.matched_cost_table().replace("**", "")

@@ -255,13 +255,19 @@ class Report:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         base = next((r.flops for r in self.results if r.method == VANILLA), 0.0)
         for r in self.results:
+            if r.not_applicable:  # % of vanilla on the same samples
+                ids = self.applicable_ids(r)
+                same = [float(s.flops) for s in self.samples if s.method == VANILLA and s.id in ids]
+                r_base = _mean(same) if same else base
+            else:
+                r_base = base
             if not r.n:
                 lines.append("| " + " | ".join([r.method, f"{100 * r.ratio:g}%"] + [NA] * (len(head) - 2)) + " |")
                 continue
             cells = [r.method, f"{100 * r.ratio:g}%", f"{100 * r.average_retention:.1f}%",
                      f"{r.flops / scale:.3f}", f"{1e3 * r.score_s:.1f}", f"{1e3 * r.prefill_s:.1f}",
                      _pct(1e3 * r.decode_per_token_s, 2),
-                     f"{r.kv_bytes / bscale:.1f}", _pct(r.preservation), _pct(_ratio(r.flops, base))]
+                     f"{r.kv_bytes / bscale:.1f}", _pct(r.preservation), _pct(_ratio(r.flops, r_base))]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -283,18 +289,25 @@ class Report:
                 f"machine.\n\n## Preservation at matched FLOPs\n\n{self.matched_cost_table()}\n\n"
                 "Each column is a FLOPs budget: the cost of keeping that share of the visual tokens before the "
                 "LLM (mean over samples). A cell is the best preservation (%) the method reaches at a cost within "
-                "the budget (+2%); – when none of its settings is that cheap; the best of each column is bold. "
+                "the budget (+2%) (a method n/a on some samples: the budget over its own samples); – when none of its "
+                "settings is that cheap; the best of each column is bold. "
                 "Intervals: 95% (Wilson for accuracy, paired bootstrap over samples for preservation).\n")
 
-    def budgets(self) -> list[tuple[float, float]]:
+    def applicable_ids(self, r: MethodResult) -> set[str]:
+        """Ids of the samples the (method, ratio) of ``r`` applies to (every sample unless some were n/a)."""
+        return {s.id for s in self.samples if s.method == r.method and s.ratio == r.ratio and s.applicable}
+
+    def budgets(self, ids: set[str] | None = None) -> list[tuple[float, float]]:
         """(ratio, FLOPs) budgets: Eq. 4 of keeping ``ratio`` of the visual tokens before the LLM, mean over
-        the samples, for every ratio evaluated (from the per-sample records' token counts)."""
+        the samples (those in ``ids`` if given: a method's own, when it is n/a on some), for every ratio
+        evaluated (from the per-sample records' token counts)."""
         from explainprune.evaluation.flops import LLMShape, kept_count, llm_flops
 
         if not self.samples or not {"hidden", "intermediate", "layers"} <= set(self.shape):
             return []
         shape = LLMShape(**self.shape)
-        ns = [s.n_visual for s in self.samples if s.method == VANILLA] or [s.n_visual for s in self.samples]
+        ns = [s.n_visual for s in self.samples if s.method == VANILLA and (ids is None or s.id in ids)] or \
+            [s.n_visual for s in self.samples if ids is None or s.id in ids]
         ratios = sorted({r.ratio for r in self.results if r.method != VANILLA}, reverse=True)
         return [(q, _mean([float(llm_flops([kept_count(n, q)] * shape.layers, shape)) for n in ns])) for q in ratios]
 
@@ -308,7 +321,8 @@ class Report:
         for m in methods:
             for q, cost in budgets:
                 ok = [r.preservation for r in self.results if r.method == m and r.preservation is not None
-                      and r.flops <= cost * (1 + slack)]
+                      and r.flops <= (dict(self.budgets(self.applicable_ids(r))).get(q, cost) if r.not_applicable
+                                      else cost) * (1 + slack)]
                 if ok:
                     best[(m, q)] = max(ok)
         head = ["Method", *[f"≤ cost of {100 * q:g}% before the LLM" for q, _ in budgets]]
