@@ -4,7 +4,7 @@ Section 3.3 / Appendix B: the model answers each sample; wrong answers are count
 the rest the relevance R_v (Eq. 1) and the first-layer attention A_v^0 are stored.
 
 Layout of ``out/`` (readable with pyarrow / pandas / ``datasets``):
-  run.json                 what is being labelled (source, model fingerprint, labeler options)
+  run.json                 what is being labelled (source, model fingerprint and identity, labeler options)
   shards/NNNNN.parquet     samples [N*shard_size, (N+1)*shard_size) of the source; list columns for
                            variable N_v; the shard's skipped ids in its schema metadata
   index.json               written when every shard exists: shards, counts, run record
@@ -43,9 +43,11 @@ from explainprune.dist import DIST_TIMEOUT, barrier, dist_info, init_dist, local
 from explainprune.dist import dist_timeout as env_dist_timeout
 from explainprune.errors import InputError
 from explainprune.files import write_json_atomic
+from explainprune.identity import differences, vlm_identity
 from explainprune.prefetch import prepared
 from explainprune.shards import (  # noqa: F401  (SCHEMA, write_shard, index_digest: also imported from here)
     SCHEMA,
+    check_index,
     file_sha256,
     index_digest,
     media_stamp,
@@ -177,10 +179,21 @@ def read_index(out: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no complete label set at {out} (index.json missing: rerun `explainprune "
                                 "label` with the same arguments to finish it)")
     try:
-        return json.loads(path.read_text())
+        index = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"not valid JSON ({err})", file=path, hint="delete it and rerun `explainprune label` "
                          "with the same arguments to rebuild it") from None
+    check_index(out, index)
+    return index
+
+
+def _old_index(out: Path) -> dict[str, Any] | None:
+    """index.json of an earlier run in ``out`` for the resume's SHA-256 checks (None if absent or unusable:
+    it is rebuilt at the end)."""
+    try:
+        return read_index(out)
+    except (OSError, InputError):
+        return None
 
 
 @dataclass
@@ -220,32 +233,54 @@ def load_records(out: str | Path) -> list[LabelRecord]:
 
 
 # -- the run ---------------------------------------------------------------------------------------------
-def _run_record(source: SampleSource, config: LabelConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
+def _run_record(source: SampleSource, config: LabelConfig, fingerprint: dict[str, Any],
+                identity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a label run is: its source, options, the model's architecture (``fingerprint``) and the model
+    as loaded (``identity``: weights, config, dtype, processor, attention; ``explainprune.identity``)."""
     return {"format": FORMAT, "version": 1, "source": source.describe(), "samples": len(source),
-            "config": config.to_json(), "fingerprint": fingerprint}
+            "config": config.to_json(), "fingerprint": fingerprint, "model": identity or {}}
+
+
+def _recorded_run(out: Path) -> dict[str, Any] | None:
+    path = out / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"not valid JSON ({err})", file=path, hint="choose another --out") from None
+    if not isinstance(old, dict):
+        raise InputError("is not a label run record", file=path, hint="choose another --out")
+    return old
+
+
+def check_resumable(out: str | Path, record: dict[str, Any]) -> bool | None:
+    """Whether ``out`` may take the run ``record`` (nothing is written): None when it holds no run, False when
+    it holds the same run, True when it holds a revision of the same manifest or dataset; InputError naming
+    what differs otherwise (another source, options, model, weights, dtype, processor settings, ...)."""
+    out = Path(out)
+    old = _recorded_run(out)
+    if old is None:
+        return None
+    if old == record:
+        return False
+    if not revisable(old, record):
+        diff = differences(old, record)
+        raise InputError(f"holds labels of a different run (differs in {'; '.join(diff)})", file=out,
+                         hint="rerun the command that wrote it to resume it, or choose another --out")
+    return True
 
 
 def _check_run(out: Path, record: dict[str, Any]) -> bool:
     """Record the run in ``out/run.json``, or check it is the one recorded; True when the recorded one was a
     revision of the same manifest (its shards must then be checked sample by sample)."""
-    path = out / "run.json"
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(f"not valid JSON ({err})", file=path, hint="choose another --out") from None
-        if old == record:
-            return False
-        if not revisable(old, record):
-            diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
-            raise InputError(f"holds labels of a different run (differs in {', '.join(diff)})", file=out,
-                             hint="rerun the same command to resume it, or choose another --out")
+    state = check_resumable(out, record)
+    if state is True:
         (out / "index.json").unlink(missing_ok=True)
-        write_json_atomic(path, record)
-        return True
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, record)
-    return False
+    if state is not False:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "run.json", record)
+    return bool(state)
 
 
 def _row(index: int, sample: LabelSample, prompt: Any, res: LabelOutput, task: str, model: str) -> dict:
@@ -296,7 +331,8 @@ def finalize(out: str | Path) -> dict[str, Any] | None:
 
 def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig = LabelConfig(),
           labeler: Labeler | None = None, progress: bool = True,
-          dist_timeout: timedelta | None = None, on_error: str = "stop", prefetch: int = 2) -> LabelReport:
+          dist_timeout: timedelta | None = None, on_error: str = "stop", prefetch: int = 2,
+          identity: dict[str, Any] | None = None) -> LabelReport:
     """Label ``source`` with ``vlm`` into ``out`` (resumable; this rank's share under torchrun).
 
     ``labeler(vlm, prompt, sample) -> LabelOutput`` defaults to ``default_labeler`` (greedy answer,
@@ -307,6 +343,8 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
     finished shards are kept) or is skipped and listed in its shard, ``index.json`` and the report ("skip").
     ``prefetch``: samples read and prepared (media decoding, resizing, vision tower) this many ahead in a
     background thread while the model labels the current one (0: in line); errors surface at their turn.
+    ``identity``: the model as loaded (``explainprune.identity``; default ``vlm_identity(vlm)``), recorded in
+    ``out/run.json``: a resume with other weights, dtype, processor settings or attention is refused.
     """
     from tqdm.auto import tqdm
 
@@ -319,10 +357,10 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
     created = init_dist(world, getattr(vlm, "device", None), dist_timeout or env_dist_timeout())
     group = created or (world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized())
     fingerprint = vlm.fingerprint()
-    record = _run_record(source, config, fingerprint)
+    record = _run_record(source, config, fingerprint, identity if identity is not None else vlm_identity(vlm))
     revised = _check_run(out, record)
     source_id = hashlib.sha256(json.dumps(record["source"], sort_keys=True).encode()).hexdigest()[:16]
-    old_index = json.loads((out / "index.json").read_text()) if (out / "index.json").is_file() else None
+    old_index = _old_index(out)
     if labeler is None:
         labeler = default_labeler(config.rule, config.clamp, config.max_new_tokens, config.keep_wrong,
                                   config.head_chunk, config.match)

@@ -255,17 +255,51 @@ def check_config(config: EvalConfig) -> list[tuple[str, Any]]:
 RECORDS_FORMAT = "explainprune-eval-records"
 
 
-def _records_header(model_name: str, task_info: dict[str, Any], config: EvalConfig, n: int) -> dict[str, Any]:
+def _records_header(model_name: str, task_info: dict[str, Any], config: EvalConfig, n: int,
+                    identity: dict[str, Any] | None = None) -> dict[str, Any]:
     conf = {k: v for k, v in config.to_json().items() if k not in ("progress", "warmup")}
     header = {"format": RECORDS_FORMAT, "version": 1, "model": model_name, "task": task_info, "samples": n,
-              "config": conf}
+              "config": conf, "identity": identity or {}}
     return json.loads(json.dumps(header, default=str))  # as read back (tuples become lists)
 
 
-def _read_records(path: Path, header: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """Finished samples of an earlier run with the same header (index -> line); {} when none or another run.
-    A torn last line (killed while writing) is dropped; the file is cut back to the good lines."""
-    if not path.is_file():
+def _header_of(path: Path) -> dict[str, Any] | None:
+    """The header line of a records file; None when there is none yet (empty, or torn while written)."""
+    with path.open("rb") as fh:
+        raw = fh.readline()
+    if not raw.endswith(b"\n"):
+        return None
+    try:
+        head = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        head = None
+    if not isinstance(head, dict) or head.get("format") != RECORDS_FORMAT:
+        raise InputError("line 1 is not the header of explainprune eval records", file=path,
+                         hint="choose another --out, or pass --overwrite to replace it")
+    return head
+
+
+def check_records(path: Path, header: dict[str, Any], overwrite: bool = False) -> bool:
+    """Whether ``path`` holds records of the evaluation ``header`` (to resume); False when it holds none or
+    (``overwrite``) another evaluation's. Without ``overwrite`` another evaluation's records are refused with
+    an InputError naming what differs (model, its weights or loading options, task, methods, ratios, ...)."""
+    old = _header_of(path) if path.is_file() else None
+    if old is None or old == header:
+        return old is not None
+    if overwrite:
+        return False
+    from explainprune.identity import differences
+
+    raise InputError(f"holds the records of another evaluation (differs in {'; '.join(differences(old, header))})",
+                     file=path.parent, hint="rerun the command that wrote it to resume it, choose another --out, "
+                     "or pass --overwrite to replace it")
+
+
+def _read_records(path: Path, header: dict[str, Any], overwrite: bool = False) -> dict[int, dict[str, Any]]:
+    """Finished samples of an earlier run with the same header (index -> line); {} when none, or another run
+    with ``overwrite`` (refused without). A torn last line (killed while writing) is dropped; the file is cut
+    back to the good lines. A whole line that is no sample's record is refused, naming the line."""
+    if not check_records(path, header, overwrite):
         return {}
     done: dict[int, dict[str, Any]] = {}
     good = 0
@@ -274,14 +308,20 @@ def _read_records(path: Path, header: dict[str, Any]) -> dict[int, dict[str, Any
             try:
                 line = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError):
+                if not raw.endswith(b"\n"):
+                    break  # torn while written
+                line = None
+            if k > 0 and not raw.endswith(b"\n"):
                 break
-            if k == 0:
-                if line != header:
-                    return {}
-            elif not raw.endswith(b"\n"):
-                break
-            else:
-                done[int(line["sample"])] = line
+            if k > 0:
+                sample = line.get("sample") if isinstance(line, dict) else None
+                if isinstance(sample, bool) or not isinstance(sample, int) or not 0 <= sample < header["samples"] \
+                        or not ("records" in line or "error" in line):
+                    raise InputError(f"line {k + 1} is not a finished sample's record (no 'sample' number in "
+                                     f"0..{header['samples'] - 1} with its 'records')", file=path,
+                                     hint="the file was edited or damaged: delete that line (its sample is redone), "
+                                     "or pass --overwrite to start over")
+                done[sample] = line
             good += len(raw)
     with path.open("r+b") as fh:
         fh.truncate(good)
@@ -289,18 +329,28 @@ def _read_records(path: Path, header: dict[str, Any]) -> dict[int, dict[str, Any
 
 
 def _append(fh: Any, line: dict[str, Any]) -> None:
-    fh.write(json.dumps(line) + "\n")
-    fh.flush()
-    os.fsync(fh.fileno())
+    try:
+        fh.write(json.dumps(line) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    except OSError as err:
+        from explainprune.files import disk_full, is_disk_full
+
+        if is_disk_full(err):  # the torn line is dropped by the resume
+            raise disk_full(fh.name) from err
+        raise
 
 
 def run_eval(vlm: Any, samples: Any, config: EvalConfig | None = None, *, model_name: str = "",
              task_info: dict[str, Any] | None = None, records: str | Path | None = None,
-             on_error: str = "stop", prefetch: int = 2) -> Report:
+             on_error: str = "stop", prefetch: int = 2, identity: dict[str, Any] | None = None,
+             overwrite: bool = False) -> Report:
     """Evaluate ``vlm`` on ``samples`` (indexable LabelSamples) with every method x ratio of ``config``.
 
     ``records``: a JSONL file the per-sample records are streamed to and resumed from (see the module
-    docstring). A sample whose media cannot be read (InputError) stops the run (``on_error="stop"``) or is
+    docstring); it must hold this evaluation's records or none (``overwrite``: another evaluation's are
+    replaced). ``identity``: the model as loaded (default ``identity.vlm_identity(vlm)``), part of what must
+    match for a resume. A sample whose media cannot be read (InputError) stops the run (``on_error="stop"``) or is
     skipped and listed in the report's ``skipped`` ("skip").
     ``prefetch``: samples read (images opened, videos decoded) this many ahead in a background thread
     while the model runs (0: in line). ``vlm.prepare`` stays in this thread, between the timed runs, so
@@ -316,8 +366,12 @@ def run_eval(vlm: Any, samples: Any, config: EvalConfig | None = None, *, model_
     pruners = check_config(config)
     shape = LLMShape.from_config(vlm.text_config)
     task_info = dict(task_info or {})
-    header = _records_header(model_name, dict(task_info), config, len(samples))
-    done = _read_records(Path(records), header) if records else {}
+    if identity is None:
+        from explainprune.identity import vlm_identity
+
+        identity = vlm_identity(vlm)
+    header = _records_header(model_name, dict(task_info), config, len(samples), identity)
+    done = _read_records(Path(records), header, overwrite) if records else {}
     fh, ahead = None, None
     if records:
         fh = Path(records).open("a" if done else "w")
@@ -375,26 +429,46 @@ def run_eval(vlm: Any, samples: Any, config: EvalConfig | None = None, *, model_
                                skipped=[d["error"] for d in ordered if "error" in d])
 
 
+EVAL_FILES = ("records.jsonl", "report.json", "report.md", "preservation_vs_retention.png",
+              "preservation_vs_flops.png")
+
+
 def evaluate(model: str, task: TaskConfig | None = None, config: EvalConfig | None = None,
              out: str | None = None, plots: bool = True, vlm: Any = None,
-             on_error: str = "stop", load_options: dict[str, Any] | None = None) -> tuple[Report, dict[str, Any]]:
+             on_error: str = "stop", load_options: dict[str, Any] | None = None,
+             overwrite: bool = False) -> tuple[Report, dict[str, Any]]:
     """Load ``model`` (path, hub id or "demo"; ``load_options`` go to ``explainprune.load``), run ``task``
     and, with ``out``, write the report files there (``out/records.jsonl`` streams the per-sample records:
-    an interrupted run resumes). Everything that can be checked (task, methods, ratios, ``out``) is checked
-    before the model loads."""
+    an interrupted run resumes). Everything that can be checked (task, methods, ratios, ``out``, and whether
+    ``out`` holds this evaluation, another one or another command's output) is checked before the model
+    loads; ``overwrite`` replaces another evaluation's files in ``out``."""
     from explainprune.files import check_out_dir
+    from explainprune.identity import model_identity, vlm_identity
 
     task, config = task or TaskConfig(), config or EvalConfig()
     samples = load_task(task)
     check_config(config)
+    identity = None
     if out:
+        from explainprune.outdir import check_out_kind
+
         check_out_dir(out)
+        check_out_kind(out, "eval")
+        identity = vlm_identity(vlm) if vlm is not None else model_identity(model, **(load_options or {}))
+        header = _records_header(str(model), samples.describe(), config, len(samples), identity)
+        if not check_records(Path(out) / "records.jsonl", header, overwrite):  # not this evaluation's records
+            if (Path(out) / "report.json").is_file() and not overwrite:
+                raise InputError("holds the report of another evaluation (report.json without its records.jsonl)",
+                                 file=out, hint="choose another --out, or pass --overwrite to replace it")
+            for name in EVAL_FILES:  # another evaluation's files: none of them may outlive it
+                (Path(out) / name).unlink(missing_ok=True)
     if vlm is None:
         from explainprune.models import load
 
         vlm = load(model, **(load_options or {}))
     report = run_eval(vlm, samples, config, model_name=str(model), task_info=samples.describe(),
-                      records=Path(out) / "records.jsonl" if out else None, on_error=on_error)
+                      records=Path(out) / "records.jsonl" if out else None, on_error=on_error, identity=identity,
+                      overwrite=overwrite)
     paths = report.save(out) if out else {}
     if out and plots:
         from explainprune.evaluation.plots import save_plots
