@@ -120,10 +120,10 @@ def test_one_shared_definition():
 
 
 def test_train_takes_device(tmp_path, monkeypatch):
+    import torch
+
     import explainprune.labels as labels
     import explainprune.train as train_module
-
-    import torch
 
     seen = {}
     monkeypatch.setattr(labels, "read_index", lambda d: {})  # checked before training
