@@ -198,7 +198,7 @@ def test_no_empty_out_left_after_an_early_error(data, tmp_path, capsys):
 
 def test_index_shard_paths_outside_the_labels_are_refused(tmp_path, capsys):
     labels, other = tmp_path / "labels", tmp_path / "other"
-    for d, n in ((labels, 4), (other, 8)):
+    for d, n in ((labels, 12), (other, 8)):
         label(FakeVLM(), SyntheticSource(n), d, LabelConfig(shard_size=4), labeler=synthetic_labeler(),
               progress=False)
     index = json.loads((labels / "index.json").read_text())

@@ -43,7 +43,8 @@ from explainprune.dist import DIST_TIMEOUT, barrier, dist_info, init_dist, local
 from explainprune.dist import dist_timeout as env_dist_timeout
 from explainprune.errors import InputError
 from explainprune.files import write_json_atomic
-from explainprune.identity import differences, vlm_identity
+from explainprune.identity import vlm_identity
+from explainprune.label_run import FORMAT, _check_run, _run_record, check_resumable  # noqa: F401
 from explainprune.prefetch import prepared
 from explainprune.shards import (  # noqa: F401  (SCHEMA, write_shard, index_digest: also imported from here)
     SCHEMA,
@@ -62,8 +63,6 @@ from explainprune.shards import (  # noqa: F401  (SCHEMA, write_shard, index_dig
 
 # DigitsSource, ManifestSource, read_video live in explainprune.sources; re-exported here for old imports
 from explainprune.sources import DigitsSource, LabelSample, ManifestSource, SampleSource, read_video  # noqa: F401
-
-FORMAT = "explainprune-labels"
 
 
 @dataclass
@@ -233,56 +232,6 @@ def load_records(out: str | Path) -> list[LabelRecord]:
 
 
 # -- the run ---------------------------------------------------------------------------------------------
-def _run_record(source: SampleSource, config: LabelConfig, fingerprint: dict[str, Any],
-                identity: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a label run is: its source, options, the model's architecture (``fingerprint``) and the model
-    as loaded (``identity``: weights, config, dtype, processor, attention; ``explainprune.identity``)."""
-    return {"format": FORMAT, "version": 1, "source": source.describe(), "samples": len(source),
-            "config": config.to_json(), "fingerprint": fingerprint, "model": identity or {}}
-
-
-def _recorded_run(out: Path) -> dict[str, Any] | None:
-    path = out / "run.json"
-    if not path.is_file():
-        return None
-    try:
-        old = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"not valid JSON ({err})", file=path, hint="choose another --out") from None
-    if not isinstance(old, dict):
-        raise InputError("is not a label run record", file=path, hint="choose another --out")
-    return old
-
-
-def check_resumable(out: str | Path, record: dict[str, Any]) -> bool | None:
-    """Whether ``out`` may take the run ``record`` (nothing is written): None when it holds no run, False when
-    it holds the same run, True when it holds a revision of the same manifest or dataset; InputError naming
-    what differs otherwise (another source, options, model, weights, dtype, processor settings, ...)."""
-    out = Path(out)
-    old = _recorded_run(out)
-    if old is None:
-        return None
-    if old == record:
-        return False
-    if not revisable(old, record):
-        diff = differences(old, record)
-        raise InputError(f"holds labels of a different run (differs in {'; '.join(diff)})", file=out,
-                         hint="rerun the command that wrote it to resume it, or choose another --out")
-    return True
-
-
-def _check_run(out: Path, record: dict[str, Any]) -> bool:
-    """Record the run in ``out/run.json``, or check it is the one recorded; True when the recorded one was a
-    revision of the same manifest (its shards must then be checked sample by sample)."""
-    state = check_resumable(out, record)
-    if state is True:
-        (out / "index.json").unlink(missing_ok=True)
-    if state is not False:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "run.json", record)
-    return bool(state)
-
-
 def _row(index: int, sample: LabelSample, prompt: Any, res: LabelOutput, task: str, model: str) -> dict:
     att, rel = res.attention, res.relevance
     answers = normalize_answers(sample.answer, f"sample {sample.id}: answer")

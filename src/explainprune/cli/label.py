@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     import explainprune
     from explainprune.cli.main import command_line
     from explainprune.identity import config_fingerprint, model_identity
-    from explainprune.labels import LabelConfig, _run_record, check_resumable, dist_info, label, rank_device
+    from explainprune.label_run import _run_record, check_resumable
+    from explainprune.labels import LabelConfig, dist_info, label, rank_device
     from explainprune.outdir import claim_out
     from explainprune.sources import check_limit
 

@@ -17,7 +17,6 @@ resumes from them, and a finished one is rebuilt from them without running the m
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from explainprune.answers import display, is_correct, normalize_answers
 from explainprune.errors import InputError
 from explainprune.evaluation import DEFAULT_METHODS, DEFAULT_RATIOS
 from explainprune.evaluation.flops import LLMShape, account, compressor_channels
+from explainprune.evaluation.records import RECORDS_FORMAT, _append, _read_records, _records_header, check_records  # noqa: F401
 from explainprune.evaluation.report import VANILLA, Report, SampleRecord
 from explainprune.evaluation.tasks import TaskConfig, load_task, sample_kind
 from explainprune.prefetch import prefetch as load_ahead
@@ -252,95 +252,6 @@ def check_config(config: EvalConfig) -> list[tuple[str, Any]]:
     return build_pruners(config)
 
 
-RECORDS_FORMAT = "explainprune-eval-records"
-
-
-def _records_header(model_name: str, task_info: dict[str, Any], config: EvalConfig, n: int,
-                    identity: dict[str, Any] | None = None) -> dict[str, Any]:
-    conf = {k: v for k, v in config.to_json().items() if k not in ("progress", "warmup")}
-    header = {"format": RECORDS_FORMAT, "version": 1, "model": model_name, "task": task_info, "samples": n,
-              "config": conf, "identity": identity or {}}
-    return json.loads(json.dumps(header, default=str))  # as read back (tuples become lists)
-
-
-def _header_of(path: Path) -> dict[str, Any] | None:
-    """The header line of a records file; None when there is none yet (empty, or torn while written)."""
-    with path.open("rb") as fh:
-        raw = fh.readline()
-    if not raw.endswith(b"\n"):
-        return None
-    try:
-        head = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        head = None
-    if not isinstance(head, dict) or head.get("format") != RECORDS_FORMAT:
-        raise InputError("line 1 is not the header of explainprune eval records", file=path,
-                         hint="choose another --out, or pass --overwrite to replace it")
-    return head
-
-
-def check_records(path: Path, header: dict[str, Any], overwrite: bool = False) -> bool:
-    """Whether ``path`` holds records of the evaluation ``header`` (to resume); False when it holds none or
-    (``overwrite``) another evaluation's. Without ``overwrite`` another evaluation's records are refused with
-    an InputError naming what differs (model, its weights or loading options, task, methods, ratios, ...)."""
-    old = _header_of(path) if path.is_file() else None
-    if old is None or old == header:
-        return old is not None
-    if overwrite:
-        return False
-    from explainprune.identity import differences
-
-    raise InputError(f"holds the records of another evaluation (differs in {'; '.join(differences(old, header))})",
-                     file=path.parent, hint="rerun the command that wrote it to resume it, choose another --out, "
-                     "or pass --overwrite to replace it")
-
-
-def _read_records(path: Path, header: dict[str, Any], overwrite: bool = False) -> dict[int, dict[str, Any]]:
-    """Finished samples of an earlier run with the same header (index -> line); {} when none, or another run
-    with ``overwrite`` (refused without). A torn last line (killed while writing) is dropped; the file is cut
-    back to the good lines. A whole line that is no sample's record is refused, naming the line."""
-    if not check_records(path, header, overwrite):
-        return {}
-    done: dict[int, dict[str, Any]] = {}
-    good = 0
-    with path.open("rb") as fh:
-        for k, raw in enumerate(fh):
-            try:
-                line = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                if not raw.endswith(b"\n"):
-                    break  # torn while written
-                line = None
-            if k > 0 and not raw.endswith(b"\n"):
-                break
-            if k > 0:
-                sample = line.get("sample") if isinstance(line, dict) else None
-                if isinstance(sample, bool) or not isinstance(sample, int) or not 0 <= sample < header["samples"] \
-                        or not ("records" in line or "error" in line):
-                    raise InputError(f"line {k + 1} is not a finished sample's record (no 'sample' number in "
-                                     f"0..{header['samples'] - 1} with its 'records')", file=path,
-                                     hint="the file was edited or damaged: delete that line (its sample is redone), "
-                                     "or pass --overwrite to start over")
-                done[sample] = line
-            good += len(raw)
-    with path.open("r+b") as fh:
-        fh.truncate(good)
-    return done
-
-
-def _append(fh: Any, line: dict[str, Any]) -> None:
-    try:
-        fh.write(json.dumps(line) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    except OSError as err:
-        from explainprune.files import disk_full, is_disk_full
-
-        if is_disk_full(err):  # the torn line is dropped by the resume
-            raise disk_full(fh.name) from err
-        raise
-
-
 def run_eval(vlm: Any, samples: Any, config: EvalConfig | None = None, *, model_name: str = "",
              task_info: dict[str, Any] | None = None, records: str | Path | None = None,
              on_error: str = "stop", prefetch: int = 2, identity: dict[str, Any] | None = None,
@@ -447,7 +358,15 @@ def evaluate(model: str, task: TaskConfig | None = None, config: EvalConfig | No
 
     task, config = task or TaskConfig(), config or EvalConfig()
     samples = load_task(task)
-    check_config(config)
+    compressors = [getattr(p, "compressor", None) for _, p in check_config(config)]
+    compressors = [c for c in compressors if hasattr(c, "check_compatible")]
+    if compressors:  # one trained for another model is refused now, from config.json, not after loading
+        from explainprune.identity import config_fingerprint
+
+        fingerprint = vlm.fingerprint() if vlm is not None else \
+            config_fingerprint(model, (load_options or {}).get("revision"))
+        for compressor in compressors:
+            compressor.check_compatible(fingerprint)
     identity = None
     if out:
         from explainprune.outdir import check_out_kind
