@@ -50,7 +50,7 @@ def no_model(monkeypatch):
 
 
 def one_error(capsys, cmd):
-    err = [e for e in capsys.readouterr().err.strip().splitlines() if not e.startswith("Loading weights")]
+    err = [e for e in capsys.readouterr().err.strip().splitlines() if not e.startswith(("Loading weights", "Writing model shards"))]
     assert len(err) == 1 and err[0].startswith(f"explainprune {cmd}: error: "), err
     assert "Traceback" not in err[0]
     return err[0]
@@ -297,3 +297,15 @@ def test_abbreviated_options_are_refused(no_model, argv, capsys):
         main(argv)
     assert exit_.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_cuda_index_beyond_the_visible_gpus(monkeypatch):
+    from explainprune.cli.common import check_device
+    from explainprune.errors import InputError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_device("cuda:1")
+    check_device("cuda")
+    with pytest.raises(InputError, match=r"^--device cuda:3: only 2 CUDA GPUs visible \(cuda:0..cuda:1\); give an"):
+        check_device("cuda:3")

@@ -48,7 +48,7 @@ def no_model(monkeypatch):
 
 def one_error(capsys, cmd):
     err = capsys.readouterr().err.strip().splitlines()
-    err = [e for e in err if not e.startswith("Loading weights")]
+    err = [e for e in err if not e.startswith(("Loading weights", "Writing model shards"))]
     assert len(err) == 1 and err[0].startswith(f"explainprune {cmd}: error: "), err
     return err[0]
 
@@ -178,3 +178,18 @@ def test_eval_resume_with_other_loading_options_or_weights_is_refused(twins, dat
         assert f"{out}: holds the records of another evaluation (differs in " in err and needle in err, err
         assert "--overwrite" in err
     assert (out / "records.jsonl").read_bytes() == records
+
+
+def test_eval_refuses_a_compressor_of_another_model_before_loading(no_model, data, tiny_dirs, tmp_path, capsys):
+    from explainprune.compressor import Compressor
+
+    model = tiny_dirs("qwen2_vl")
+    fp = {**config_fingerprint(model), "num_hidden_layers": 28}
+    Compressor(in_channels=4, fingerprint=fp).save_pretrained(tmp_path / "comp")
+    capsys.readouterr()  # (the checkpoint's writing bar)
+    assert main(["eval", "--model", str(model), "--task", str(data), "--methods", "vanilla", "learned",
+                 "--compressor", str(tmp_path / "comp"), "--out", str(tmp_path / "e")]) == 2
+    assert one_error(capsys, "eval") == (
+        "explainprune eval: error: this compressor was trained for another model (num_hidden_layers: trained for "
+        "28, given 2); f_θ is specific to one MLLM (Section 3.3): label and train one for this model")
+    assert not (tmp_path / "e").exists()
