@@ -310,3 +310,17 @@ def test_cuda_index_beyond_the_visible_gpus(monkeypatch):
     check_device("cuda")
     with pytest.raises(InputError, match=r"^--device cuda:3: only 2 CUDA GPUs visible \(cuda:0..cuda:1\); give an"):
         check_device("cuda:3")
+
+
+def test_every_parser_refuses_abbreviations():
+    import argparse
+
+    from explainprune.cli.main import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert not parser.allow_abbrev and sub.choices and not [n for n, p in sub.choices.items() if p.allow_abbrev]
+    with pytest.raises(SystemExit):
+        from explainprune.tasks.digits import main as digits_main
+
+        digits_main(["export", "--di", "x"])
