@@ -324,3 +324,19 @@ def test_every_parser_refuses_abbreviations():
         from explainprune.tasks.digits import main as digits_main
 
         digits_main(["export", "--di", "x"])
+
+
+def test_a_records_file_that_is_not_records(tmp_path):
+    from explainprune.errors import InputError
+    from explainprune.evaluation.records import _records_header, check_records
+    from explainprune.evaluation.runner import EvalConfig
+
+    header, path = _records_header("m", {}, EvalConfig(), 3), tmp_path / "records.jsonl"
+    path.write_text("hello\n")
+    with pytest.raises(InputError, match=r"records.jsonl: line 1 is not the header of explainprune eval records"):
+        check_records(path, header)
+    assert check_records(path, header, overwrite=True) is False
+    path.write_text('{"format": "explainprune-eval-rec')  # torn while its header was written: nothing to keep
+    assert check_records(path, header) is False
+    path.write_text(json.dumps(header) + "\n")
+    assert check_records(path, header) is True

@@ -47,7 +47,12 @@ def check_records(path: Path, header: dict[str, Any], overwrite: bool = False) -
     """Whether ``path`` holds records of the evaluation ``header`` (to resume); False when it holds none or
     (``overwrite``) another evaluation's. Without ``overwrite`` another evaluation's records are refused with
     an InputError naming what differs (model, its weights or loading options, task, methods, ratios, ...)."""
-    old = _header_of(path) if path.is_file() else None
+    try:
+        old = _header_of(path) if path.is_file() else None
+    except InputError:
+        if overwrite:  # not records at all: replaced too
+            return False
+        raise
     if old is None or old == header:
         return old is not None
     if overwrite:
