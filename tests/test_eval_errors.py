@@ -80,8 +80,13 @@ def test_interrupted_eval_resumes_from_its_records(qwen, manifest, tmp_path, mon
     monkeypatch.setattr(runner, "run_one", count)
     again = run_eval(qwen, samples, EvalConfig(**CONFIG), records=records)  # finished: rebuilt, no model work
     assert count.calls == 0 and correctness(again) == correctness(full)
-    # other methods: not the same evaluation, so it starts over
-    other = run_eval(qwen, samples, EvalConfig(**{**CONFIG, "ratios": (0.25,)}), records=records)
+    # other ratios: not the same evaluation, so it is refused (naming what differs), or replaced with overwrite
+    before = records.read_bytes()
+    with pytest.raises(InputError, match=r"another evaluation \(differs in config.ratios \(\[0.5\] recorded, "
+                       r"now \[0.25\]\)\).*--overwrite"):
+        run_eval(qwen, samples, EvalConfig(**{**CONFIG, "ratios": (0.25,)}), records=records)
+    assert records.read_bytes() == before and count.calls == 0
+    other = run_eval(qwen, samples, EvalConfig(**{**CONFIG, "ratios": (0.25,)}), records=records, overwrite=True)
     assert count.calls == 6 and {s.ratio for s in other.samples} == {1.0, 0.25}
 
 
