@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from explainprune.validation import prepare_sample
+
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -123,7 +125,7 @@ def prepared(vlm: Any, source: Any, indices: Iterable[int], depth: int = 2) -> I
     def load(i: int) -> tuple[Any, Any]:
         sample = source[i]
         try:
-            return sample, loader.prepare(images=sample.images, video=sample.video, question=sample.question)
+            return sample, prepare_sample(loader, sample)  # an InputError from prepare names the sample
         except Exception as err:
             if hasattr(err, "add_note"):
                 err.add_note(f"(preparing sample {sample.id!r}, index {i})")

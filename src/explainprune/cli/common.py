@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from explainprune.validation import check_pixel_options
+
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -74,6 +76,7 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of ``explainprune.load`` from the options of ``add_model_options``."""
     if args.device is not None and args.device_map is not None:
         raise ValueError("give --device or --device-map, not both (--device-map places the model itself)")
+    check_pixel_options(args.min_pixels, args.max_pixels)
     options: dict[str, Any] = {"dtype": args.dtype, "attn_implementation": args.attn_implementation}
     for key in ("device", "device_map", "min_pixels", "max_pixels"):
         if getattr(args, key) is not None:

@@ -35,6 +35,7 @@ from explainprune.evaluation.flops import LLMShape, account, compressor_channels
 from explainprune.evaluation.report import VANILLA, Report, SampleRecord
 from explainprune.evaluation.tasks import TaskConfig, load_task, sample_kind
 from explainprune.prefetch import prefetch as load_ahead
+from explainprune.validation import check_ratios, prepare_sample
 
 
 @dataclass(frozen=True)
@@ -232,12 +233,13 @@ def run_one(vlm: Any, pruner: Any, label: str, prompt: Any, sample: Any, ratio: 
 
 
 def _prepare(vlm: Any, sample: Any) -> Any:
-    return vlm.prepare(images=sample.images, video=sample.video, question=sample.question)
+    return prepare_sample(vlm, sample)  # an InputError (e.g. a prompt too long) names the sample
 
 
 def check_config(config: EvalConfig) -> list[tuple[str, Any]]:
     """Validate ratios and method specs (building every pruner, e.g. loading a compressor) before any model
     work; returns the pruners."""
+    check_ratios(config.ratios)  # in (0, 1], none repeated
     if not config.ratios:
         raise InputError("give at least one retention ratio")
     for r in config.ratios:
@@ -385,7 +387,7 @@ def evaluate(model: str, task: TaskConfig | None = None, config: EvalConfig | No
     from explainprune.files import check_out_dir
 
     task, config = task or TaskConfig(), config or EvalConfig()
-    samples = load_task(task)
+    samples = load_task(task, on_error=on_error)  # unreadable image headers: refused now, or skipped later
     check_config(config)
     if out:
         check_out_dir(out)
