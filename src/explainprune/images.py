@@ -67,16 +67,21 @@ def _check_header(im: Any, what: str) -> tuple[int, int]:
     return w, h
 
 
+def _open_checked(source: Any, what: str) -> Any:
+    try:
+        return _open(source)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL: UnidentifiedImageError (an OSError) and others
+        detail = str(err) if isinstance(source, (str, Path)) else str(err).split(" <_io.")[0]
+        raise InputError(f"cannot read {what} as an image ({type(err).__name__}: {detail})",
+                         hint="fix or replace the file") from None
+
+
 def check_image(source: Any, name: str | None = None) -> tuple[int, int]:
     """(width, height) of the upright image ``source`` (a path, bytes or a PIL image) from its header alone;
     InputError naming ``name`` (default the path) for an undecodable header, an animated file or an aspect
     ratio above ``MAX_ASPECT``."""
     what = _name(source, name)
-    try:
-        im = _open(source)
-    except (OSError, ValueError, SyntaxError) as err:  # PIL: UnidentifiedImageError (an OSError) and others
-        raise InputError(f"cannot read {what} as an image ({type(err).__name__}: {err})",
-                         hint="fix or replace the file") from None
+    im = _open_checked(source, what)
     try:
         return _check_header(im, what)
     finally:
@@ -107,7 +112,7 @@ def open_image(source: Any, name: str | None = None) -> Any:
     from PIL import ImageOps
 
     what = _name(source, name)
-    im = _open(source)
+    im = _open_checked(source, what)
     try:
         _check_header(im, what)
         upright = ImageOps.exif_transpose(im)
