@@ -97,7 +97,9 @@ def test_pixel_range_below_one_merged_patch_or_inverted_is_refused(tmp_path, cap
         "every image would become 1 visual token; give --max-pixels >= 784 (and >= min_pixels 3136)"]
     assert main(["label", "--model", "demo", "--task", "digits", "--limit", "2", "--max-pixels", "1000",
                  "--out", out]) == 2  # the checkpoint's min_pixels (3136) is above it
-    assert "min_pixels 3136 is above max_pixels 1000 for qwen2_vl" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "explainprune label: error: min_pixels 3136 is above max_pixels 1000 for qwen2_vl; give --max-pixels >= "
+        "3136 or --min-pixels <= 1000 (accepted: max_pixels >= 784, min_pixels <= max_pixels)"]
     assert main(["eval", "--min-pixels", "5000", "--max-pixels", "4000", "--out", str(tmp_path / "e")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "explainprune eval: error: --min-pixels 5000 is above --max-pixels 4000; give min <= max (the range an "
@@ -130,8 +132,9 @@ def test_prompt_longer_than_the_context_is_refused_naming_the_sample(short_conte
     man = ManifestSource(_manifest(tmp_path, [_row(), _row(id="b")]))
     with pytest.raises(InputError, match=r"sample a: the prompt is \d+ tokens"):
         prepare_sample(vlm, man[0])
-    with pytest.raises(InputError, match=r"sample a: the prompt is \d+ tokens"):
+    with pytest.raises(InputError, match=r"m.jsonl:1: sample a: the prompt is \d+ tokens") as err:
         next(prepared(vlm, man, [0], depth=0)).result()  # label's loader
+    assert (err.value.line, err.value.sample) == (1, "a")
     with pytest.raises(InputError, match=r"sample a: the prompt is \d+ tokens"):
         run_eval(vlm, man, EvalConfig(methods=("vanilla",), ratios=(0.5,), progress=False, warmup=False))
 

@@ -125,7 +125,7 @@ def prepared(vlm: Any, source: Any, indices: Iterable[int], depth: int = 2) -> I
     def load(i: int) -> tuple[Any, Any]:
         sample = source[i]
         try:
-            return sample, prepare_sample(loader, sample)  # an InputError from prepare names the sample
+            return sample, prepare_sample(loader, sample, source, i)  # an InputError from prepare names the sample
         except Exception as err:
             if hasattr(err, "add_note"):
                 err.add_note(f"(preparing sample {sample.id!r}, index {i})")

@@ -64,8 +64,8 @@ def check_pixel_range(processor: Any, family: str = "") -> None:
                          hint=f"give --max-pixels >= {side * side} (and >= min_pixels {lo})")
     if lo > hi:
         raise InputError(f"min_pixels {lo} is above max_pixels {hi}{name}",
-                         hint=f"accepted: {side * side} <= max_pixels and min_pixels <= max_pixels; lower "
-                         "--min-pixels or raise --max-pixels")
+                         hint=f"give --max-pixels >= {lo} or --min-pixels <= {hi} (accepted: max_pixels >= "
+                         f"{side * side}, min_pixels <= max_pixels)")
 
 
 def check_prompt_length(n_tokens: int, text_config: Any) -> None:
@@ -77,12 +77,15 @@ def check_prompt_length(n_tokens: int, text_config: Any) -> None:
                          f"({limit})", hint="lower --max-pixels or --max-frames, or shorten the question")
 
 
-def prepare_sample(vlm: Any, sample: Any) -> Any:
+def prepare_sample(vlm: Any, sample: Any, source: Any = None, index: int | None = None) -> Any:
     """``vlm.prepare`` of ``sample`` (a LabelSample); an InputError raised by it (e.g. ``check_prompt_length``)
-    is raised again naming the sample's id."""
+    is raised again naming the sample's id, and its file and line when ``source`` (sample ``index`` of it)
+    can tell them (``ManifestSource.where``)."""
     try:
         return vlm.prepare(images=sample.images, video=sample.video, question=sample.question)
     except InputError as err:
         if err.sample is not None:
             raise
-        raise InputError(err.message, file=err.file, line=err.line, sample=str(sample.id), hint=err.hint) from None
+        where = source.where(index) if index is not None and hasattr(source, "where") else {}
+        raise InputError(err.message, file=err.file or where.get("file"), line=err.line or where.get("line"),
+                         sample=str(sample.id), hint=err.hint) from None
