@@ -166,8 +166,11 @@ def test_dataset_image_of_another_type_is_refused_when_built(tmp_path):
 def test_dataset_duplicate_ids_are_refused(tmp_path):
     Image.new("RGB", (32, 32), "red").save(tmp_path / "0.png")
     path = _dataset(tmp_path, [_conv("r0"), _conv("r1"), _conv("r0")])
-    with pytest.raises(InputError, match=r"data.json: id 'r0' repeats \(row 1 and row 3\); ids must be unique"):
+    with pytest.raises(InputError, match=r"data.json: id 'r0' repeats \(row 1 and row 3\); ids must be unique "
+                                         r"within a dataset; fix the data, or number the rows .*--columns id=none"):
         ConversationSource(DatasetConfig(str(path)))
+    numbered = ConversationSource(DatasetConfig(str(path), columns={"id": "none"}))  # the hint works
+    assert [numbered[i].id for i in range(3)] == ["row 0", "row 1", "row 2"]
     folder = tmp_path / "d"
     folder.mkdir()
     _dataset(folder, [_conv("x")], "a.json")

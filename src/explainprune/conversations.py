@@ -188,7 +188,8 @@ class ConversationSource:
                         where = f"row {local + 1} of {table.subset}" if len(tables) > 1 else f"row {local + 1}"
                         if it.id in seen:
                             raise InputError(f"id {it.id!r} repeats ({seen[it.id]} and {where})", file=name,
-                                             hint="ids must be unique within a dataset; fix the data")
+                                             hint="ids must be unique within a dataset; fix the data, or number the "
+                                             "rows instead of using their ids: --columns id=none")
                         seen[it.id] = where
                         items.append(replace(it, path=path_k))
                     r += 1

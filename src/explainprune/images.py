@@ -53,10 +53,12 @@ def _check_header(im: Any, what: str) -> tuple[int, int]:
                          "image", hint="pass it as a video (\"video\": in a manifest, --video in show), or "
                          "save the frame you mean as a PNG")
     w, h = im.size
-    try:
-        orientation = im.getexif().get(0x0112)
-    except Exception:  # a damaged EXIF block: PIL's exif_transpose ignores it too
-        orientation = None
+    orientation = None
+    if "exif" in im.info or (im.format or "").upper() in ("JPEG", "MPO", "TIFF", "WEBP"):
+        try:  # (a PNG's getexif decodes the whole image to look past IDAT: only when a header chunk has it)
+            orientation = im.getexif().get(0x0112)
+        except Exception:  # a damaged EXIF block: PIL's exif_transpose ignores it too
+            orientation = None
     if orientation in _ROTATED:
         w, h = h, w
     if min(w, h) < 1:
