@@ -11,6 +11,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from explainprune.errors import InputError
+
 DURATION_BUCKETS = ((0, 30, "0-30s"), (30, 60, "30-60s"), (60, 120, "1-2min"), (120, 180, "2-3min"))
 
 
@@ -60,7 +62,10 @@ def video_duration(path: str | Path) -> float | None:
         return None
     try:
         import av
-
+    except ImportError:  # without PyAV every video would silently land in "unknown"
+        raise InputError("--strata duration needs PyAV to read video durations", file=path,
+                         hint="pip install av (or 'explainprune[video]'), or leave duration out of --strata") from None
+    try:
         with av.open(str(path)) as c:
             stream = c.streams.video[0]
             if stream.duration is not None and stream.time_base is not None:
