@@ -15,6 +15,7 @@ from explainprune.errors import InputError
 from explainprune.evaluation.report import Report
 from explainprune.evaluation.runner import EvalConfig, run_eval
 from explainprune.sources import ManifestSource
+from hostile_media import truncated_png
 from test_runner import MAX_NEW, manifest, qwen  # noqa: F401  (fixtures)
 
 REAL_RUN_ONE = runner.run_one
@@ -111,7 +112,7 @@ def test_unreadable_image_stops_or_is_skipped(qwen, manifest, tmp_path):  # noqa
         rows[1] = {**rows[1], "image": str(tmp_path / "broken.png")}
         return rows
 
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    (tmp_path / "broken.png").write_bytes(truncated_png())  # its header reads: found when decoded
     path = with_answers(manifest, tmp_path, broken)
     with pytest.raises(InputError, match=r"m.jsonl:2: sample s1: cannot read its media"):
         run_eval(qwen, ManifestSource(path), EvalConfig(**CONFIG))

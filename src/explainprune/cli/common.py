@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from explainprune.validation import check_pixel_options
+
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -100,6 +102,7 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("give --device or --device-map, not both (--device-map places the model itself)")
     check_device(args.device)
     check_device(args.device_map, "--device-map")
+    check_pixel_options(args.min_pixels, args.max_pixels)
     options: dict[str, Any] = {"dtype": args.dtype, "attn_implementation": args.attn_implementation}
     for key in ("device", "device_map", "min_pixels", "max_pixels"):
         if getattr(args, key) is not None:

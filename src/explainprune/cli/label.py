@@ -93,11 +93,11 @@ def make_source(args: argparse.Namespace):
                                turns=args.turns, max_frames=args.max_frames, match=args.match or "auto",
                                target=tuple(args.target) if args.target else args.limit,
                                strata=tuple(s.strip() for s in args.strata.split(",") if s.strip()), seed=args.seed)
-        source = ConversationSource(config)
-        source.validate()
+        source = ConversationSource(config, progress=not args.no_progress)
+        source.validate(on_error=args.on_error)
         return source
     if args.manifest:
-        return ManifestSource(args.manifest, limit=args.limit, max_frames=args.max_frames)
+        return ManifestSource(args.manifest, limit=args.limit, max_frames=args.max_frames, on_error=args.on_error)
     options = task_options(args)
     n = 2000 if args.limit is None else args.limit
     return DigitsSource(split=args.split, seed=args.seed, n=n, **options)

@@ -36,6 +36,7 @@ from explainprune.evaluation.records import RECORDS_FORMAT, _append, _read_recor
 from explainprune.evaluation.report import VANILLA, Report, SampleRecord
 from explainprune.evaluation.tasks import TaskConfig, load_task, sample_kind
 from explainprune.prefetch import prefetch as load_ahead
+from explainprune.validation import check_ratios, prepare_sample
 
 
 @dataclass(frozen=True)
@@ -241,12 +242,13 @@ def not_applicable(label: str, prompt: Any, sample: Any, ratio: float, pruner: A
 
 
 def _prepare(vlm: Any, sample: Any) -> Any:
-    return vlm.prepare(images=sample.images, video=sample.video, question=sample.question)
+    return prepare_sample(vlm, sample)  # an InputError (e.g. a prompt too long) names the sample
 
 
 def check_config(config: EvalConfig) -> list[tuple[str, Any]]:
     """Validate ratios and method specs (building every pruner, e.g. loading a compressor) before any model
     work; returns the pruners."""
+    check_ratios(config.ratios)  # in (0, 1], none repeated
     if not config.ratios:
         raise InputError("give at least one retention ratio")
     for r in config.ratios:
@@ -369,7 +371,7 @@ def evaluate(model: str, task: TaskConfig | None = None, config: EvalConfig | No
     from explainprune.identity import model_identity, vlm_identity
 
     task, config = task or TaskConfig(), config or EvalConfig()
-    samples = load_task(task)
+    samples = load_task(task, on_error=on_error)  # unreadable image headers: refused now, or skipped later
     compressors = [getattr(p, "compressor", None) for _, p in check_config(config)]
     compressors = [c for c in compressors if hasattr(c, "check_compatible")]
     if compressors:  # one trained for another model is refused now, from config.json, not after loading
