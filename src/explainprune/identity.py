@@ -188,7 +188,8 @@ def vlm_identity(vlm: Any) -> dict[str, Any]:
             h.update(torch.cat([flat[:16], flat[-16:]]).float().cpu().numpy().tobytes())
         weights, cfg = "memory:" + h.hexdigest()[:16], _config_digest(config.to_dict())
         tokenizer = _digest(str(getattr(vlm, "chat_template", "")))
-    attn = getattr(config, "_attn_implementation", None) or "sdpa"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    attn = getattr(text, "_attn_implementation", None) or "sdpa"  # the language model's (eager: LLM only)
     return {"weights": weights, "config": cfg, "tokenizer": tokenizer, "dtype": _dtype_name(model.dtype),
             "attn_implementation": attn, "processor": _processor(getattr(vlm, "image_processor", None))}
 
