@@ -107,11 +107,10 @@ def split_visuals(visuals: Any, max_frames: int = 8) -> tuple[list[Image.Image],
     return images, (videos[0] if videos else None)
 
 
-def check_method(method: str, ratio: float | None, **options: Any) -> tuple[Any, float]:
-    """(pruner, ratio) for ``method`` with ``options``; ValueError with explainprune's message for an unknown
-    method or option, a missing ratio (only vanilla may leave it out), one outside (0, 1], or vanilla with a
-    ratio below 1 (it keeps everything)."""
-    from explainprune.pruning import get_pruner, select
+def check_ratio(method: str, ratio: float | None) -> float:
+    """``ratio`` as a float in (0, 1]; ValueError for a missing one (only vanilla may leave it out), one
+    outside (0, 1], or vanilla with a ratio below 1 (it keeps everything: the label would lie)."""
+    from explainprune.pruning import select
 
     if ratio is None:
         if method != "vanilla":
@@ -121,8 +120,18 @@ def check_method(method: str, ratio: float | None, **options: Any) -> tuple[Any,
     if method == "vanilla" and float(ratio) != 1.0:
         raise ValueError(f"method 'vanilla' keeps every visual token, so ratio={ratio} would be mislabelled: "
                          "leave ratio out for vanilla, or name a pruning method")
-    pruner = get_pruner(str(method), **options)
-    return pruner, float(ratio)
+    return float(ratio)
+
+
+def check_method(method: str, ratio: float | None, **options: Any) -> tuple[Any, float]:
+    """(pruner, ratio) for ``method`` with ``options``; ValueError with explainprune's message for an unknown
+    method or option, or a bad ratio (``check_ratio``)."""
+    from explainprune.pruning import available, get_pruner
+
+    if str(method) not in available():
+        get_pruner(str(method))  # the "unknown pruner ... did you mean" error
+    ratio = check_ratio(str(method), ratio)
+    return get_pruner(str(method), **options), ratio
 
 
 def _batches_lists(pruner: Any) -> bool:
