@@ -143,3 +143,20 @@ def test_text_only_and_unscorable_continuations(load_tiny):
         engine.score([Request(Q, None, continuation="")])
     with pytest.raises(ValueError, match="end-of-sequence token"):
         engine.score([Request(Q, None, continuation="<|im_end|> 7")])
+
+
+def test_options_of_one_document_share_its_prefill(deep):
+    """Single-token options of one document and context are read from one pruned prefill (one record), with
+    the values scoring them one by one gives; a longer option gets its own row."""
+    vlm = deep("qwen2_vl")[0]
+    image = random_image(5)
+    options = ["3", "7", "blue", "7 blue"]
+    engine = PrunedEngine(vlm, "fastv", 0.25, warmup=False, layer=2)
+    shared = engine.score([Request(Q, image, task="t", doc_id=0, continuation=c) for c in options])
+    assert len(engine.records) == 1  # the 3 single-token options ride on the 2-token option's row
+    alone = [PrunedEngine(vlm, "fastv", 0.25, warmup=False, layer=2).score([Request(Q, image, continuation=c)])[0]
+             for c in options]
+    assert [s.logprob for s in shared] == pytest.approx([a.logprob for a in alone], abs=1e-5)
+    assert [s.greedy for s in shared] == [a.greedy for a in alone]
+    engine.score([Request(Q, image, task="t", doc_id=1, continuation=c) for c in options[:3]])
+    assert len(engine.records) == 2

@@ -83,7 +83,7 @@ def test_loglikelihood_instances(tiny_dirs, tmp_path):
                           arguments=(QUESTIONS[0], c, doc_to_visual, 0, "t", "test")) for i, c in enumerate(choices)]
     instances.append(Instance(request_type="loglikelihood", idx=0, metadata={"task": "t", "doc_id": 0, "repeats": 1},
                               arguments=("", "3")))
-    out = model.loglikelihood(instances)
+    out = [o.text for o in model.loglikelihood(instances)]  # lmms-eval 0.7 keeps a GenerationResult's text as is
     ref = PrunedEngine(model.vlm, "fastv", 0.5, warmup=False, layer=1).score(
         [Request(QUESTIONS[0], docs[0]["visual"], continuation=c) for c in choices]
         + [Request("", None, continuation="3")])

@@ -196,16 +196,28 @@ class PrunedEngine:
 
     def score(self, requests: Sequence[Request]) -> list[Scored]:
         """log p(continuation | context) and is-greedy for a batch of requests (``Request.continuation`` set),
-        with the context pruned as for generation (see ``scoring``)."""
+        with the context pruned as for generation (see ``scoring``).
+
+        Requests of one document and context (lmms-eval's multiple-choice options) share that context's
+        pruned prefill for their single-token continuations (their log-probabilities are all read from its
+        first step); each longer continuation is decoded in its own row."""
         if not requests:
             return []
-        prompts = [self.prepare(r) for r in requests]
         targets = []
         for r in requests:
             target = continuation_ids(self.vlm.tokenizer, str(r.continuation))
             check_eos(target, self.vlm.eos_token_ids, str(r.continuation))
             targets.append(target)
-        return [score_logits(o.logits, t) for o, t in zip(self._force(requests, prompts, targets), targets)]
+        keys = [(r.task, str(r.doc_id), r.context) if r.doc_id is not None else i for i, r in enumerate(requests)]
+        groups: dict[Any, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key, []).append(i)
+        run = [i for idx in groups.values() for i in ([i for i in idx if len(targets[i]) > 1] or idx[:1])]
+        outs = self._force([requests[i] for i in run], [self.prepare(requests[i]) for i in run],
+                           [targets[i] for i in run])
+        logits = dict(zip(run, (o.logits for o in outs)))
+        first = {keys[i]: logits[i] for i in reversed(run)}  # any row of a context: its first step
+        return [score_logits(logits[i] if i in logits else first[keys[i]], targets[i]) for i in range(len(requests))]
 
     def _force(self, requests: Sequence[Request], prompts: list[Any], targets: list[list[int]]) -> list[Any]:
         """Generation forced along ``targets`` with the raw logits of every step, batched as ``run`` batches."""

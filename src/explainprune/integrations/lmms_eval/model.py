@@ -145,21 +145,24 @@ class ExplainPrune(lmms):
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
         """(mean negative log-likelihood per continuation token, is-greedy) per request, in request order:
         the loss lmms-eval's own models return, which its ``multiple_choice`` scoring minimises. The context
-        is pruned as for generation, by every method (see ``scoring``). Run ``batch_size`` at a time."""
+        is pruned as for generation, by every method (see ``scoring``); ``batch_size`` contexts at a time."""
         from tqdm import tqdm
 
         items = [self._request(r, loglikelihood=True) for r in requests]
-        order = sorted(range(len(items)), key=lambda i: -len(items[i].context))
+        groups: dict[Any, list[int]] = {}  # one document's options together: they share its prefill
+        for i, item in enumerate(items):
+            groups.setdefault((item.task, str(item.doc_id), item.context), []).append(i)
+        ordered = sorted(groups.values(), key=lambda idx: -len(items[idx[0]].context))
         scores: list[Any] = [None] * len(items)
         bar = tqdm(total=len(items), disable=self.rank != 0, desc="explainprune loglikelihood")
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
+        for start in range(0, len(ordered), self.batch_size):  # batch_size contexts at a time
+            chunk = [i for idx in ordered[start:start + self.batch_size] for i in idx]
             for i, scored in zip(chunk, self.engine.score([items[i] for i in chunk])):
                 scores[i] = scored
             bar.update(len(chunk))
         bar.close()
         self._after_requests()
-        return [(s.loss, s.greedy) for s in scores]
+        return [_pair(s.loss, s.greedy) for s in scores]
 
     def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
         raise NotImplementedError("explainprune does not run multi-round generation; use generate_until tasks")
@@ -275,6 +278,18 @@ class ExplainPrune(lmms):
                 {"path": folder, "sha256": weights_sha256(folder) if folder else None},
                 "batch_size": self.batch_size, "processes": self.world_size, "device": str(self.device),
                 "torch_threads": torch.get_num_threads()}
+
+
+def _pair(loss: float, greedy: bool) -> Any:
+    """(loss, is_greedy) as lmms-eval 0.7 keeps it: its evaluator turns any model output that is not a string
+    or a ``GenerationResult`` into a string (``unwrap_generation_output``), which breaks its own
+    ``multiple_choice`` scoring; a ``GenerationResult`` hands its ``text`` over unchanged. A plain tuple
+    where lmms-eval has no ``GenerationResult`` (0.6)."""
+    try:
+        from lmms_eval.api.instance import GenerationResult
+    except ImportError:
+        return (loss, greedy)
+    return GenerationResult(text=(loss, greedy))  # type: ignore[arg-type]
 
 
 def _commit(vlm: Any) -> str | None:
