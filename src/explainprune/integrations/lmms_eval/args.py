@@ -68,7 +68,7 @@ def checkpoint_adapter(pretrained: str, revision: str | None = None) -> type:
     from explainprune.models import adapter_for
     from explainprune.models.hub import checkpoint_file, resolve
 
-    source = resolve(pretrained)
+    source = resolve(pretrained, revision=revision)
     if isinstance(source, Path) and not (source / "config.json").is_file():
         raise InputError(f"no config.json in {source}",
                          hint="give a transformers checkpoint folder, a hub id or 'demo'")
