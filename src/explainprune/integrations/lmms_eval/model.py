@@ -148,6 +148,10 @@ class ExplainPrune(lmms):
         is pruned as for generation, by every method (see ``scoring``); ``batch_size`` contexts at a time."""
         from tqdm import tqdm
 
+        if _frame_local("response_cache", lambda x: hasattr(x, "get_stats")) is not None:
+            logger.warning("explainprune: with --use_cache, lmms-eval 0.7.3 hands CACHED loglikelihood answers back "
+                           "as strings, which its multiple-choice scoring cannot read: a rerun that hits the cache "
+                           "fails in lmms-eval; run multiple-choice tasks without --use_cache")
         items = [self._request(r, loglikelihood=True) for r in requests]
         groups: dict[Any, list[int]] = {}  # one document's options together: they share its prefill
         for i, item in enumerate(items):
@@ -280,6 +284,14 @@ class ExplainPrune(lmms):
                 "torch_threads": torch.get_num_threads()}
 
 
+class _Pair(tuple):
+    """(loss, is_greedy); ``strip()`` answers lmms-eval's response cache, which checks a ``GenerationResult``'s
+    text that way before storing it (stored as a JSON pair)."""
+
+    def strip(self) -> str:
+        return str(tuple(self))
+
+
 def _pair(loss: float, greedy: bool) -> Any:
     """(loss, is_greedy) as lmms-eval 0.7 keeps it: its evaluator turns any model output that is not a string
     or a ``GenerationResult`` into a string (``unwrap_generation_output``), which breaks its own
@@ -289,7 +301,7 @@ def _pair(loss: float, greedy: bool) -> Any:
         from lmms_eval.api.instance import GenerationResult
     except ImportError:
         return (loss, greedy)
-    return GenerationResult(text=(loss, greedy))  # type: ignore[arg-type]
+    return GenerationResult(text=_Pair((loss, greedy)))  # type: ignore[arg-type]
 
 
 def _commit(vlm: Any) -> str | None:
