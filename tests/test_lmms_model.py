@@ -202,3 +202,19 @@ def test_bad_pretrained_device_and_output(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit, match=f"efficiency_out {tmp_path / 'file'} is a file"):
         ExplainPrune.create_from_arg_string(f"pretrained=demo,efficiency_out={tmp_path / 'file'}", {"device": "cpu"})
+
+
+def test_loglikelihood_pair_survives_lmms_eval_unwrapping_and_its_cache():
+    """lmms-eval 0.7 stringifies a bare (float, bool) (``unwrap_generation_output``); the GenerationResult
+    carrying it keeps the pair, and its response cache accepts and stores it as a JSON pair."""
+    from lmms_eval.api.instance import unwrap_generation_output
+    from lmms_eval.caching.response_cache import ResponseCache, _serialize_response
+
+    from explainprune.integrations.lmms_eval.model import _pair
+
+    assert isinstance(unwrap_generation_output((0.5, True))[0], str)  # the lmms-eval behaviour worked around
+    out = _pair(0.5, True)
+    text, _ = unwrap_generation_output(out)
+    assert tuple(text) == (0.5, True)
+    assert ResponseCache._is_valid_response(out, "loglikelihood")
+    assert _serialize_response(ResponseCache._extract_cacheable(out)) == "[0.5, true]"
