@@ -216,3 +216,13 @@ def test_efficiency_summary_by_task():
     assert len(s["samples"]) == 3 and s["samples"][0]["task"] == "a" and s["text_only_requests"] == 1
     text = efficiency.to_markdown(s)
     assert "| a | 2 | 8.0 | 3.0 | 37.5% |" in text and "| overall | 3 |" in text
+
+
+def test_kept_column_is_the_average_over_layers():
+    """A multi-stage method (PyramidDrop) keeps 2 of 8 tokens after its last stage but 4 per layer on average:
+    the "kept" column reports the average over layers, as `eval` does, and the last stage apart."""
+    r = _record("p/0", "p", 2, 10)
+    r.average_retention = 0.5
+    s = efficiency.summarize([r], model="demo", method="pdrop", ratio=0.5)
+    assert s["tasks"]["p"]["kept"] == 4.0 and s["tasks"]["p"]["kept_last_stage"] == 2.0
+    assert "| p | 1 | 8.0 | 4.0 | 50.0% |" in efficiency.to_markdown(s)
