@@ -1,15 +1,13 @@
 """A training run folder is accepted wherever a compressor folder is (``compressor_path.compressor_dir``):
-``get_pruner("learned")`` (hence eval and lmms-eval) and ``flops``."""
+``get_pruner("learned")`` (hence eval, flops and lmms-eval)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 
 import pytest
 import torch
 
-from explainprune.cli.main import main
 from explainprune.compressor import Compressor
 from explainprune.compressor_path import compressor_dir, is_compressor_dir, weights_sha256
 from explainprune.pruning import get_pruner
@@ -42,11 +40,3 @@ def test_learned_pruner_takes_a_run_folder(run):
     expected = Compressor.from_pretrained(run / "compressor")
     for a, b in zip(pruner.compressor.state_dict().values(), expected.state_dict().values()):
         assert torch.equal(a, b)
-
-
-def test_flops_cli_takes_a_run_folder(run, capsys):
-    assert main(["flops", "--hidden", "64", "--intermediate", "128", "--layers", "4", "--visual-tokens", "100",
-                 "--ratio", "0.25", "--compressor", str(run), "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["conv"] > 0
-

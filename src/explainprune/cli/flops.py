@@ -88,9 +88,8 @@ def run(args: argparse.Namespace) -> int:
         compressor = dict(PAPER_COMPRESSOR)
         if args.compressor:
             from explainprune.compressor import Compressor
-            from explainprune.compressor_path import compressor_dir
 
-            compressor = compressor_channels(Compressor.from_pretrained(compressor_dir(args.compressor)))
+            compressor = compressor_channels(Compressor.from_pretrained(args.compressor))
     acc = account(shape, args.visual_tokens, args.ratio, layer, compressor=compressor)
     if args.json:
         print(json.dumps({"method": args.method, **acc.to_json()}, indent=2))
