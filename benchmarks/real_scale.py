@@ -19,8 +19,10 @@ its choices). Weights are random (normal, std 0.02): speed and memory do not dep
     python benchmarks/real_scale.py --device cuda --shape 7b              # the GPU run (bfloat16)
     python benchmarks/real_scale.py --device cpu --shape 2b --layers 4    # CPU: fewer layers, same widths
 
-Time on CUDA is wall-clock after ``torch.cuda.synchronize``; peak memory is ``torch.cuda.max_memory_allocated``
-above what was allocated before the step. On CPU, time is the process's CPU time (stable on a shared
+Time on CUDA is measured with CUDA events around each call, after one untimed warm-up round of every job
+(kernels chosen, the allocator's cache filled; the cache is never emptied between timed calls, as a server
+never empties it); peak memory is ``torch.cuda.max_memory_allocated`` above what was allocated before the
+step. On CPU, time is the process's CPU time (stable on a shared
 machine, equal to wall-clock on an idle one with one thread) and peak memory the growth of the resident
 set, sampled every 5 ms after ``malloc_trim`` (an approximation). Prefill measurements are interleaved
 rounds (vanilla, scoring, each method and ratio once per round); medians are reported.
@@ -48,6 +50,7 @@ import torch
 
 import explainprune
 from explainprune.compressor import Compressor
+from explainprune.evaluation.runner import cache_bytes, output_cache
 from explainprune.labels import LabelConfig, label
 from explainprune.models.base import Prompt, pad_left
 from explainprune.pruning.fastv import fastv_hooks
@@ -55,7 +58,7 @@ from explainprune.sources import LabelSample
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 SHAPES = {"2b": "qwen2_vl_2b.json", "7b": "qwen2_vl_7b.json", "ov7b": "llava_onevision_7b.json",
-          "qwen3-8b": "qwen3_vl_8b.json"}
+          "qwen3-8b": "qwen3_vl_8b.json", "tiny": "qwen2_vl_tiny.json"}  # tiny: the GPU check's CPU dry run
 MODEL_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
                  "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 QWEN = ("qwen2_vl", "qwen3_vl")  # M-RoPE positions, vision start / end tokens
@@ -150,29 +153,44 @@ def synthetic_prompt(vlm: Any, tokens: int, seed: int = 0) -> Prompt:
 
 
 # -- measuring -------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measured(fn: Any, device: torch.device) -> tuple[float, int, Any]:
-    """(seconds, peak bytes above the start, result) of ``fn()`` on ``device``. Seconds are wall-clock on
-    CUDA (after synchronizing) and this process's CPU time on CPU: on a shared machine the CPU time the
-    work got is stable where wall-clock time follows the other processes' load."""
-    _sync(device)
+class Clock:
+    """Times one call on a device. CUDA: CUDA events around the call on the current stream (the allocator's
+    cache is kept: a timed call never pays fresh ``cudaMalloc``s that a server would not pay); CPU: this
+    process's CPU time (stable on a shared machine, equal to wall-clock on an idle one with one thread)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, fn: Any) -> tuple[float, Any]:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(self.device)
+            start.record()
+            out = fn()
+            end.record()
+            torch.cuda.synchronize(self.device)
+            return start.elapsed_time(end) / 1e3, out
+        t0 = time.process_time()
+        out = fn()
+        return time.process_time() - t0, out
+
+
+def measured(fn: Any, device: torch.device, clock: Clock | None = None) -> tuple[float, int, Any]:
+    """(seconds, peak bytes above the start, result) of ``fn()`` on ``device`` (see ``Clock``). CUDA's peak is
+    ``max_memory_allocated`` above what was allocated before (the cache is never emptied: emptying it before
+    every timed call made each pruned prefill pay fresh allocations and understated the speedups)."""
+    clock = clock or Clock(device)
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        return time.perf_counter() - t0, torch.cuda.max_memory_allocated(device) - base, out
+        seconds, out = clock(fn)
+        return seconds, torch.cuda.max_memory_allocated(device) - base, out
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # not glibc: the growth is then measured from a less tidy heap
@@ -185,38 +203,52 @@ def measured(fn: Any, device: torch.device) -> tuple[float, int, Any]:
 
     watcher = threading.Thread(target=sample, daemon=True)
     watcher.start()
-    t0 = time.process_time()
     try:
-        out = fn()
+        seconds, out = clock(fn)
     finally:
-        seconds = time.process_time() - t0
         stop.set()
         watcher.join()
     return seconds, max(0, max(peak[0], _rss()) - base), out
 
 
-def interleaved(jobs: dict[str, Any], device: torch.device, n: int) -> dict[str, tuple[float, int, Any]]:
-    """name -> (median seconds, largest peak, last result) over ``n`` rounds that run every job once each
-    (interleaved, so drift on a shared machine hits every entry alike)."""
+def interleaved(jobs: dict[str, Any], device: torch.device, n: int, warmup: int = 1,
+                clock: Clock | None = None) -> dict[str, tuple[float, int, Any]]:
+    """name -> (median seconds, largest peak, last result) over ``n`` timed rounds that run every job once
+    each (interleaved, so drift on a shared machine hits every entry alike), after ``warmup`` untimed rounds
+    (kernels chosen, allocator cache filled for every shape)."""
+    for _ in range(warmup):
+        for fn in jobs.values():
+            fn()
     runs: dict[str, list] = {k: [] for k in jobs}
     for _ in range(n):
         for name, fn in jobs.items():
-            runs[name].append(measured(fn, device))
+            runs[name].append(measured(fn, device, clock))
     return {k: (statistics.median(r[0] for r in v), max(r[1] for r in v), v[-1][2]) for k, v in runs.items()}
 
 
 @torch.no_grad()
-def prefill(vlm: Any, prompt: Prompt, keep: torch.Tensor | None = None) -> None:
-    """One prefill forward (KV cache built, last-token logits) on the kept tokens."""
+def prefill(vlm: Any, prompt: Prompt, keep: torch.Tensor | None = None) -> int:
+    """One prefill forward (KV cache built, last-token logits) on the kept tokens; the KV cache's bytes."""
     embeds, mask, pos = pad_left([prompt], [keep])
     dev = vlm.device
-    vlm.forward(embeds.to(dev), pos.to(dev), mask.to(dev), prompt=prompt, keep=keep, use_cache=True,
-                logits_to_keep=1)
+    out = vlm.forward(embeds.to(dev), pos.to(dev), mask.to(dev), prompt=prompt, keep=keep, use_cache=True,
+                      logits_to_keep=1)
+    return cache_bytes(output_cache(out))
 
 
-def fastv_prefill(vlm: Any, prompt: Prompt, ratio: float, layer: int) -> None:
+def fastv_prefill(vlm: Any, prompt: Prompt, ratio: float, layer: int) -> int:
     with fastv_hooks(vlm, prompt, ratio, layer):
-        prefill(vlm, prompt)
+        return prefill(vlm, prompt)
+
+
+def ideal_speedup(vlm: Any, full: int, kept: int) -> float:
+    """The prefill speedup that FLOPs alone predict for a prompt of ``full`` tokens cut to ``kept``: Eq. 4 summed
+    over every prompt token (text included, so a 100% pruner could not beat it), per layer."""
+    from explainprune.evaluation.flops import layer_flops
+
+    t = vlm.text_config
+    return layer_flops(full, t.hidden_size, t.intermediate_size) / layer_flops(kept, t.hidden_size,
+                                                                               t.intermediate_size)
 
 
 class Source:
@@ -266,16 +298,18 @@ def measure_tokens(vlm: Any, tokens: int, args: argparse.Namespace, learned: Any
     m = interleaved(jobs, device, n)
     van_s = m["vanilla"][0]
     row["prefill"].append({"method": "vanilla", "ratio": 1.0, "kept": prompt.num_visual, "s": van_s,
-                           "peak_bytes": m["vanilla"][1]})
+                           "peak_bytes": m["vanilla"][1], "kv_bytes": m["vanilla"][2]})
     score_s, score_b, _ = m["scoring"]
     row["learned_scoring"] = {"s": score_s, "peak_bytes": score_b, "share_of_prefill": score_s / van_s}
     for r in RATIOS:
         s, b, _ = m[f"learned {r}"]
         row["prefill"].append({"method": "learned", "ratio": r, "kept": len(keeps[r]), "s": s, "peak_bytes": b,
-                               "with_scoring_s": s + score_s})
+                               "with_scoring_s": s + score_s, "kv_bytes": m[f"learned {r}"][2],
+                               "ideal_speedup": ideal_speedup(vlm, prompt.length, prompt.length - prompt.num_visual
+                                                              + len(keeps[r]))})
         s, b, _ = m[f"fastv {r}"]
         row["prefill"].append({"method": f"fastv (K={fastv_layer})", "ratio": r, "kept": len(keeps[r]), "s": s,
-                               "peak_bytes": b})
+                               "peak_bytes": b, "kv_bytes": m[f"fastv {r}"][2]})
     if args.relevance_repeats:
         explain = {"relevance": lambda: explainprune.relevance(vlm, prompt, answer=answer,
                                                                head_chunk=args.head_chunk)}
@@ -334,12 +368,15 @@ def table(r: dict[str, Any]) -> str:
     for row in r["results"]:
         van = row["prefill"][0]["s"]
         lines += [f"### {row['visual_tokens']} visual tokens ({row['prompt_tokens']} prompt tokens)", "",
-                  "| method | retained | kept | prefill (ms) | speedup | + scoring (ms) | peak memory (MiB) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | retained | kept | prefill (ms) | speedup | FLOPs-ideal | + scoring (ms) | "
+                  "peak memory (MiB) | KV cache (MiB) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for p in row["prefill"]:
             extra = f"{1e3 * p['with_scoring_s']:.0f}" if "with_scoring_s" in p else ""
+            ideal = f"{p['ideal_speedup']:.2f}x" if "ideal_speedup" in p else ""
+            kv = f"{p['kv_bytes'] / mib:.1f}" if p.get("kv_bytes") is not None else ""
             lines.append(f"| {p['method']} | {100 * p['ratio']:g}% | {p['kept']} | {1e3 * p['s']:.0f} | "
-                         f"{van / p['s']:.2f}x | {extra} | {p['peak_bytes'] / mib:.0f} |")
+                         f"{van / p['s']:.2f}x | {ideal} | {extra} | {p['peak_bytes'] / mib:.0f} | {kv} |")
         sc, rel = row["learned_scoring"], row.get("relevance")
         lines += ["", f"- learned scoring (A_v^0 + f_θ + select): {1e3 * sc['s']:.1f} ms = "
                       f"{100 * sc['share_of_prefill']:.2f}% of the vanilla prefill"]

@@ -231,9 +231,9 @@ def test_debug_shows_the_traceback(capsys):
 
 
 def test_unexpected_errors_are_one_line_too(monkeypatch, capsys):
-    import explainprune.evaluation.flops as flops
+    import explainprune.cost as cost
 
-    monkeypatch.setattr(flops, "account", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(cost, "method_account", lambda *a, **k: 1 / 0)
     assert main(["flops", "--visual-tokens", "4", "--hidden", "4", "--intermediate", "8", "--layers", "2"]) == 1
     one_error_line(capsys, "flops", "ZeroDivisionError", "--debug")
 
@@ -280,12 +280,12 @@ def test_ctrl_c_in_train_resumes_with_resume(monkeypatch, tmp_path, capsys):
 
 
 def test_ctrl_c_in_flops_or_show_keeps_nothing(monkeypatch, capsys):
-    import explainprune.evaluation.flops as flops
+    import explainprune.cost as cost
 
     def stop(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(flops, "account", stop)
+    monkeypatch.setattr(cost, "method_account", stop)
     assert main(["flops", "--visual-tokens", "4", "--hidden", "4", "--intermediate", "8", "--layers", "2"]) == 130
     assert interrupted(capsys, "flops").endswith("interrupted: nothing was written")
 

@@ -8,7 +8,7 @@ import pytest
 
 from explainprune.cli.main import main
 from explainprune.compressor import Compressor
-from explainprune.evaluation.flops import (
+from explainprune.cost import (
     PAPER_COMPRESSOR,
     LLMShape,
     account,
@@ -17,8 +17,10 @@ from explainprune.evaluation.flops import (
     compressor_channels,
     conv_flops,
     layer_flops,
+    llm_flops,
     visual_tokens_per_layer,
 )
+from explainprune.pruning import available
 
 N, D, M, L = 1568, 3584, 18944, 28
 QWEN7B = LLMShape(D, M, L)
@@ -105,4 +107,116 @@ def test_flops_cli_json_and_table(capsys):
 def test_flops_cli_reads_a_checkpoint_config(tiny_dirs, capsys):
     assert main(["flops", "--model", str(tiny_dirs("qwen2_vl")), "--visual-tokens", "20", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["shape"] == {"hidden": 64, "intermediate": 128, "layers": 2, "ffn_matrices": 3}
+    assert out["shape"] == {"hidden": 64, "intermediate": 128, "layers": 2, "ffn_matrices": 3, "vision_head_dim": 16}
+
+
+# -- one cost model: `explainprune flops` counts every registered method as the runner does ---------------
+def _spec_and_runner_pruner(name: str, vlm, tmp_path):
+    """(the --method spec, the pruner the runner uses): 'learned' with a saved compressor of the model's
+    heads (the CLI then reads its channels from the directory)."""
+    from explainprune.pruning import get_pruner
+
+    if name == "learned":
+        comp = Compressor(in_channels=vlm.text_config.num_attention_heads, channels=(8, 16))
+        comp.save_pretrained(tmp_path / "f")
+        return f"learned:compressor={tmp_path / 'f'}", get_pruner("learned", compressor=str(tmp_path / "f"))
+    return name, get_pruner(name)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25])
+@pytest.mark.parametrize("name", available())
+def test_flops_cli_agrees_with_the_runner(name, ratio, deep, deep_dirs, tmp_path, capsys):
+    """Same per-layer visual tokens (those the generation kept) and the same FLOPs, for every method. The
+    input is a short video: every method serves videos (some, e.g. temporal ones, only videos)."""
+    from explainprune.evaluation.runner import run_one
+    from explainprune.testing import random_image
+
+    vlm = deep("qwen2_vl")[0]
+    frames = [random_image(20 + i, (112, 112)) for i in range(4)]
+    p = vlm.prepare(video=frames, question="in frame 2 what digit is in row 1 column 2 ?")
+    sample = type("S", (), {"id": "a", "question": p.question, "answer": "7", "video": frames, "meta": {}})()
+    spec, pruner = _spec_and_runner_pruner(name, vlm, tmp_path)
+    runs = []
+    generate = pruner.generate
+    pruner.generate = lambda *a, **k: runs.append(generate(*a, **k)) or runs[-1]  # see what the run kept
+    shape = LLMShape.from_config(vlm.text_config, vlm.config.vision_config)
+    rec = run_one(vlm, pruner, spec, p, sample, ratio, shape, 2)
+    assert main(["flops", "--model", str(deep_dirs("qwen2_vl")), "--visual-tokens", str(p.num_visual),
+                 "--ratio", str(ratio), "--method", spec, "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    out = runs[0]
+    kept_per_layer = list(getattr(out, "visual_per_layer", None) or [out.visual_tokens] * shape.layers)
+    assert cli["tokens_per_layer"] == kept_per_layer
+    assert cli["llm"] == rec.flops_llm and cli["attention"] + cli["conv"] + cli["selection"] == rec.flops_overhead
+    assert cli["average_retention"] == pytest.approx(rec.average_retention)
+    if name != "vanilla":
+        assert 0 < cli["llm"] < cli["vanilla"]  # it pruned: the comparison is not between two unpruned runs
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava"])
+def test_visionzip_key_dim_from_the_config_is_the_measured_one(family, load_tiny, tiny_dirs):
+    from explainprune.pruning import get_pruner
+    from explainprune.testing import random_image
+
+    vlm = load_tiny(family)
+    pruner = get_pruner("visionzip")
+    p = vlm.prepare(images=random_image(1), question="how many 7 are there ?")
+    pruner.keep(vlm, p, 0.5)
+    shape = LLMShape.from_config(json.loads((tiny_dirs(family) / "config.json").read_text())["text_config"],
+                                 json.loads((tiny_dirs(family) / "config.json").read_text())["vision_config"])
+    assert shape.vision_head_dim == pruner._key_dim > 1
+    fresh = get_pruner("visionzip")  # never run: the key dim comes from the shape alone
+    assert fresh.selection_flops(shape, 40, [20] * 2) == pruner.selection_flops(shape, 40, [20] * 2) == \
+        (40 - 20) * round(20 * 10 / 64) * shape.vision_head_dim + 40 * shape.hidden
+
+
+SHAPE_ARGS = ["--hidden", "64", "--intermediate", "128", "--layers", "8", "--visual-tokens", "100"]
+
+
+def test_flops_cli_takes_method_specs_and_refuses_unknown_names(capsys):
+    assert main(["flops", *SHAPE_ARGS, "--ratio", "0.25", "--method", "fastv:layer=3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens_per_layer"] == [100] * 3 + [25] * 5 and out["method"] == "fastv:layer=3"
+    assert main(["flops", *SHAPE_ARGS, "--ratio", "0.25", "--method", "fastv:layer=3"]) == 0
+    assert "| visual tokens per layer | 100 x 3, 25 x 5 |" in capsys.readouterr().out
+    from explainprune.pruning import get_pruner
+
+    seen = []
+    for spec, options in (("pdrop:lam=0.5", {"lam": 0.5}), ("pdrop", {})):  # the options reach the pruner
+        assert main(["flops", *SHAPE_ARGS, "--ratio", "0.25", "--method", spec, "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        pruner = get_pruner("pdrop", **options)
+        assert out["tokens_per_layer"] == pruner.tokens_per_layer(100, 0.25, 8)
+        assert out["selection"] == pruner.selection_flops(LLMShape(64, 128, 8), 100, out["tokens_per_layer"]) > 0
+        seen.append(out["tokens_per_layer"])
+    assert seen[0] != seen[1]
+    for method, message in (("nosuchmethod", "unknown pruner 'nosuchmethod'. available: "),
+                            ("fastv2", "unknown pruner 'fastv2'. did you mean 'fastv'?"),
+                            ("fastv:layer=8", "fastv prunes at layer 8: it must be in 1..7 for a 8-layer LLM"),
+                            ("pdrop:lam=2", "pdrop lam must be in [0, 1]")):
+        assert main(["flops", *SHAPE_ARGS, "--method", method]) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert captured.out == "" and len(lines) == 1 and lines[0].startswith("explainprune flops: error: ")
+        assert message in lines[0], lines[0]
+    assert main(["flops", *SHAPE_ARGS, "--method", "dart", "--fastv-layer", "3"]) == 2
+    assert "--fastv-layer is for --method fastv" in capsys.readouterr().err
+
+
+def test_method_account_defaults_and_what_a_run_kept():
+    from explainprune.cost import method_account
+    from explainprune.pruning import get_pruner
+
+    shape = LLMShape(64, 128, 4)
+
+    class Outside:  # a pruner from outside the registry, with none of the cost methods
+        layer = 0
+
+    assert method_account(Outside(), shape, 100, 0.5).tokens_per_layer == [50] * 4
+    assert method_account(Outside(), shape, 100, 0.5, kept=10).tokens_per_layer == [10] * 4  # what it kept
+    fastv = get_pruner("fastv", layer=1)
+    assert fastv.tokens_per_layer(100, 0.3, 4) == [100, 30, 30, 30]
+    assert method_account(fastv, shape, 100, 0.3, kept=20).tokens_per_layer == [100, 20, 20, 20]
+    assert method_account(fastv, shape, 100, 0.3, measured=[100, 100, 7, 7]).llm == llm_flops([100, 100, 7, 7], shape)
+    assert get_pruner("vanilla").tokens_per_layer(100, 0.1, 4) == [100] * 4
+    assert get_pruner("random").tokens_per_layer(7, 0.5, 3) == [4] * 3  # ceil, as select keeps

@@ -94,3 +94,22 @@ def test_threshold_and_errors():
         judge("C", "C", rule="choise")
     assert judge("x", [], rule="any").correct
     assert not judge("x", [], rule="exact").correct
+
+
+def test_number_tolerance_is_tight():
+    """"101" is not "100": the tolerance absorbs float noise (1e-6 relative), not a unit off."""
+    assert not judge("101", "100", "number").correct
+    assert not judge("99", "100", "number").correct
+    assert not judge("100.5", "100", "number").correct
+    assert judge("100.00001", "100", "number").correct
+    assert not judge("there are 101", "100", "auto").correct
+
+
+def test_choice_needs_a_letter_on_its_own_after_the_answer_is():
+    """"the answer is because ..." names no option (B is the first letter of a word, not a letter)."""
+    assert parse_choice("The answer is because the water is cold") is None
+    assert parse_choice("the answer is because the water is cold", {"B": "Liquid", "C": "Vapor"}) is None
+    assert not judge("The answer is because it boils", "B", "choice", MC_QUESTION).correct
+    assert not judge("My choice is definitely vapor", "D", "choice", MC_QUESTION).correct
+    assert parse_choice("The answer is B because the water is cold") == "B"
+    assert parse_choice("the option is (c), vapor") == "C"

@@ -4,23 +4,20 @@ the shipped configs are the real shapes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from explainprune.testing import script_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("real_scale", ROOT / "benchmarks" / "real_scale.py")
-    module = sys.modules["real_scale"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module(ROOT / "benchmarks" / "real_scale.py", "real_scale")
 
 
 def test_synthetic_prompt_matches_a_prepared_image(bench, load_tiny):
@@ -93,3 +90,36 @@ def test_every_measurement_runs_on_a_tiny_model(bench, load_tiny, family):
                                                  "kv_heads": 2, "intermediate": 128, "dtype": "float32",
                                                  "device": "cpu", "attn": "sdpa", "weights_bytes": 1, "repeats": 2},
                                      "environment": {"device": "cpu", "threads": 1}, "results": [row]})
+
+
+def test_timed_rounds_follow_an_untimed_warmup(bench):
+    calls = {"a": 0, "b": 0}
+
+    def job(name):
+        def fn():
+            calls[name] += 1
+            return calls[name]
+        return fn
+
+    out = bench.interleaved({"a": job("a"), "b": job("b")}, torch.device("cpu"), 3, warmup=2)
+    assert calls == {"a": 5, "b": 5}  # 2 warm-up rounds + 3 timed
+    assert out["a"][2] == 5 and out["b"][2] == 5
+
+
+def test_cuda_timing_keeps_the_allocator_cache(bench, monkeypatch):
+    """The timed path on CUDA never empties the cache (that made every pruned prefill pay fresh
+    allocations) and reads the peak above the allocation at the start. Runs on CPU with torch.cuda's
+    memory calls replaced for this test only."""
+    allocated = iter([1000])
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: (_ for _ in ()).throw(AssertionError("emptied")))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: next(allocated))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 5000)
+
+    class FixedClock:
+        def __call__(self, fn):
+            return 0.25, fn()
+
+    seconds, peak, out = bench.measured(lambda: 7, torch.device("cuda"), FixedClock())
+    assert (seconds, peak, out) == (0.25, 4000, 7)

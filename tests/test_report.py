@@ -132,9 +132,31 @@ def test_matched_cost_table_compares_at_equal_flops():
     report = Report.from_records(rows, model="m", task={}, config={}, shape=shape, environment={})
     assert [q for q, _ in report.budgets()] == [0.5, 0.1]
     table = report.matched_cost_table()
-    assert "| pre | **75.0** | **25.0** |" in table  # in-LLM at 10% costs more than 'pre' at 50%: no entry
+    assert "| pre | **75.0** (50%) | **25.0** (10%) |" in table  # in-LLM at 10% costs more than 'pre' at 50%
     assert "| inllm | – | – |" in table
     assert "Preservation at matched FLOPs" in report.to_markdown() and "Preservation 95% CI" in report.to_markdown()
+
+
+def test_matched_cost_budgets_are_taken_over_the_samples_a_method_ran_on():
+    """A method that ran on the larger inputs only (e.g. a video-only method in a mixed evaluation) is
+    compared with the budget of those inputs, not with the mean over every sample."""
+    shape = {"hidden": 8, "intermediate": 16, "layers": 4, "ffn_matrices": 3}
+    from explainprune.cost import LLMShape, kept_count, llm_flops
+
+    s = LLMShape(**shape)
+
+    def row(method, ratio, n, kept):
+        r = rec(method, ratio, "video" if n == 40 else "image", True, kept=kept)
+        r.n_visual, r.flops_llm, r.flops_overhead = n, llm_flops([kept] * 4, s), 0
+        return r
+
+    rows = [row("vanilla", 1.0, n, n) for n in (20, 20, 40, 40)]
+    rows += [row("videos", 0.5, 40, kept_count(40, 0.5)) for _ in range(2)]
+    rows += [row("all", 0.5, n, kept_count(n, 0.5)) for n in (20, 20, 40, 40)]
+    report = Report.from_records(rows, model="m", task={}, config={}, shape=shape, environment={})
+    assert report.budgets()[0][1] < llm_flops([20] * 4, s)  # the mean over all samples is cheaper
+    table = report.matched_cost_table()
+    assert "| videos | **100.0** (50%) |" in table and "| all | **100.0** (50%) |" in table
 
 
 def test_report_does_not_import_plots():

@@ -166,23 +166,49 @@ class Compressor(nn.Module):
                              "to one MLLM (Section 3.3): label and train one for this model")
 
     # -- persistence -----------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` to ``directory`` (atomically, file by file)."""
+    def save_pretrained(self, directory: str | Path, card: dict[str, Any] | None = None) -> Path:
+        """Write ``model.safetensors``, ``config.json`` (with the weights' SHA-256) and ``README.md`` (the model
+        card; ``card``: its ``base_model`` / ``labels`` / ``metrics`` / ``training``, default ``self.card``) to
+        ``directory``, atomically file by file."""
+        from explainprune.compressor_hub import CARD, CHECKSUM_KEY, CONFIG, WEIGHTS, card_text, sha256_file
+        from explainprune.files import write_text_atomic
+
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        with atomic_path(d / "model.safetensors") as tmp:
+        with atomic_path(d / WEIGHTS) as tmp:
             save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        write_json_atomic(d / "config.json", {"format": FORMAT, "version": 1, **self.config.to_json()})
+            digest = sha256_file(tmp)
+        config = {"format": FORMAT, "version": 1, **self.config.to_json(), CHECKSUM_KEY: digest}
+        write_json_atomic(d / CONFIG, config)
+        info = card if card is not None else getattr(self, "card", None)
+        write_text_atomic(d / CARD, card_text(config, info))
         return d
 
+    def push_to_hub(self, repo_id: str, *, card: dict[str, Any] | None = None, api: Any = None,
+                    token: str | None = None, private: bool | None = None, revision: str | None = None,
+                    commit_message: str | None = None, create_pr: bool = False) -> Any:
+        """Save (as ``save_pretrained``) into a temporary folder and upload exactly that folder to the hub model
+        repo ``repo_id`` (created if missing); returns the commit info. ``api``: an ``huggingface_hub.HfApi``."""
+        import tempfile
+
+        from explainprune.compressor_hub import push_folder
+
+        with tempfile.TemporaryDirectory(prefix="explainprune-push-") as tmp:
+            folder = self.save_pretrained(Path(tmp) / "compressor", card=card)
+            return push_folder(folder, repo_id, api=api, token=token, private=private, revision=revision,
+                               commit_message=commit_message, create_pr=create_pr)
+
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Compressor:
-        """Load a compressor written by ``save_pretrained`` (JSON + safetensors; nothing is unpickled)."""
-        d = Path(directory)
-        cfg_file, weights = d / "config.json", d / "model.safetensors"
-        if not cfg_file.is_file() or not weights.is_file():
-            raise FileNotFoundError(f"no compressor at {d} (expected config.json and model.safetensors)")
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu",
+                        revision: str | None = None) -> Compressor:
+        """Load a compressor written by ``save_pretrained`` (JSON + safetensors; nothing is unpickled) from a
+        folder, or from a hub id ``org/name`` at ``revision``, found as checkpoints are (the hub cache offline).
+        The weights are checked against the SHA-256 in config.json (folders saved before it had none)."""
+        from explainprune.compressor_hub import CHECKSUM_KEY, locate, read_card, sha256_file
+
+        cfg_file, weights, card_file = locate(directory, revision)
+        d = weights.parent
         try:
             raw = json.loads(cfg_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -191,6 +217,7 @@ class Compressor(nn.Module):
         if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT:
             raise InputError("is not an explainprune compressor config", file=cfg_file)
         raw.pop("version", None)
+        expected = raw.pop(CHECKSUM_KEY, None)
         known = CompressorConfig.__dataclass_fields__
         try:
             model = cls(CompressorConfig(**{k: v for k, v in raw.items() if k in known}))
@@ -201,6 +228,12 @@ class Compressor(nn.Module):
         except Exception as err:  # safetensors raises its own SafetensorError (truncated / damaged file)
             raise InputError(f"cannot read the weights ({type(err).__name__}: {err})", file=weights,
                              hint="the compressor folder is damaged: train it again or copy it anew") from None
+        if expected is not None:  # folders saved before the checksum existed have none
+            found = sha256_file(weights)
+            if not isinstance(expected, str) or found != expected.lower():
+                raise InputError(f"does not match the SHA-256 in {cfg_file.name} (expected {str(expected)[:16]}..., "
+                                 f"found {found[:16]}...): the weights changed after they were saved",
+                                 file=weights, hint="the compressor folder is damaged: train it again or copy it anew")
         try:
             model.load_state_dict(state)
         except RuntimeError as err:
@@ -212,4 +245,5 @@ class Compressor(nn.Module):
                 detail = "tensor shapes do not match config.json: " + "; ".join(shapes[:2])
             raise InputError(f"the weights do not match its config.json ({detail})", file=d,
                              hint="config.json and model.safetensors must come from the same save") from None
+        model.card = read_card(card_file)
         return model.to(map_location).eval()

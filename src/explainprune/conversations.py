@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from explainprune.dataset_rows import GroupCache, Lazy, RowTable, file_stamp, media_digest, open_tables
+from explainprune.errors import InputError
 from explainprune.matchers import auto_rule, check_rule
 from explainprune.sources import LabelSample
 
@@ -396,7 +397,10 @@ def video_duration(path: str | Path) -> float | None:
         return None
     try:
         import av
-
+    except ImportError:  # without PyAV every video would silently land in "unknown"
+        raise InputError("--strata duration needs PyAV to read video durations", file=path,
+                         hint="pip install av (or 'explainprune[video]'), or leave duration out of --strata") from None
+    try:
         with av.open(str(path)) as c:
             stream = c.streams.video[0]
             if stream.duration is not None and stream.time_base is not None:

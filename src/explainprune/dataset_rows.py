@@ -92,14 +92,15 @@ def open_tables(name: str, columns: list[str], media: list[str], subset: str | N
                 split: str, cache: GroupCache | None = None) -> tuple[list[RowTable], str]:
     """(tables, data digest) of one dataset path or hub id. ``columns``: the columns rows need; ``media``:
     those of them that may hold image bytes (read lazily); ``cache``: the source's row-group cache."""
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError("reading --dataset needs the datasets library: pip install 'explainprune[data]'") from None
     path = Path(name)
     if not path.exists():
         if name.startswith((".", "/")) or path.suffix in DATA_SUFFIXES or name.count("/") > 1:
             raise FileNotFoundError(f"no dataset at {name}")
+        try:  # local JSON / JSONL / parquet files need no `datasets` (pyarrow and json read them)
+            import datasets
+        except ImportError:
+            raise ValueError(f"reading the hub dataset {name!r} needs the datasets library: pip install "
+                             "'explainprune[data]' (local .json / .jsonl / .parquet files need no datasets)") from None
         ds = datasets.load_dataset(name, subset, split=split)  # a hub id
         return [HubTable(ds, subset or name, columns, media)], f"hub:{ds._fingerprint}"
     files = data_files(path)
@@ -113,9 +114,12 @@ class JsonTable:
     """A JSON / JSONL file, every row in memory (annotation files: text and media paths)."""
 
     def __init__(self, f: Path):
-        import datasets
-
         self.subset = f.stem
+        try:
+            import datasets
+        except ImportError:  # without `datasets`: the file read as JSON / JSONL (rows lack absent keys)
+            self._rows = read_json(f)
+            return
         try:
             self._rows = [dict(r) for r in datasets.load_dataset("json", data_files=str(f), split="train")]
         except Exception:  # mixed-type columns (str here, list there) defeat arrow's schema

@@ -17,6 +17,13 @@ METHODS = ("vanilla", "oracle", "learned", "layer0", "fastv", "pdrop", "dart", "
            "uniform")
 
 
+def default_methods() -> tuple[str, ...]:
+    """METHODS, then the pruners of installed plug-ins (entry-point group ``explainprune.pruners``) that load."""
+    from explainprune.pruning import available
+
+    return METHODS + tuple(n for n in available() if n not in available(plugins=False) and n not in METHODS)
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     """Sizes of the demo. ``quick()`` gives the `--quick` variant."""
@@ -29,7 +36,7 @@ class DemoConfig:
     eval_samples: int = 200
     pictures: int = 4
     ratios: tuple[float, ...] = (0.5, 0.25, 0.1)
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = field(default_factory=default_methods)
     fastv_layer: int = 2
     seed: int = 0
     threads: int = 1  # the demo model's matrices are small: one thread is fastest, and robust on a busy machine

@@ -23,8 +23,10 @@ the shard files (schema, page checksums, SHA-256 checks) in ``explainprune.shard
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -337,7 +339,10 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
     started, labeled, skipped = time.perf_counter(), 0, 0
     bar = tqdm(total=total_mine, unit="sample", disable=not progress or rank != 0,
                desc=f"label {out.name}" + (f" (rank 0 of {world})" if world > 1 else ""))
-    ahead = prepared(vlm, source, [i for s in todo for i in range(s * size, min(n, (s + 1) * size))], prefetch)
+    # on an accelerator the loader's vision tower and the labeler's relevance never hold device memory at once
+    busy = threading.Lock() if prefetch and getattr(vlm, "device", torch.device("cpu")).type != "cpu" else None
+    ahead = prepared(vlm, source, [i for s in todo for i in range(s * size, min(n, (s + 1) * size))], prefetch,
+                     device_lock=busy)
     try:
         for s in todo:
             for stale in shard_path(out, s).parent.glob(f".{shard_path(out, s).name}.tmp-*"):
@@ -353,7 +358,8 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
                     errors.append({"index": i, "line": err.line, "id": err.sample, "error": err.message})
                     bar.update(1)
                     continue
-                res = labeler(vlm, prompt, sample)
+                with busy or contextlib.nullcontext():
+                    res = labeler(vlm, prompt, sample)
                 if res.correct or (config.keep_wrong and res.attention is not None):
                     rows.append(_row(i, sample, prompt, res, task, model))
                 else:

@@ -12,6 +12,7 @@ turned into a Prompt (``vlm.prepare``) while the model works on the samples befo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import queue
 import threading
@@ -106,7 +107,8 @@ def prefetch(load: Callable[[K], V], keys: Iterable[K], depth: int = 2, *,
                 pass
 
 
-def prepared(vlm: Any, source: Any, indices: Iterable[int], depth: int = 2) -> Iterator[Loaded[int, tuple]]:
+def prepared(vlm: Any, source: Any, indices: Iterable[int], depth: int = 2,
+             device_lock: threading.Lock | None = None) -> Iterator[Loaded[int, tuple]]:
     """``Loaded[(sample, prompt)]`` for ``source[i]``, i in ``indices``: the sample read (images opened,
     video decoded) and prepared by ``vlm.prepare`` (processor resizing, vision tower) ahead of the model.
     An error names the sample's id when the sample itself could be read.
@@ -114,6 +116,11 @@ def prepared(vlm: Any, source: Any, indices: Iterable[int], depth: int = 2) -> I
     With a loader thread, ``prepare`` runs on a shallow copy of ``vlm`` with its own copy of the
     tokenizer (same model, same processor): a fast tokenizer used from two threads at once raises
     "Already borrowed" (huggingface/tokenizers#537), and the model's thread decodes while this one encodes.
+
+    ``device_lock``: held around ``prepare`` (whose vision tower allocates on the model's device) and, by the
+    consumer, around its own model work; reading and decoding the media still overlap. ``label`` passes one
+    when the model is on an accelerator, so the vision tower of the next sample never allocates while the
+    relevance engine runs on a head-chunk budget computed from the free memory without it.
     """
     loader = vlm
     if depth > 0 and getattr(vlm, "tokenizer", None) is not None:
@@ -123,7 +130,8 @@ def prepared(vlm: Any, source: Any, indices: Iterable[int], depth: int = 2) -> I
     def load(i: int) -> tuple[Any, Any]:
         sample = source[i]
         try:
-            return sample, loader.prepare(images=sample.images, video=sample.video, question=sample.question)
+            with device_lock or contextlib.nullcontext():
+                return sample, loader.prepare(images=sample.images, video=sample.video, question=sample.question)
         except Exception as err:
             if hasattr(err, "add_note"):
                 err.add_note(f"(preparing sample {sample.id!r}, index {i})")

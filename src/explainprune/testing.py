@@ -249,3 +249,15 @@ def put_in_hub_cache(checkpoint: str | Path, repo_id: str, cache_dir: str | Path
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / revision).write_text(commit)
     return snapshot
+
+
+def script_module(path: str | Path, name: str):
+    """A script that is not part of the package (``benchmarks/*.py``, ``recipes/*.py``) imported as module ``name``
+    (registered in ``sys.modules``, so its dataclasses and pickling work), for tests of its pieces."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, Path(path))
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

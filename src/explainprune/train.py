@@ -350,7 +350,9 @@ def train(labels: str | Path, out: str | Path, config: TrainConfig = TrainConfig
         metrics = score_metrics(probs, probs, val, [targets[i] for i in val_ids], config.ratios)
         last = [json.loads(ln) for ln in log_path.read_text().splitlines()]
         loss_avg = last[-1]["train_loss"] if last else float("nan")
-    model.eval().save_pretrained(out / "compressor")
+    from explainprune.compressor_hub import training_info
+
+    model.eval().save_pretrained(out / "compressor", card=training_info(index, labels, out, config, metrics))
     val = [records[i] for i in val_ids]
     result = TrainResult(str(out), config.epochs, round(time.perf_counter() - t0, 3), len(tr), len(va), loss_avg,
                          metrics, baseline_metrics(val, [targets[i] for i in val_ids], config.ratios, config.seed),

@@ -12,6 +12,9 @@ from explainprune.cli.task_options import add_task_options, task_options, uses_t
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from explainprune.evaluation import DEFAULT_METHODS, DEFAULT_RATIOS, METHODS
+    from explainprune.plugins import names as plugin_names
+
+    plugins = [n for n in plugin_names() if n not in METHODS]  # installed packages' pruners (metadata only)
 
     p = sub.add_parser(
         "eval", help="evaluate pruning methods x retention ratios on a task",
@@ -29,11 +32,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_task_options(p)
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                    help="registry names, options as name:key=value,... e.g. fastv:layer=4 "
-                   f"(default: {' '.join(DEFAULT_METHODS)}; available: {' '.join(METHODS)}; e.g. "
+                   f"(default: {' '.join(DEFAULT_METHODS)}; available: {' '.join(METHODS)}"
+                   + (f"; plug-ins: {' '.join(plugins)}" if plugins else "") + "; e.g. "
                    "oracle:rule=mean is Table 4's head-mean ablation)")
     p.add_argument("--ratios", nargs="+", type=float, default=list(DEFAULT_RATIOS),
                    help="retention ratios (default 0.5 0.25 0.1)")
-    p.add_argument("--compressor", help="trained compressor directory, given to 'learned'")
+    p.add_argument("--compressor", help="trained compressor: a directory or a hub id org/name, given to 'learned'")
     p.add_argument("--fastv-layer", type=int, help="K for 'fastv' (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length cap (default 8)")
     p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")

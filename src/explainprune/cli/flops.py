@@ -1,4 +1,4 @@
-"""`explainprune flops`: the Appendix-D FLOPs accounting (Eq. 4-6) for a model shape and a retention ratio."""
+"""`explainprune flops`: the Appendix-D FLOPs accounting (Eq. 4-6) of a method on a model shape at a ratio."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import json
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "flops", help="print the Appendix-D FLOPs accounting (Eq. 4-6)",
-        description="FLOPs of the visual-token part of the LLM (Eq. 4, per layer with that layer's kept "
-        "tokens) plus the compressor's overhead (Eq. 5 first-layer attention, Eq. 6 convs) for 'learned'. "
+        "flops", help="print the Appendix-D FLOPs accounting (Eq. 4-6) of a method",
+        description="FLOPs of the visual-token part of the LLM (Eq. 4, per layer with that layer's visual "
+        "tokens) plus the method's own overhead, both from the pruner itself (as `explainprune eval` counts "
+        "them): the compressor's Eq. 5 first-layer attention and Eq. 6 convs for 'learned', each baseline's "
+        "selection cost, the stages of in-LLM methods (fastv, dart, pdrop, ...). "
         "Give --model (a checkpoint directory or 'demo'; only its config is read) or the shape by hand.",
-        epilog="example (the paper's setting): explainprune flops --hidden 3584 --intermediate 18944 "
-        "--layers 28 --visual-tokens 1568 --ratio 0.25 --method learned")
+        epilog="examples (the paper's setting): explainprune flops --hidden 3584 --intermediate 18944 "
+        "--layers 28 --visual-tokens 1568 --ratio 0.25 --method learned;  ... --method pdrop:lam=0.5")
     p.add_argument("--model", help="checkpoint directory, hub id or 'demo' (reads config.json only)")
     p.add_argument("--hidden", type=int, help="hidden size d")
     p.add_argument("--intermediate", type=int, help="FFN intermediate size m")
@@ -22,17 +24,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--visual-tokens", type=int, required=True, help="visual tokens n before pruning")
     p.add_argument("--ratio", type=float, default=1.0, help="retention ratio in (0, 1] (default 1)")
     p.add_argument("--method", default="learned",
-                   help="'learned' (before the LLM, + compressor overhead), 'fastv' (from --fastv-layer), "
-                   "or any other name (before the LLM, no overhead); default learned")
-    p.add_argument("--fastv-layer", type=int, default=2, help="FastV's K: layers 0..K-1 see every token")
-    p.add_argument("--compressor", help="a saved compressor directory (its channels; default the paper's "
-                   "1 -> 32, 64, 128, 256, 512 -> 1, k=3)")
+                   help="a registered method, with options as in `eval --methods` (e.g. 'fastv:layer=3', "
+                   "'pdrop:lam=0.5'); default learned")
+    p.add_argument("--fastv-layer", type=int, help="FastV's K (same as --method fastv:layer=K): layers 0..K-1 "
+                   "see every token (default 2)")
+    p.add_argument("--compressor", help="a saved compressor directory or hub id org/name for 'learned' (its "
+                   "channels; default the paper's 1 -> 32, 64, 128, 256, 512 -> 1, k=3)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
 
 def _shape(args: argparse.Namespace):
-    from explainprune.evaluation.flops import LLMShape
+    from explainprune.cost import LLMShape
 
     if args.model and any(getattr(args, n) is not None for n in ("hidden", "intermediate", "layers")):
         raise ValueError("give either --model or --hidden/--intermediate/--layers, not both")
@@ -51,11 +54,11 @@ def _shape(args: argparse.Namespace):
             raise InputError(f"model_type {model_type!r} is not a supported multimodal model (supported: "
                              f"{', '.join(supported_model_types())})", file=config_file,
                              hint="give its shape with --hidden/--intermediate/--layers instead")
-        text = config.get("text_config", config)
-        try:
-            shape = LLMShape(int(text["hidden_size"]), int(text["intermediate_size"]),
-                             int(text["num_hidden_layers"]), args.ffn_matrices)
-        except (KeyError, TypeError, ValueError) as err:
+        vision = config.get("vision_config")
+        try:  # as the runner reads the loaded model's configs (MoE experts per token included)
+            shape = LLMShape.from_config(config.get("text_config", config), vision if isinstance(vision, dict)
+                                         else None, args.ffn_matrices)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
             raise InputError(f"its text config lacks a usable {err}", file=config_file) from None
     else:
         missing = [f"--{n}" for n in ("hidden", "intermediate", "layers") if getattr(args, n) is None]
@@ -66,34 +69,52 @@ def _shape(args: argparse.Namespace):
                         ("--layers", shape.layers), ("--ffn-matrices", shape.ffn_matrices)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1; got {value}")
-    if args.method == "fastv" and not 1 <= args.fastv_layer < shape.layers:
-        raise ValueError(f"--fastv-layer must be in 1..{shape.layers - 1} (the model has {shape.layers} layers); "
-                         f"got {args.fastv_layer}")
     return shape
+
+
+def method(spec: str, fastv_layer: int | None = None, compressor: str | None = None):
+    """(label, pruner) for ``spec`` as ``eval --methods`` builds it (unknown names: did-you-mean). 'learned'
+    without a compressor gets an untrained one of the paper's shape (only its channels are counted)."""
+    from explainprune.evaluation.runner import parse_method
+    from explainprune.pruning import get_pruner
+
+    name, options = parse_method(spec)
+    if fastv_layer is not None:
+        if name != "fastv":
+            raise ValueError(f"--fastv-layer is for --method fastv; got --method {spec}")
+        options.setdefault("layer", fastv_layer)
+    if compressor is not None:
+        if name != "learned":
+            raise ValueError(f"--compressor is for --method learned; got --method {spec}")
+        options.setdefault("compressor", compressor)
+    if name == "learned" and "compressor" not in options:
+        from explainprune.compressor import Compressor
+        from explainprune.cost import PAPER_COMPRESSOR
+
+        options["compressor"] = Compressor(**PAPER_COMPRESSOR)
+    return spec, get_pruner(name, **options)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from explainprune.evaluation.flops import PAPER_COMPRESSOR, account, compressor_channels
+    from explainprune.cost import method_account
     from explainprune.pruning.base import select
 
     select(torch.ones(1), args.ratio)  # validates the ratio with the usual message
     if args.visual_tokens < 1:
         raise ValueError(f"--visual-tokens must be >= 1; got {args.visual_tokens}")
+    label, pruner = method(args.method, args.fastv_layer, args.compressor)
     shape = _shape(args)
-    layer = args.fastv_layer if args.method == "fastv" else 0
-    compressor = None
-    if args.method == "learned":
-        compressor = dict(PAPER_COMPRESSOR)
-        if args.compressor:
-            from explainprune.compressor import Compressor
-
-            compressor = compressor_channels(Compressor.from_pretrained(args.compressor))
-    acc = account(shape, args.visual_tokens, args.ratio, layer, compressor=compressor)
+    layer = getattr(pruner, "layer", 0)
+    if args.fastv_layer is not None and not 1 <= layer < shape.layers:
+        raise ValueError(f"--fastv-layer must be in 1..{shape.layers - 1} (the model has {shape.layers} layers); "
+                         f"got {layer}")
+    acc = method_account(pruner, shape, args.visual_tokens, args.ratio)
     if args.json:
-        print(json.dumps({"method": args.method, **acc.to_json()}, indent=2))
+        print(json.dumps({"method": label, **acc.to_json()}, indent=2))
     else:
-        print(f"Appendix-D FLOPs, method {args.method}\n")
+        print(f"Appendix-D FLOPs, method {label}\n")
         print(acc.to_markdown())
     return 0
+

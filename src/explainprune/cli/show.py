@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="grad: Eq. 1, gradient-weighted heads (default); mean: plain head mean (Table 4)")
     p.add_argument("--no-clamp", action="store_true",
                    help="Eq. 1 as printed (keep negative A*grad terms); default keeps the positive part")
-    p.add_argument("--compressor", metavar="DIR", help="a trained compressor f_θ: adds a predicted-relevance row")
+    p.add_argument("--compressor", metavar="DIR_OR_ID",
+                   help="a trained compressor f_θ (a directory or a hub id org/name): adds a predicted-relevance row")
     p.add_argument("--compare", metavar="PRUNER", help="a registered pruner whose scores form the second row")
     p.add_argument("--max-new-tokens", type=int, default=16, help="length limit of the generated answer")
     p.add_argument("--out", default="relevance.png", help="PNG to write (default relevance.png)")

@@ -245,43 +245,62 @@ class Report:
                 "compressor, + each method's own selection cost); times are per-sample means measured on this "
                 f"machine.\n\n## Preservation at matched FLOPs\n\n{self.matched_cost_table()}\n\n"
                 "Each column is a FLOPs budget: the cost of keeping that share of the visual tokens before the "
-                "LLM (mean over samples). A cell is the best preservation (%) the method reaches at a cost within "
-                "the budget (+2%); – when none of its settings is that cheap; the best of each column is bold. "
+                "LLM (mean over the samples the method ran on). A cell is the best preservation (%) the method "
+                "reaches at a cost within the budget (+2%), with the setting (nominal ratio) that reaches it; a "
+                "setting's cost is its FLOPs as run (in-LLM methods: every layer with the visual tokens it kept, "
+                "so their nominal ratio lands in a larger budget), selection cost included; – when none of its "
+                "settings is that cheap; the best of each column is bold. "
                 "Intervals: 95% (Wilson for accuracy, paired bootstrap over samples for preservation).\n")
 
     def budgets(self) -> list[tuple[float, float]]:
         """(ratio, FLOPs) budgets: Eq. 4 of keeping ``ratio`` of the visual tokens before the LLM, mean over
         the samples, for every ratio evaluated (from the per-sample records' token counts)."""
-        from explainprune.evaluation.flops import LLMShape, kept_count, llm_flops
+        shape = self._shape()
+        if shape is None:
+            return []
+        ns = [s.n_visual for s in self.samples if s.method == VANILLA] or [s.n_visual for s in self.samples]
+        return [(q, _budget(ns, q, shape)) for q in self._budget_ratios()]
+
+    def _shape(self) -> Any:
+        from explainprune.cost import LLMShape
 
         if not self.samples or not {"hidden", "intermediate", "layers"} <= set(self.shape):
-            return []
-        shape = LLMShape(**self.shape)
-        ns = [s.n_visual for s in self.samples if s.method == VANILLA] or [s.n_visual for s in self.samples]
-        ratios = sorted({r.ratio for r in self.results if r.method != VANILLA}, reverse=True)
-        return [(q, _mean([float(llm_flops([kept_count(n, q)] * shape.layers, shape)) for n in ns])) for q in ratios]
+            return None
+        return LLMShape(**self.shape)
+
+    def _budget_ratios(self) -> list[float]:
+        return sorted({r.ratio for r in self.results if r.method != VANILLA}, reverse=True)
 
     def matched_cost_table(self, slack: float = 0.02) -> str:
-        """Best preservation per method within each FLOPs budget (see ``to_markdown``)."""
-        budgets = self.budgets()
-        if not budgets:
+        """Best preservation per method within each FLOPs budget (see ``to_markdown``). A setting's cost is
+        its mean FLOPs as run (in-LLM methods: every layer with the visual tokens it kept, plus each method's
+        selection cost); the budget is taken over the SAME samples (a method that ran on part of them is
+        compared on that part). Each cell names the setting (nominal ratio) that reaches it."""
+        shape = self._shape()
+        if shape is None:
             return "(no per-sample records: no budgets)"
+        ratios = self._budget_ratios()
         methods = [m for m in dict.fromkeys(r.method for r in self.results) if m != VANILLA]
-        best: dict[tuple[str, float], float] = {}
-        for m in methods:
-            for q, cost in budgets:
-                ok = [r.preservation for r in self.results if r.method == m and r.preservation is not None
-                      and r.flops <= cost * (1 + slack)]
-                if ok:
-                    best[(m, q)] = max(ok)
-        head = ["Method", *[f"≤ cost of {100 * q:g}% before the LLM" for q, _ in budgets]]
+        best: dict[tuple[str, float], tuple[float, float]] = {}
+        for r in self.results:
+            if r.method == VANILLA or r.preservation is None:
+                continue
+            ns = [s.n_visual for s in self.samples if s.method == r.method and s.ratio == r.ratio]
+            for q in ratios:
+                within = bool(ns) and r.flops <= _budget(ns, q, shape) * (1 + slack)
+                if within and ((r.method, q) not in best or best[(r.method, q)][0] < r.preservation):
+                    best[(r.method, q)] = (r.preservation, r.ratio)
+        head = ["Method", *[f"≤ cost of {100 * q:g}% before the LLM" for q in ratios]]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        top = {q: max((v for (m, qq), v in best.items() if qq == q), default=None) for q, _ in budgets}
+        top = {q: max((v for (m, qq), (v, _) in best.items() if qq == q), default=None) for q in ratios}
         for m in methods:
             cells = [m]
-            for q, _ in budgets:
-                v = best.get((m, q))
-                cells.append("–" if v is None else (f"**{v:.1f}**" if v == top[q] else f"{v:.1f}"))
+            for q in ratios:
+                if (m, q) not in best:
+                    cells.append("–")
+                    continue
+                v, at = best[(m, q)]
+                cells.append((f"**{v:.1f}**" if v == top[q] else f"{v:.1f}") + f" ({100 * at:g}%)")
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -293,6 +312,13 @@ class Report:
         write_text_atomic(paths["json"], json.dumps(self.to_json(), indent=1, allow_nan=False))
         write_text_atomic(paths["markdown"], self.to_markdown())
         return paths
+
+
+def _budget(ns: list[int], q: float, shape: Any) -> float:
+    """Eq. 4 of keeping ``q`` of each sample's visual tokens before the LLM, mean over the samples."""
+    from explainprune.cost import kept_count, llm_flops
+
+    return _mean([float(llm_flops([kept_count(n, q)] * shape.layers, shape)) for n in ns])
 
 
 def _interval(ci: list[float] | None, scale: float) -> str:

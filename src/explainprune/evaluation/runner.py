@@ -5,9 +5,10 @@ registered pruner just works. Every sample is prepared once and run by every (me
 (all tokens) always runs once, as the preservation baseline. Per run it measures, without changing
 generation: prefill and decode time (forward hooks on the model: the first forward of ``generate`` is the
 prefill), the KV-cache bytes right after prefill (the actual cache tensors), and accounts the FLOPs of
-Appendix D from the pruner's declared ``layer`` and the kept count (plus Eq. 5-6 when the pruner carries a
-``compressor``). A pruner's ``score`` runs once per sample and is shared by its ratios (its time is
-still counted in every record's ``score_s`` and ``total_s``).
+Appendix D with ``cost.method_account``: the pruner's own per-layer tokens and selection cost (what the
+run kept where it differs), plus Eq. 5-6 when the pruner carries a ``compressor``. A pruner's ``score``
+runs once per sample and is shared by its ratios (its time is still counted in every record's ``score_s``
+and ``total_s``).
 
 With a ``records`` file (``OUT/records.jsonl`` under ``explainprune eval``) every finished sample's records
 are appended as they are made; an interrupted evaluation with the same samples, methods and options
@@ -29,9 +30,9 @@ from typing import Any
 import torch
 
 from explainprune.answers import display, is_correct, normalize_answers
+from explainprune.cost import LLMShape, method_account
 from explainprune.errors import InputError
 from explainprune.evaluation import DEFAULT_METHODS, DEFAULT_RATIOS
-from explainprune.evaluation.flops import LLMShape, account, compressor_channels
 from explainprune.evaluation.report import VANILLA, Report, SampleRecord
 from explainprune.evaluation.tasks import TaskConfig, load_task, sample_kind
 from explainprune.prefetch import prefetch as load_ahead
@@ -219,10 +220,7 @@ def run_one(vlm: Any, pruner: Any, label: str, prompt: Any, sample: Any, ratio: 
     answers = normalize_answers(sample.answer, f"sample {sample.id}: answer")
     match = (getattr(sample, "meta", None) or {}).get("match", "exact")  # the sample's matcher, as label
     n_visual, kept = prompt.num_visual, int(out.visual_tokens)
-    acc = account(shape, n_visual, layer=layer, kept=kept, tokens_per_layer=getattr(out, "visual_per_layer", None),
-                  compressor=compressor_channels(getattr(pruner, "compressor", None)))
-    own = getattr(pruner, "overhead_flops", None)  # the method's own selection cost (VisionZip, DivPrune, ...)
-    acc.selection = int(own(shape.hidden, n_visual, acc.tokens_per_layer)) if own else 0
+    acc = method_account(pruner, shape, n_visual, ratio, measured=getattr(out, "visual_per_layer", None), kept=kept)
     return SampleRecord(
         id=str(sample.id), kind=sample_kind(sample), method=label, ratio=float(ratio), question=sample.question,
         reference=display(answers), prediction=out.text, correct=is_correct(out.text, answers, match, sample.question),
@@ -314,7 +312,7 @@ def run_eval(vlm: Any, samples: Any, config: EvalConfig | None = None, *, model_
     if len(samples) == 0:
         raise ValueError("the task has no samples")
     pruners = check_config(config)
-    shape = LLMShape.from_config(vlm.text_config)
+    shape = LLMShape.from_config(vlm.text_config, getattr(vlm.config, "vision_config", None))
     task_info = dict(task_info or {})
     header = _records_header(model_name, dict(task_info), config, len(samples))
     done = _read_records(Path(records), header) if records else {}

@@ -16,6 +16,7 @@ from explainprune.models.llava import Llava
 from explainprune.models.llava_onevision import LlavaOnevision
 from explainprune.models.qwen2_vl import Qwen2VL
 from explainprune.models.qwen3_vl import Qwen3VL
+from explainprune.versions import check_transformers
 
 ADAPTERS: tuple[type[VLM], ...] = (Qwen2VL, Qwen3VL, LlavaOnevision, Llava)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -74,6 +75,7 @@ def load(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
     ``processor_options``: image-processor settings such as ``min_pixels`` / ``max_pixels`` (Qwen) or
     ``size``, checked against the processor's accepted options.
     """
+    check_transformers()  # before anything else: another release's seams give silently wrong results
     if device is not None and device_map is not None:
         raise InputError("give device or device_map, not both (device_map places the model itself)")
     dtype = check_dtype(dtype)

@@ -114,6 +114,15 @@ class Video(list):
         self.fps = None if fps is None else float(fps)
 
 
+
+def text_attention(implementation: str | dict) -> str | dict:
+    """The ``attn_implementation`` handed to ``from_pretrained``: "eager" applies to the language model only
+    (the vision tower stays on sdpa, whose memory is linear in the patches: eager's [heads, S, S] maps of a
+    15K-token image are ~460 GB). Relevance switches the text decoder to eager by itself; a dict passes on."""
+    if implementation == "eager":
+        return {"text_config": "eager", "vision_config": "sdpa"}
+    return implementation
+
 class VLM:
     """A loaded multimodal model behind the adapter protocol.
 
@@ -151,10 +160,14 @@ class VLM:
         templates = {name: checkpoint_file(path, name, revision=revision, required=False)
                      for name in ("chat_template.jinja", "chat_template.json")}
         options = {"device_map": device_map} if device_map is not None else {}
-        model = cls._load(path, dtype=dtype, attn_implementation=attn_implementation, revision=revision,
-                          trust_remote_code=trust_remote_code, **options)
+        if device_map is None and device is not None and torch.device(device).type != "cpu":
+            # straight onto the device: each weight is read from the checkpoint into device memory (one
+            # device, so no accelerate hooks), not a whole CPU copy first (16 GB of host memory for a 7B)
+            options = {"device_map": {"": torch.device(device)}}
+        model = cls._load(path, dtype=dtype, attn_implementation=text_attention(attn_implementation),
+                          revision=revision, trust_remote_code=trust_remote_code, **options)
         if device_map is None:
-            model = model.to(device or "cpu")
+            model = model.to(device or "cpu")  # a no-op after a device load
         return cls(model.eval(), tokenizer, image_processor, _read_chat_template(templates, tokenizer))
 
     @classmethod

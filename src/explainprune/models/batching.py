@@ -1,25 +1,45 @@
 """Batching of prepared prompts for the shared generate / forward: each prompt's kept rows gathered and
 left-padded into one batch (embeddings, ids, positions, mask), and Qwen3-VL's DeepStack residuals applied at
-the kept visual rows of such a batch (``VisualResiduals``)."""
+the kept visual rows of such a batch (``VisualResiduals``).
+
+It imports nothing from ``models.base`` (which imports it): a prompt here is anything with the fields of
+``Prompt`` it reads (``PromptRows``)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from explainprune.models.base import Prompt
+
+class PromptRows(Protocol):
+    """What batching reads of a ``models.base.Prompt`` (shapes there)."""
+
+    input_ids: Tensor
+    inputs_embeds: Tensor
+    position_ids: Tensor
+    attention_mask: Tensor
+    visual_pos: Tensor
+    visual_residuals: dict[int, Tensor]
+
+    @property
+    def num_visual(self) -> int: ...
+
+    @property
+    def length(self) -> int: ...
+
+    def kept_positions(self, keep: Tensor | None) -> Tensor: ...
 
 
-def kept_rows(prompts: list[Prompt], keeps: list[Tensor | None]) -> list[Tensor]:
+
+def kept_rows(prompts: list[PromptRows], keeps: list[Tensor | None]) -> list[Tensor]:
     """Each prompt's kept sequence indices (``Prompt.kept_positions``): what ``pad_left``, ``pad_left_ids``
     and ``visual_targets`` gather; compute it once per batch and pass it as their ``rows``."""
     return [p.kept_positions(k) for p, k in zip(prompts, keeps, strict=True)]
 
 
-def visual_targets(prompts: list[Prompt], keeps: list[Tensor | None], length: int | None = None,
+def visual_targets(prompts: list[PromptRows], keeps: list[Tensor | None], length: int | None = None,
                    rows: list[Tensor] | None = None) -> Tensor:
     """LongTensor[B, L]: for each row of the batch ``pad_left`` builds, the index (into 0..N_v-1) of the
     visual token it holds, -1 for text and padding. ``length`` > the batch length right-extends with -1
@@ -42,7 +62,7 @@ class VisualResiduals:
     is left alone. A method that drops rows inside the LLM calls ``reindex`` so later layers follow it.
     """
 
-    def __init__(self, layers: Any, prompts: list[Prompt], targets: Tensor):
+    def __init__(self, layers: Any, prompts: list[PromptRows], targets: Tensor):
         self.targets = targets
         self.feats = {l: [p.visual_residuals[l] for p in prompts] for l in sorted(prompts[0].visual_residuals)}
         self.handles = [layers[l].register_forward_hook(self._hook(l)) for l in self.feats]
@@ -72,7 +92,7 @@ class VisualResiduals:
             h.remove()
 
 
-def pad_left(prompts: list[Prompt], keeps: list[Tensor | None],
+def pad_left(prompts: list[PromptRows], keeps: list[Tensor | None],
              rows: list[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gather each prompt's kept rows and left-pad them into one batch.
 
@@ -102,7 +122,7 @@ def pad_left(prompts: list[Prompt], keeps: list[Tensor | None],
     return embeds, mask, pos
 
 
-def pad_left_ids(prompts: list[Prompt], keeps: list[Tensor | None], pad_id: int,
+def pad_left_ids(prompts: list[PromptRows], keeps: list[Tensor | None], pad_id: int,
                  rows: list[Tensor] | None = None) -> Tensor:
     """The kept tokens' ids, left-padded with ``pad_id`` as ``pad_left`` pads the embeddings: LongTensor[B, L]."""
     rows = kept_rows(prompts, keeps) if rows is None else rows

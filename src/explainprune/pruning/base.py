@@ -8,13 +8,13 @@ A pruner gives every visual token a score (higher = keep); the shared `select` k
 from __future__ import annotations
 
 import difflib
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from explainprune.cost import LLMShape, kept_count, visual_tokens_per_layer
 from explainprune.models.base import VLM, GenerationResult, Prompt
 
 _REGISTRY: dict[str, type[Pruner]] = {}
@@ -42,7 +42,7 @@ def select(scores: Tensor, ratio: float, num_visual: int | None = None) -> Tenso
     if torch.isnan(scores).any():
         where = torch.nonzero(torch.isnan(scores)).flatten()[:8].tolist()
         raise ValueError(f"scores contain NaN (at visual tokens {where}); scores must be finite numbers")
-    k = max(1, math.ceil(float(ratio) * n - 1e-9))
+    k = kept_count(n, float(ratio))
     top = torch.topk(scores.float(), k, sorted=False).indices
     return torch.sort(top).values.cpu()
 
@@ -76,17 +76,29 @@ def register(name: str):
     return deco
 
 
-def available() -> list[str]:
-    return sorted(_REGISTRY)
+def available(plugins: bool = True) -> list[str]:
+    """The built-in methods and (unless ``plugins=False``) the installed plug-ins that load (entry-point group
+    ``explainprune.pruners``; one that fails gives a warning naming its package)."""
+    if not plugins:
+        return sorted(_REGISTRY)
+    from explainprune import plugins as found
+
+    return sorted({*_REGISTRY, *found.load_all(set(_REGISTRY))})
 
 
 def get_pruner(name: str, **options: Any) -> Pruner:
-    """The pruner registered as ``name``, built with ``options`` (e.g. ``seed=0``, ``layer=2``)."""
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.5)
+    """The pruner registered as ``name`` (built in, or an installed plug-in), built with ``options``
+    (e.g. ``seed=0``, ``layer=2``)."""
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        from explainprune import plugins
+
+        cls = plugins.find(name, set(_REGISTRY))
+    if cls is None:
+        names = available()
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
         hint = f" did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(f"unknown pruner {name!r}.{hint} available: {', '.join(available())}")
-    cls = _REGISTRY[name]
+        raise ValueError(f"unknown pruner {name!r}.{hint} available: {', '.join(names)}")
     _check_option_types(name, cls, options)
     try:
         return cls(**options)
@@ -136,10 +148,27 @@ class Pruner:
             raise ValueError("the prompt has no visual tokens: nothing to prune (give an image or a video)")
         return select(self.score(vlm, prompt), ratio, prompt.num_visual)
 
+    # -- cost (``explainprune.cost.method_account``: ``explainprune flops``, the runner, lmms-eval) -----------
+    def tokens_per_layer(self, n_visual: int, ratio: float, num_layers: int) -> list[int]:
+        """Visual tokens each of the ``num_layers`` LLM layers sees (prefill and KV cache) on an input of
+        ``n_visual`` at ``ratio``: all of them before ``layer``, ``kept_count(n_visual, ratio)`` from it on
+        (a pre-LLM pruner, ``layer`` 0, keeps that count in every layer). Multi-stage methods override it.
+        Raises ValueError for an in-LLM ``layer`` outside 1..num_layers-1."""
+        layer = int(self.layer)
+        if layer != 0 and not 1 <= layer < num_layers:
+            raise ValueError(f"{self.name or type(self).__name__} prunes at layer {layer}: it must be in "
+                             f"1..{num_layers - 1} for a {num_layers}-layer LLM")
+        return visual_tokens_per_layer(n_visual, kept_count(n_visual, ratio), layer, num_layers)
+
     def overhead_flops(self, d: int, n_visual: int, tokens_per_layer: list[int]) -> int:
         """FLOPs the method spends choosing tokens, beyond Eq. 4's layers (hidden size ``d``; the visual
         tokens of each LLM layer). 0 unless a method says otherwise; the evaluation adds it to the total."""
         return 0
+
+    def selection_flops(self, shape: LLMShape, n_visual: int, tokens_per_layer: list[int]) -> int:
+        """The selection cost the cost model counts: ``overhead_flops(shape.hidden, ...)``; a method whose
+        cost needs more of the model's shape than d (e.g. the vision head dim) overrides this instead."""
+        return int(self.overhead_flops(shape.hidden, n_visual, tokens_per_layer))
 
     def generate(self, vlm: VLM, prompt: Prompt | list[Prompt], ratio: float, max_new_tokens: int = 16,
                  **kwargs: Any) -> GenerationResult | list[GenerationResult]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ class Vanilla(Pruner):
     def keep(self, vlm: VLM, prompt: Prompt, ratio: float) -> Tensor:
         select(torch.ones(max(prompt.num_visual, 1)), ratio)  # validates the ratio
         return torch.arange(prompt.num_visual)
+
+    def tokens_per_layer(self, n_visual: int, ratio: float, num_layers: int) -> list[int]:
+        return [n_visual] * num_layers
 
 
 @register("random")
@@ -65,9 +69,16 @@ def _media_items(media: list) -> list[bytes]:
 def spread_order(rows: Tensor, cols: Tensor) -> Tensor:
     """Rank of each grid point in farthest-point order (from the centre): any prefix is evenly spread.
 
-    rows, cols: LongTensor[n] -> LongTensor[n] (0 = first picked).
+    rows, cols: LongTensor[n] -> LongTensor[n] (0 = first picked). The order depends only on the points, so
+    it is computed once per grid layout and reused (a video's frames, every prompt of one resolution).
     """
-    pts = torch.stack([rows, cols], 1).float()
+    key = torch.stack([rows, cols], 1).to("cpu", torch.int64).contiguous().numpy().tobytes()
+    return _spread_order(key).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _spread_order(key: bytes) -> Tensor:
+    pts = torch.frombuffer(bytearray(key), dtype=torch.int64).view(-1, 2).float()
     n = len(pts)
     rank = torch.empty(n, dtype=torch.long)
     centre = pts.mean(0)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from explainprune.attention import module_device
-from explainprune.evaluation.flops import kept_count
+from explainprune.cost import kept_count
 from explainprune.models.base import VLM, Prompt
 from explainprune.pruning.base import Pruner, register, select
 from explainprune.pruning.inllm import InLLMResult, SetInLLM, Stage, StageContext, generate_inllm
@@ -111,11 +111,15 @@ class DART(SetInLLM, Pruner):
     def generate(self, vlm: VLM, prompt: Prompt | list[Prompt], ratio: float, max_new_tokens: int = 16,
                  **kwargs: Any) -> InLLMResult | list[InLLMResult]:
         select(torch.ones(1), ratio)  # validates the ratio before any work
-        n_layers = len(vlm.language_model.layers)
-        if not 1 <= self.layer < n_layers:
-            raise ValueError(f"dart layer must be in 1..{n_layers - 1} for a {n_layers}-layer LLM; got {self.layer}")
-        stage = dart_stage(ratio, self.layer, self.pivot_image, self.pivot_text)
-        return generate_inllm(vlm, prompt, [stage], max_new_tokens, capture_previous=True, **kwargs)
+        stages = self.schedule(len(vlm.language_model.layers), ratio)
+        return generate_inllm(vlm, prompt, stages, max_new_tokens, capture_previous=True, **kwargs)
+
+    def schedule(self, num_layers: int, ratio: float) -> list[Stage]:
+        """DART's one stage at ``layer`` (also what ``tokens_per_layer`` counts)."""
+        if not 1 <= self.layer < num_layers:
+            raise ValueError(f"dart layer must be in 1..{num_layers - 1} for a {num_layers}-layer LLM; "
+                             f"got {self.layer}")
+        return [dart_stage(ratio, self.layer, self.pivot_image, self.pivot_text)]
 
     def overhead_flops(self, d: int, n_visual: int, tokens_per_layer: list[int]) -> int:
         """Key L1 norms (n d) and one cosine similarity per pivot over the candidates (P n d, upper bound)."""

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from explainprune.attention import _Stop  # the layer-K hook's early exit (scores only)
-from explainprune.evaluation.flops import kept_count
+from explainprune.cost import kept_count
 from explainprune.models.base import VLM, Prompt
 from explainprune.pruning.base import Pruner, register, select
 from explainprune.pruning.inllm import (  # noqa: F401  (last_token_attention: re-exported)

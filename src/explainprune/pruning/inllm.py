@@ -133,6 +133,24 @@ class InLLMState:
         return counts
 
 
+def stage_budget(stage: Stage, num_visual: int, remaining: int) -> int:
+    """Visual tokens a prompt keeps after ``stage``: ``stage.count(N_v)``, at least 1, at most what remains."""
+    return min(remaining, max(1, int(stage.count(num_visual))))
+
+
+def stage_tokens(stages: Sequence[Stage], num_visual: int, num_layers: int) -> list[int]:
+    """Visual tokens each decoder layer keeps under ``stages`` (the budgets ``inllm_hooks`` gives the
+    choosers; what ``InLLMState.visual_per_layer`` then measures): list[int] of length ``num_layers``."""
+    counts, remaining = [num_visual] * num_layers, num_visual
+    for stage in stages:
+        if not 1 <= stage.layer < num_layers:
+            raise ValueError(f"pruning layer must be in 1..{num_layers - 1} for a {num_layers}-layer LLM; "
+                             f"got {stage.layer}")
+        remaining = stage_budget(stage, num_visual, remaining)
+        counts[stage.layer:] = [remaining] * (num_layers - stage.layer)
+    return counts
+
+
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """x [B or 1, L, ...] -> [B, L', ...]: per batch row b, the rows ``index[b]``."""
     index = index.to(x.device)
@@ -246,8 +264,7 @@ def inllm_hooks(vlm: VLM, prompts: Prompt | list[Prompt], stages: Sequence[Stage
         prev = dict(captured.pop(stage.layer - 1, {}))
         if capture_previous:
             prev["attn"] = layers[stage.layer - 1].self_attn
-        budgets = [min(len(v), max(1, int(stage.count(p.num_visual))))
-                   for p, v in zip(prompts, cur["visual_ids"])]
+        budgets = [stage_budget(stage, p.num_visual, len(v)) for p, v in zip(prompts, cur["visual_ids"])]
         ctx = StageContext(vlm=vlm, layer=stage.layer, hidden=hidden, rope=rope, valid=cur["valid"].to(hidden.device),
                            visual_rows=cur["visual_rows"], visual_ids=cur["visual_ids"], text_rows=cur["text_rows"],
                            budgets=budgets, previous=prev)
@@ -363,11 +380,17 @@ def generate_inllm(vlm: VLM, prompt: Prompt | list[Prompt], stages: Sequence[Sta
 
 class SetInLLM:
     """Mixin for in-LLM pruners that choose a set at their stages rather than rank by one score (PyramidDrop,
-    DART): ``keep`` is the last stage's set, found by one greedy step of ``generate``."""
+    DART): ``keep`` is the last stage's set, found by one greedy step of ``generate``. A subclass defines
+    ``schedule(num_layers, ratio) -> list[Stage]`` (the stages it runs on a ``num_layers``-layer LLM; no
+    model needed), from which ``tokens_per_layer`` counts its cost."""
 
     def keep(self, vlm: VLM, prompt: Prompt, ratio: float) -> Tensor:
         """The visual tokens left after the last stage (runs one greedy step)."""
         return self.generate(vlm, prompt, ratio, max_new_tokens=1).keep  # type: ignore[attr-defined]
+
+    def tokens_per_layer(self, n_visual: int, ratio: float, num_layers: int) -> list[int]:
+        """Visual tokens of each layer under the method's ``schedule(num_layers, ratio)`` (its stages)."""
+        return stage_tokens(self.schedule(num_layers, ratio), n_visual, num_layers)  # type: ignore[attr-defined]
 
 
 def top_k(scores: Tensor, k: int) -> Tensor:

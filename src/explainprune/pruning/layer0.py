@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from explainprune.evaluation.flops import attention_flops
+from explainprune.cost import attention_flops
 from explainprune.models.base import VLM, Prompt
 from explainprune.pruning.base import Pruner, register
 

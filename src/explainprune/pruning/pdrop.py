@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from explainprune.evaluation.flops import attention_flops, kept_count
+from explainprune.cost import attention_flops, kept_count
 from explainprune.models.base import VLM, Prompt
 from explainprune.pruning.base import Pruner, register, select
 from explainprune.pruning.inllm import (
@@ -105,9 +105,13 @@ class PyramidDrop(SetInLLM, Pruner):
         return ks
 
     def stages(self, vlm: VLM, ratio: float) -> list[Stage]:
-        ks = self._layers(vlm)
-        n = len(vlm.language_model.layers)
-        lam = float(self.lam) if self.lam is not None else solve_lambda(float(ratio), ks, n)
+        self._layers(vlm)
+        return self.schedule(len(vlm.language_model.layers), ratio)
+
+    def schedule(self, num_layers: int, ratio: float) -> list[Stage]:
+        """The stages on a ``num_layers``-layer LLM at ``ratio`` (also what ``tokens_per_layer`` counts)."""
+        ks = tuple(int(k) for k in self.layers) if self.layers is not None else default_layers(num_layers)
+        lam = float(self.lam) if self.lam is not None else solve_lambda(float(ratio), ks, num_layers)
         return [pdrop_stage(k, lam ** (s + 1)) for s, k in enumerate(ks)]
 
     def score(self, vlm: VLM, prompt: Prompt) -> Tensor:

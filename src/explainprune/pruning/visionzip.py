@@ -97,6 +97,27 @@ def merged_prompt(prompt: Prompt, plan: ZipPlan) -> Prompt:
 
 
 # -- the vision encoder's attention and keys, per family -------------------------------------------------
+BLOCK_BYTES = 1 << 28  # float32 attention rows held at once by ``received_attention`` (256 MiB)
+
+
+def received_attention(q: Tensor, k: Tensor, scaling: float, block_bytes: int = BLOCK_BYTES) -> Tensor:
+    """The attention each token RECEIVES in one softmax attention: mean over heads and queries of
+    softmax(q k^T * scaling) (rows over the keys). q, k: [S, H, d] (one image / frame window) -> [S] float32.
+
+    Computed in query blocks of ``block_bytes`` of float32 logits (at least one query row), so memory is
+    linear in S: the whole map [H, S, S] is ~3.4 GB at 1,296 merged tokens (S = 5,184 patches, 16 heads),
+    ~68 GB at 5,776 and ~460 GB at 15K; blocks keep it at ``block_bytes`` + O(S)."""
+    s, h = q.shape[0], q.shape[1]
+    rows = max(1, block_bytes // (4 * h * s))
+    kf = k.float()
+    total = torch.zeros(s, dtype=torch.float32, device=q.device)
+    for start in range(0, s, rows):
+        logits = torch.einsum("qhd,khd->hqk", q[start:start + rows].float(), kf) * scaling
+        total += torch.softmax(logits, -1).sum((0, 1))
+        del logits
+    return total / (h * s)
+
+
 def _rope_vision(attn: Any) -> Any:
     return sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
 
@@ -125,8 +146,7 @@ def _qwen_pass(vlm: VLM, pixels: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:
     received = torch.zeros(s, dtype=torch.float32, device=h.device)
     cu = seen["cu"].tolist()
     for a, b in zip(cu[:-1], cu[1:]):
-        logits = torch.einsum("qhd,khd->hqk", q[a:b].float(), k[a:b].float()) * attn.scaling
-        received[a:b] = torch.softmax(logits, -1).mean(0).mean(0)
+        received[a:b] = received_attention(q[a:b], k[a:b], attn.scaling)
     unit = int(visual.spatial_merge_size) ** 2
     scores, keys = received.view(-1, unit).mean(1), raw_keys.view(-1, unit, raw_keys.shape[-1]).mean(1)
     if hasattr(visual, "fullatt_block_indexes"):  # Qwen2.5-VL: blocks run in window order
@@ -239,11 +259,16 @@ class VisionZip(Pruner):
         return vlm.generate([merged_prompt(p, z) for p, z in zip(prompt, plans)], keep=[z.keep for z in plans],
                             max_new_tokens=max_new_tokens, **kwargs)
 
-    def overhead_flops(self, d: int, n_visual: int, tokens_per_layer: list[int]) -> int:
-        """Key similarity of the merged tokens to the targets ((N - k) c d_k) plus their means (N d).
+    def overhead_flops(self, d: int, n_visual: int, tokens_per_layer: list[int], key_dim: int | None = None) -> int:
+        """Key similarity of the merged tokens to the targets ((N - k) c d_k) plus their means (N d); d_k is
+        ``key_dim``, else the key dim of the last analysed prompt.
 
         The dominance attention is the encoder's own (computed anyway), so it is not counted."""
         kept = tokens_per_layer[0] if tokens_per_layer else n_visual
         c = round(kept * float(self.contextual_share))
-        return max(n_visual - kept, 0) * c * max(self._key_dim, 1) + n_visual * d
+        return max(n_visual - kept, 0) * c * max(key_dim or self._key_dim, 1) + n_visual * d
+
+    def selection_flops(self, shape: Any, n_visual: int, tokens_per_layer: list[int]) -> int:
+        """``overhead_flops`` with d_k the vision encoder's head dim from the model's config when known."""
+        return self.overhead_flops(shape.hidden, n_visual, tokens_per_layer, shape.vision_head_dim)
 
