@@ -107,7 +107,7 @@ def test_load_and_processor_options_through_model_args(tiny_dirs, tmp_path):
     size = model.vlm.image_processor.size
     assert (size["longest_edge"], size["shortest_edge"]) == (12544, 3136)
     assert model.vlm.model.dtype == torch.bfloat16 and model.engine.fps == 1.5 and model.engine.pruner.seed == 3
-    assert model.vlm.model.config._attn_implementation == "eager"
+    assert model.vlm.text_config._attn_implementation == "eager"  # the language model's (models.base.text_attention)
     prompt = model.engine.prepare(Request(QUESTIONS[0], [random_image(1, (280, 280))]))
     assert prompt.num_visual == 12544 // 784  # the image budget holds
     model.task_dict = {"t": {"test": [{"question": QUESTIONS[0], "visual": [random_image(1)]}]}}

@@ -2,7 +2,7 @@
 over -> ``VLM.prepare``; a task's generation kwargs -> ``generate`` options; a batch of requests -> one
 ragged batch (each prompt keeps its own count); per sample an ``evaluation.report.SampleRecord`` with the
 efficiency numbers ``explainprune eval`` reports, measured the same way (``evaluation.runner.measure``,
-``evaluation.flops.account``).
+``cost.method_account``).
 
 In a batch of B requests the prefill / decode times are the batch's, shared evenly (B = 1 gives exactly
 ``explainprune eval``'s numbers), and a sample's KV bytes are the batch cache's bytes per cached row times
@@ -286,7 +286,7 @@ class PrunedEngine:
 
     def _record(self, requests: list[Request], prompts: list[Any], outs: list[Any], meter: Any, batch_s: float,
                 score_s: list[float]) -> None:
-        from explainprune.evaluation.flops import account, compressor_channels
+        from explainprune.cost import method_account
         from explainprune.evaluation.report import SampleRecord
 
         n_layers, b = self.shape.layers, len(prompts)
@@ -294,18 +294,16 @@ class PrunedEngine:
         padded = sum(b * max(r[layer] for r in rows) for layer in range(n_layers))
         per_row = meter.kv_bytes / padded if padded else 0.0
         layer = int(getattr(self.pruner, "layer", 0))
-        channels = compressor_channels(getattr(self.pruner, "compressor", None))
-        own = getattr(self.pruner, "overhead_flops", None)  # the method's own selection cost (VisionZip, ...)
         for req, p, o, r, s in zip(requests, prompts, outs, rows, score_s):
             kept = int(o.visual_tokens)
-            acc = account(self.shape, p.num_visual, layer=layer, kept=kept, compressor=channels,
-                          tokens_per_layer=getattr(o, "visual_per_layer", None))
-            selection = int(own(self.shape.hidden, p.num_visual, acc.tokens_per_layer)) if own else 0
+            # the runner's account (``explainprune eval``): the pruner's per-layer tokens and selection cost
+            acc = method_account(self.pruner, self.shape, p.num_visual, self.ratio,
+                                 measured=getattr(o, "visual_per_layer", None), kept=kept)
             self.records.append(SampleRecord(
                 id=f"{req.task}/{req.doc_id}", kind=req.task, method=self.label(), ratio=self.ratio,
                 question=p.question, reference="", prediction=o.text, correct=False, n_visual=p.num_visual,
                 kept=kept, layer=layer, average_retention=acc.average_retention, flops_llm=acc.llm,
-                flops_overhead=acc.attention + acc.conv + selection, prefill_s=meter.prefill_s / b,
+                flops_overhead=acc.attention + acc.conv + acc.selection, prefill_s=meter.prefill_s / b,
                 decode_s=meter.decode_s / b, total_s=s + batch_s / b, new_tokens=len(o.token_ids),
                 kv_bytes=round(per_row * sum(r)), score_s=s))
 
