@@ -53,10 +53,17 @@ def processor_options(processor_class: type) -> list[str]:
 def pruner_options(method: str) -> list[str] | None:
     """The option names of the pruner registered as ``method`` (its dataclass fields; None when it is not a
     dataclass: then ``get_pruner`` judges the options)."""
-    from explainprune.pruning import available, base
+    from explainprune.pruning import base
 
-    available()  # the registry, plug-ins included
-    cls = getattr(base, "_REGISTRY", {}).get(method)
+    registry = getattr(base, "_REGISTRY", {})
+    cls = registry.get(method)
+    if cls is None:  # an installed plug-in (entry point ``explainprune.pruners``)
+        try:
+            from explainprune import plugins
+
+            cls = plugins.find(method, set(registry))
+        except Exception:  # noqa: BLE001 - no plug-in support, or a failing plug-in: get_pruner says why
+            cls = None
     if cls is None or not dataclasses.is_dataclass(cls):
         return None
     return [f.name for f in dataclasses.fields(cls) if f.init]
