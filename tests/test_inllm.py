@@ -11,7 +11,14 @@ import explainprune
 from explainprune.evaluation.flops import kept_count
 from explainprune.pruning.dart import DART, duplication_select, quotas
 from explainprune.pruning.inllm import top_k
-from explainprune.pruning.pdrop import PyramidDrop, average_retention, default_layers, solve_lambda
+from explainprune.pruning.pdrop import (
+    PyramidDrop,
+    authors_schedule,
+    average_retention,
+    default_layers,
+    solve_lambda,
+    stage_count,
+)
 from explainprune.testing import random_image
 
 QUESTION = "what digit is in row 2 column 3 ?"
@@ -81,7 +88,7 @@ def pdrop_choosers(prompt, layers, shares):
     def make(share):
         def choose(info):
             att = info["weights"][0, :, -1].mean(0)[prompt.visual_pos[info["remaining"]]]
-            return info["remaining"][top_k(att, kept_count(prompt.num_visual, share))]
+            return info["remaining"][top_k(att, stage_count(prompt.num_visual, share))]
         return choose
     return {k: make(s) for k, s in zip(layers, shares)}
 
@@ -90,7 +97,7 @@ def pdrop_choosers(prompt, layers, shares):
 def test_pdrop_equals_masked_reference(deep, family, ratio):
     vlm, eager = deep(family)
     p = vlm.prepare(images=random_image(0), question=QUESTION)
-    pruner = explainprune.get_pruner("pdrop")
+    pruner = explainprune.get_pruner("pdrop", positions="original")  # the reference keeps original positions
     out = pruner.generate(vlm, p, ratio, max_new_tokens=4, output_logits=True)
     lam = solve_lambda(ratio, (1, 2, 3), 4)
     assert 0 < lam < 1 and pruner.layer == 1
@@ -108,9 +115,31 @@ def test_pdrop_schedule_authors_defaults():
     # the authors' λ = 0.5 on LLaVA-1.5 (32 layers, 8/16/24): average retention (1 + .5 + .25 + .125) / 4
     assert average_retention(0.5, (8, 16, 24), 32) == pytest.approx(0.46875)
     assert solve_lambda(0.46875, (8, 16, 24), 32) == pytest.approx(0.5, abs=1e-9)
-    assert solve_lambda(0.1, (8, 16, 24), 32) == 0.0  # below K_1 / L = 25%: out of reach
+    assert solve_lambda(0.1, (8, 16, 24), 32) == 0.0  # below K_1 / L = 25%: out of reach for that rule
+    # the default schedule: the authors' own setting at their average, λ = 0.5 with earlier boundaries below
+    assert authors_schedule(0.46875, 32) == ((8, 16, 24), pytest.approx(0.5, abs=1e-9))
+    assert authors_schedule(0.25, 28) == ((3, 6, 9), 0.5)
+    ks, lam = authors_schedule(0.10, 28)
+    assert ks == (1, 2, 3) and 0.3 < lam < 0.5
+    assert PyramidDrop(schedule="solve").plan(28, 0.25) == ((7, 14, 21), 0.0)  # the former rule collapses
     with pytest.raises(ValueError, match="lam"):
         PyramidDrop(lam=1.5)
+    with pytest.raises(ValueError, match="positions"):
+        PyramidDrop(positions="shifted")
+
+
+def test_pdrop_never_collapses_and_costs_less_at_lower_ratio():
+    """28 layers (Qwen2-VL-7B's LLM), 576 visual tokens: 25% and 10% keep > 1 token at every stage and 10%
+    sees fewer visual tokens in total; the average retention reached is near the nominal ratio."""
+    pd = PyramidDrop()
+    at25, at10 = pd.tokens_per_layer(576, 0.25, 28), pd.tokens_per_layer(576, 0.10, 28)
+    assert min(at25) > 1 and min(at10) > 1 and sum(at10) < sum(at25)
+    assert at25 == [576] * 3 + [288] * 3 + [144] * 3 + [72] * 19  # λ = 0.5, int(576 λ^s)
+    assert abs(sum(at25) / (28 * 576) - 0.25) < 0.03 and abs(sum(at10) / (28 * 576) - 0.10) < 0.01
+    assert PyramidDrop(lam=0.5).tokens_per_layer(576, 0.1, 32) == [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8
+    # out of reach (4 layers: layer 0 alone is 25%): the last stage keeps ratio * N_v, never one token
+    assert PyramidDrop().tokens_per_layer(100, 0.25, 4) == [100, 62, 39, 25]
+    assert PyramidDrop().tokens_per_layer(100, 0.10, 4) == [100, 46, 21, 10]
 
 
 def test_pdrop_kv_cache_per_stage(deep):
@@ -126,6 +155,7 @@ def test_pdrop_kv_cache_per_stage(deep):
         out = PyramidDrop().generate(vlm, p, 0.5, max_new_tokens=3)
     finally:
         handle.remove()
+    assert out.visual_per_layer == PyramidDrop().tokens_per_layer(p.num_visual, 0.5, 4)
     text = p.length - p.num_visual
     assert seen["cache"] == [text + n for n in out.visual_per_layer]
     assert out.visual_per_layer[0] == p.num_visual and out.visual_per_layer[1] > out.visual_per_layer[3]
@@ -153,7 +183,9 @@ def dart_choosers(vlm, prompt, layer, ratio, n_img=4, n_txt=4):
 def test_dart_equals_masked_reference(deep, family, layer, ratio):
     vlm, eager = deep(family)
     p = vlm.prepare(images=random_image(2), question=QUESTION)
-    out = explainprune.get_pruner("dart", layer=layer).generate(vlm, p, ratio, max_new_tokens=4, output_logits=True)
+    # this implementation's options (exact budget, keys before RoPE, pivots by norm); authors: test_authors_dart
+    dart = explainprune.get_pruner("dart", layer=layer, budget="exact", keys="raw", order="norm")
+    out = dart.generate(vlm, p, ratio, max_new_tokens=4, output_logits=True)
     kept, ref = reference(eager, p, dart_choosers(vlm, p, layer, ratio), len(out.token_ids))
     assert out.keep.tolist() == kept[0].tolist() and len(out.keep) == kept_count(p.num_visual, ratio)
     torch.testing.assert_close(out.logits, ref, atol=1e-4, rtol=0)

@@ -126,7 +126,7 @@ def test_max_new_tokens_and_until_reach_the_answer(load_tiny, image):
 
 
 @pytest.mark.parametrize("method", available())
-def test_records_equal_explainprune_eval(load_tiny, image, method):
+def test_records_equal_explainprune_eval(load_tiny, image, frames, method):
     """At batch size 1 a request's record holds what `explainprune eval` records for the same prompt
     (kept tokens, retention over layers, FLOPs incl. the compressor's or method's overhead, KV-cache bytes),
     for every registered method."""
@@ -139,11 +139,13 @@ def test_records_equal_explainprune_eval(load_tiny, image, method):
     if method in ("fastv", "dart"):
         options["layer"] = 1
     engine = PrunedEngine(vlm, method, 0.25 if method != "vanilla" else None, warmup=False, **options)
-    answer = engine.run([Request(Q1, image, {"max_new_tokens": 3}, "digits", 7)])[0]
+    media = {"video": frames} if method == "evs" else {"images": image}  # evs: videos only
+    visuals = np.stack([np.asarray(f) for f in frames]) if method == "evs" else image
+    answer = engine.run([Request(Q1, visuals, {"max_new_tokens": 3}, "digits", 7)])[0]
     (mine,) = engine.records
     pruner = get_pruner(method, **options)
-    prompt = vlm.prepare(images=image, question=Q1)
-    ref = run_one(vlm, pruner, method, prompt, LabelSample("7", Q1, "x", images=image), engine.ratio,
+    prompt = vlm.prepare(question=Q1, **media)
+    ref = run_one(vlm, pruner, method, prompt, LabelSample("7", Q1, "x", **media), engine.ratio,
                   LLMShape.from_config(vlm.text_config), 3)
     assert mine.prediction == ref.prediction == answer.text and mine.id == "digits/7" and mine.kind == "digits"
     for key in ("n_visual", "kept", "layer", "average_retention", "flops_llm", "flops_overhead", "kv_bytes",

@@ -87,3 +87,9 @@ def test_older_transformers_on_the_path_without_installing(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "transformers 5.17.0 is installed, but explainprune needs transformers>=5.18,<5.25" in done.stderr
+
+
+def test_library_version_is_the_declared_one():
+    import tomllib
+
+    assert explainprune.__version__ == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]

@@ -5,7 +5,6 @@ from explainprune.compressor import Compressor
 from explainprune.models import load
 from explainprune.pruning import get_pruner, select
 from explainprune.relevance import relevance
-
-__version__ = "0.1.0"
+from explainprune.versions import __version__
 
 __all__ = ["Compressor", "__version__", "first_layer_attention", "get_pruner", "load", "relevance", "select"]

@@ -69,7 +69,7 @@ def card_text(config: dict[str, Any], info: dict[str, Any] | None = None) -> str
     ``config.json`` holds; ``info`` (optional) holds ``base_model``, ``labels``, ``metrics``, ``training``."""
     import yaml
 
-    from explainprune import __version__
+    from explainprune.versions import __version__
 
     info = dict(info or {})
     meta: dict[str, Any] = {"library_name": "explainprune", "tags": ["explainprune", "visual-token-pruning",

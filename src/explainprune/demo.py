@@ -1,8 +1,9 @@
 """The end-to-end demo (what ``make demo`` runs): label -> train f_θ -> evaluate -> pictures.
 
 On the shipped demo model: labels (A_v^0, R_v) on the digits train split, the compressor trained on
-them, vanilla / oracle / learned / layer0 (raw A_v^0) and the training-free baselines (FastV, PyramidDrop,
-DART, DivPrune, VisionZip, random, uniform) at the retention ratios on the test split (images and videos),
+them, vanilla / oracle / learned / layer0 (raw A_v^0), the training-free baselines (FastV, PyramidDrop,
+DART, DivPrune, VisionZip, random, uniform) and peers (CDPruner, EVS on the videos -- n/a on the images --,
+downsample) at the retention ratios on the test split (images and videos),
 the report files, a few relevance pictures, and the table printed at the end.
 """
 
@@ -13,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("vanilla", "oracle", "learned", "layer0", "fastv", "pdrop", "dart", "divprune", "visionzip", "random",
-           "uniform")
+METHODS = ("vanilla", "oracle", "learned", "layer0", "fastv", "pdrop", "dart", "divprune", "visionzip", "cdpruner",
+           "evs", "downsample", "random", "uniform")
 
 
 def default_methods() -> tuple[str, ...]:

@@ -26,3 +26,8 @@ class InputError(ValueError):
         if self.sample is not None:
             where += f"sample {self.sample}: "
         return where + self.message + (f"; {self.hint}" if self.hint else "")
+
+
+class NotApplicable(ValueError):
+    """A method that does not apply to this input (``evs`` on a prompt with no video). Asked alone it is an
+    error; ``explainprune eval`` records such a (sample, method) as "n/a" and goes on."""

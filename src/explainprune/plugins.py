@@ -73,7 +73,7 @@ def names() -> list[str]:
     return sorted(entries())
 
 
-def _load(name: str, builtin: set[str]) -> type:
+def _load(name: str, builtin: set[str], base: type) -> type:
     """The plug-in class for ``name``; PluginError (naming the package) when it cannot be used."""
     if name in _STATE.loaded:
         return _STATE.loaded[name]
@@ -93,7 +93,7 @@ def _load(name: str, builtin: set[str]) -> type:
         except Exception as err:  # any import-time failure of someone else's package
             raise PluginError(f"pruner plug-in {_describe(ep)} failed to load ({type(err).__name__}: {err}); "
                               f"reinstall or uninstall {_package(ep).split()[0]}") from None
-        _check_class(obj, ep)
+        _check_class(obj, ep, base)
     except PluginError as err:
         _STATE.problems[name] = str(err)
         raise
@@ -101,31 +101,30 @@ def _load(name: str, builtin: set[str]) -> type:
     return obj
 
 
-def _check_class(obj: Any, ep: metadata.EntryPoint) -> None:
-    from explainprune.pruning.base import Pruner
-
-    if not (isinstance(obj, type) and issubclass(obj, Pruner)):
+def _check_class(obj: Any, ep: metadata.EntryPoint, base: type) -> None:
+    """``obj`` must subclass ``base`` (the Pruner protocol, handed in by pruning.base: no import back to it)."""
+    if not (isinstance(obj, type) and issubclass(obj, base)):
         raise PluginError(f"pruner plug-in {_describe(ep)} is not a subclass of explainprune.pruning.Pruner "
                           f"(got {obj!r})")
-    if obj.score is Pruner.score and obj.keep is Pruner.keep:
+    if obj.score is base.score and obj.keep is base.keep:
         raise PluginError(f"pruner plug-in {_describe(ep)} implements neither score(vlm, prompt) nor "
                           "keep(vlm, prompt, ratio)")
 
 
-def find(name: str, builtin: set[str]) -> type | None:
+def find(name: str, builtin: set[str], base: type) -> type | None:
     """The plug-in class registered as ``name`` (imported now), None when no installed package declares it.
     Raises PluginError naming the package for a plug-in that fails or clashes."""
     if name in builtin or name not in entries():
         return None
-    return _load(name, builtin)
+    return _load(name, builtin, base)
 
 
-def load_all(builtin: set[str]) -> dict[str, type]:
+def load_all(builtin: set[str], base: type) -> dict[str, type]:
     """Every usable plug-in (imported now), by name; each unusable one gives one PluginWarning."""
     usable = {}
     for name in entries():
         try:
-            usable[name] = _load(name, builtin)
+            usable[name] = _load(name, builtin, base)
         except PluginError as err:
             if name not in _STATE.warned:
                 _STATE.warned.add(name)

@@ -17,6 +17,7 @@ import warnings
 
 from explainprune.errors import InputError
 
+__version__ = "0.1.0"  # explainprune's own (pyproject.toml declares the same; explainprune.__version__)
 TRANSFORMERS = ">=5.18,<5.25"  # pyproject.toml declares the same range (tests/test_versions.py)
 ALLOW_ENV = "EXPLAINPRUNE_ALLOW_TRANSFORMERS"
 

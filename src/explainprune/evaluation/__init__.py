@@ -8,5 +8,5 @@ DEFAULT_METHODS = ("vanilla", "random", "uniform", "layer0", "fastv", "pdrop", "
 compressor, ``oracle`` an expensive backward, ``visionzip`` is not available for LLaVA-OneVision)."""
 DEFAULT_RATIOS = (0.5, 0.25, 0.1)
 METHODS = ("vanilla", "random", "uniform", "layer0", "learned", "oracle", "fastv", "pdrop", "dart", "divprune",
-           "visionzip")
+           "visionzip", "cdpruner", "evs", "downsample")
 """Every registered pruner (a test keeps this equal to ``pruning.available()``), for ``eval --help``."""

@@ -14,6 +14,7 @@ from typing import Any
 from explainprune.files import write_text_atomic
 
 VANILLA = "vanilla"
+NA = "n/a"  # a method that does not apply to the samples of a cell (evs on images)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class SampleRecord:
     new_tokens: int
     kv_bytes: int
     score_s: float = 0.0  # the pruner's score() on this prompt (run once, shared by the ratios)
+    applicable: bool = True  # False: the method does not apply to this sample (evs on an image): "n/a"
 
     @property
     def flops(self) -> int:
@@ -77,6 +79,8 @@ class MethodResult:
     score_s: float = 0.0
     accuracy_ci: list[float] | None = None      # 95% Wilson interval of the accuracy (0-1)
     preservation_ci: list[float] | None = None  # 95% paired bootstrap interval of the preservation (%)
+    not_applicable: int = 0  # samples the method does not apply to (left out of every number above)
+    not_applicable_kinds: list[str] = field(default_factory=list)  # kinds where it applies to no sample
 
 
 def _mean(xs: list[float]) -> float:
@@ -93,13 +97,24 @@ def aggregate(records: list[SampleRecord]) -> list[MethodResult]:
     for r in records:
         groups[(r.method, r.ratio)].append(r)
     base = next((g for (m, _), g in groups.items() if m == VANILLA), [])
-    base_acc = _mean([float(r.correct) for r in base])
-    base_kind = _by_kind(base)
+    full_acc = _mean([float(r.correct) for r in base])
+    full_kind = _by_kind(base)
     base_by_id: dict[str, list[float]] = defaultdict(list)  # an id seen twice pairs by occurrence
     for r in base:
         base_by_id[r.id].append(float(r.correct))
     out = []
-    for (method, ratio), rows in groups.items():
+    for (method, ratio), every in groups.items():
+        rows = [r for r in every if r.applicable]
+        skipped = len(every) - len(rows)
+        if skipped:  # n/a samples: numbers over the others, preservation against vanilla on the same samples
+            ids = {r.id for r in rows}
+            base_acc = _mean([float(r.correct) for r in base if r.id in ids])
+            base_kind = _by_kind([r for r in base if r.id in ids])
+        else:
+            base_acc, base_kind = full_acc, full_kind
+        if not rows:
+            out.append(_not_applicable(method, ratio, every))
+            continue
         acc = _mean([float(r.correct) for r in rows])
         kinds = _by_kind(rows)
         per_kind = [_ratio(kinds[k], base_kind[k]) for k in kinds if k in base_kind]
@@ -114,8 +129,19 @@ def aggregate(records: list[SampleRecord]) -> list[MethodResult]:
             prefill_s=_mean([r.prefill_s for r in rows]), decode_s=_mean([r.decode_s for r in rows]),
             decode_per_token_s=sum(r.decode_s for r in rows) / new if new else float("nan"),
             total_s=_mean([r.total_s for r in rows]), kv_bytes=_mean([float(r.kv_bytes) for r in rows]),
-            score_s=_mean([r.score_s for r in rows]), **_intervals(rows, base_by_id)))
+            score_s=_mean([r.score_s for r in rows]), **_intervals(rows, base_by_id), not_applicable=skipped,
+            not_applicable_kinds=sorted({r.kind for r in every} - set(kinds))))
     return out
+
+
+def _not_applicable(method: str, ratio: float, rows: list[SampleRecord]) -> MethodResult:
+    """A (method, ratio) that applies to none of the samples: every number NaN, shown as n/a."""
+    nan = float("nan")
+    return MethodResult(
+        method=method, ratio=ratio, layer=rows[0].layer, n=0, accuracy=nan, accuracy_by_kind={}, preservation=None,
+        avg_preservation=None, average_retention=nan, effective_ratio=nan, flops=nan, flops_overhead=nan,
+        prefill_s=nan, decode_s=nan, decode_per_token_s=nan, total_s=nan, kv_bytes=nan, score_s=nan,
+        not_applicable=len(rows), not_applicable_kinds=sorted({r.kind for r in rows}))
 
 
 def _intervals(rows: list[SampleRecord], base_by_id: dict[str, list[float]]) -> dict[str, list[float] | None]:
@@ -210,9 +236,12 @@ class Report:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.results:
             cells = [r.method, f"{100 * r.ratio:g}%"]
-            cells += [_pct(100 * r.accuracy_by_kind[k]) if k in r.accuracy_by_kind else "–" for k in kinds]
+            cells += [_pct(100 * r.accuracy_by_kind[k]) if k in r.accuracy_by_kind else
+                      NA if k in r.not_applicable_kinds else "–" for k in kinds]
             cells += [_pct(100 * r.accuracy), _pct(r.preservation), _pct(r.avg_preservation),
                       _interval(r.accuracy_ci, 100.0), _interval(r.preservation_ci, 1.0)]
+            if not r.n:
+                cells[-5:] = [NA] * 5
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -226,10 +255,19 @@ class Report:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         base = next((r.flops for r in self.results if r.method == VANILLA), 0.0)
         for r in self.results:
+            if r.not_applicable:  # % of vanilla on the same samples
+                ids = self.applicable_ids(r)
+                same = [float(s.flops) for s in self.samples if s.method == VANILLA and s.id in ids]
+                r_base = _mean(same) if same else base
+            else:
+                r_base = base
+            if not r.n:
+                lines.append("| " + " | ".join([r.method, f"{100 * r.ratio:g}%"] + [NA] * (len(head) - 2)) + " |")
+                continue
             cells = [r.method, f"{100 * r.ratio:g}%", f"{100 * r.average_retention:.1f}%",
                      f"{r.flops / scale:.3f}", f"{1e3 * r.score_s:.1f}", f"{1e3 * r.prefill_s:.1f}",
                      _pct(1e3 * r.decode_per_token_s, 2),
-                     f"{r.kv_bytes / bscale:.1f}", _pct(r.preservation), _pct(_ratio(r.flops, base))]
+                     f"{r.kv_bytes / bscale:.1f}", _pct(r.preservation), _pct(_ratio(r.flops, r_base))]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -239,6 +277,11 @@ class Report:
         skipped = "".join(f"- skipped: line {e.get('line')}, sample {e.get('id')}: {e.get('error')}\n"
                           for e in self.skipped)
         skipped = f"{len(self.skipped)} samples skipped (unreadable media):\n\n{skipped}\n" if skipped else ""
+        skipped += "".join(f"{r.method} at {100 * r.ratio:g}%: n/a on {r.not_applicable} of "
+                           f"{r.n + r.not_applicable} samples (the method does not apply to them); its numbers are "
+                           "over the others, its preservation against vanilla on the same samples.  \n"
+                           for r in self.results if r.not_applicable)
+        skipped += "\n" if any(r.not_applicable for r in self.results) else ""
         return (f"# explainprune evaluation\n\nmodel: `{self.model}`  \ntask: {task}  \nsamples: {n}\n\n{skipped}"
                 f"## Accuracy\n\n{self.accuracy_table()}\n\n## Efficiency\n\n{self.efficiency_table()}\n\n"
                 "FLOPs: Appendix D, Eq. 4 per layer with that layer's visual tokens (+ Eq. 5-6 for the "
@@ -252,13 +295,19 @@ class Report:
                 "settings is that cheap; the best of each column is bold. "
                 "Intervals: 95% (Wilson for accuracy, paired bootstrap over samples for preservation).\n")
 
-    def budgets(self) -> list[tuple[float, float]]:
+    def applicable_ids(self, r: MethodResult) -> set[str]:
+        """Ids of the samples the (method, ratio) of ``r`` applies to (every sample unless some were n/a)."""
+        return {s.id for s in self.samples if s.method == r.method and s.ratio == r.ratio and s.applicable}
+
+    def budgets(self, ids: set[str] | None = None) -> list[tuple[float, float]]:
         """(ratio, FLOPs) budgets: Eq. 4 of keeping ``ratio`` of the visual tokens before the LLM, mean over
-        the samples, for every ratio evaluated (from the per-sample records' token counts)."""
+        the samples (those in ``ids`` if given: a method's own, when it is n/a on some), for every ratio
+        evaluated (from the per-sample records' token counts)."""
         shape = self._shape()
         if shape is None:
             return []
-        ns = [s.n_visual for s in self.samples if s.method == VANILLA] or [s.n_visual for s in self.samples]
+        ns = [s.n_visual for s in self.samples if s.method == VANILLA and (ids is None or s.id in ids)] or \
+            [s.n_visual for s in self.samples if ids is None or s.id in ids]
         return [(q, _budget(ns, q, shape)) for q in self._budget_ratios()]
 
     def _shape(self) -> Any:
@@ -285,7 +334,7 @@ class Report:
         for r in self.results:
             if r.method == VANILLA or r.preservation is None:
                 continue
-            ns = [s.n_visual for s in self.samples if s.method == r.method and s.ratio == r.ratio]
+            ns = [s.n_visual for s in self.samples if s.method == r.method and s.ratio == r.ratio and s.applicable]
             for q in ratios:
                 within = bool(ns) and r.flops <= _budget(ns, q, shape) * (1 + slack)
                 if within and ((r.method, q) not in best or best[(r.method, q)][0] < r.preservation):

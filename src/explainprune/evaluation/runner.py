@@ -31,7 +31,7 @@ import torch
 
 from explainprune.answers import display, is_correct, normalize_answers
 from explainprune.cost import LLMShape, method_account
-from explainprune.errors import InputError
+from explainprune.errors import InputError, NotApplicable
 from explainprune.evaluation import DEFAULT_METHODS, DEFAULT_RATIOS
 from explainprune.evaluation.report import VANILLA, Report, SampleRecord
 from explainprune.evaluation.tasks import TaskConfig, load_task, sample_kind
@@ -229,6 +229,17 @@ def run_one(vlm: Any, pruner: Any, label: str, prompt: Any, sample: Any, ratio: 
         total_s=total, new_tokens=len(out.token_ids), kv_bytes=meter.kv_bytes, score_s=score_s)
 
 
+def not_applicable(label: str, prompt: Any, sample: Any, ratio: float, pruner: Any) -> SampleRecord:
+    """The record of a method that does not apply to this sample (``NotApplicable``): ``applicable=False``,
+    no answer, no cost; the report leaves it out of the method's numbers and shows "n/a"."""
+    answers = normalize_answers(sample.answer, f"sample {sample.id}: answer")
+    return SampleRecord(
+        id=str(sample.id), kind=sample_kind(sample), method=label, ratio=ratio, question=sample.question,
+        reference=display(answers), prediction="", correct=False, n_visual=prompt.num_visual, kept=prompt.num_visual,
+        layer=int(getattr(pruner, "layer", 0)), average_retention=1.0, flops_llm=0, flops_overhead=0, prefill_s=0.0,
+        decode_s=0.0, total_s=0.0, new_tokens=0, kv_bytes=0, applicable=False)
+
+
 def _prepare(vlm: Any, sample: Any) -> Any:
     return vlm.prepare(images=sample.images, video=sample.video, question=sample.question)
 
@@ -349,8 +360,11 @@ def run_eval(vlm: Any, samples: Any, config: EvalConfig | None = None, *, model_
             for label, pruner in pruners:
                 with shared_scores(pruner) as scores:
                     for ratio in ((1.0,) if label == VANILLA else config.ratios):
-                        mine.append(run_one(vlm, pruner, label, prompt, sample, float(ratio), shape,
-                                            config.max_new_tokens, scores))
+                        try:
+                            mine.append(run_one(vlm, pruner, label, prompt, sample, float(ratio), shape,
+                                                config.max_new_tokens, scores))
+                        except NotApplicable:  # e.g. evs on an image: an n/a row, the run goes on
+                            mine.append(not_applicable(label, prompt, sample, float(ratio), pruner))
             done[i] = {"sample": i, "records": [asdict(r) for r in mine]}
             if fh:
                 _append(fh, done[i])

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from explainprune.models.base import VLM, Prompt, as_images, expand_placeholders, to_pil
+from explainprune.models.base import VLM, Prompt, Video, as_images, expand_placeholders, to_pil
 
 # Qwen's default video sampling rate (qwen-vl-utils' FPS): a list of frames of unknown rate is taken as
 # sampled at 2 frames per second, i.e. one temporal patch of 2 frames per second.
@@ -64,6 +64,15 @@ def _video_fps(video: Any, fps: float | None) -> float:
     if not rate > 0:
         raise ValueError(f"fps must be a positive number of sampled frames per second; got {rate}")
     return rate
+
+
+def _kept_video(video: Any, fps: float | None) -> Video:
+    """The video as ``Prompt.media`` keeps it: its frames, the rate they were sampled at (``fps``, else the
+    ``Video``'s) and, with no ``fps`` given, a clip's ``timestamps``: enough to prepare it again (downsample)."""
+    kept = Video(video, fps=fps if fps is not None else getattr(video, "fps", None))
+    if fps is None and getattr(video, "timestamps", None) is not None:
+        kept.timestamps = list(video.timestamps)
+    return kept
 
 
 class Qwen2VL(VLM):
@@ -153,7 +162,7 @@ class Qwen2VL(VLM):
         return Prompt(input_ids=input_ids, inputs_embeds=embeds, position_ids=position_ids.cpu(),
                       attention_mask=mask, visual_pos=visual_pos, visual_grid=visual_grid,
                       instruction=instruction, question=question,
-                      media=images + ([list(video)] if video is not None else []), model_inputs=inputs,
+                      media=images + ([_kept_video(video, fps)] if video is not None else []), model_inputs=inputs,
                       visual_residuals=residuals)
 
     def _video_text(self, text: str, thw: Tensor, video: Any, fps: float | None, inputs: dict[str, Any]) -> str:

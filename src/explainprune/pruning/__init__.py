@@ -3,8 +3,11 @@
 # importing a method's module registers it
 from explainprune.pruning import (  # noqa: F401
     baselines,
+    cdpruner,
     dart,
     divprune,
+    downsample,
+    evs,
     fastv,
     layer0,
     learned,

@@ -81,9 +81,9 @@ def available(plugins: bool = True) -> list[str]:
     ``explainprune.pruners``; one that fails gives a warning naming its package)."""
     if not plugins:
         return sorted(_REGISTRY)
-    from explainprune import plugins as found
+    from explainprune.plugins import load_all
 
-    return sorted({*_REGISTRY, *found.load_all(set(_REGISTRY))})
+    return sorted({*_REGISTRY, *load_all(set(_REGISTRY), Pruner)})
 
 
 def get_pruner(name: str, **options: Any) -> Pruner:
@@ -91,9 +91,9 @@ def get_pruner(name: str, **options: Any) -> Pruner:
     (e.g. ``seed=0``, ``layer=2``)."""
     cls = _REGISTRY.get(name)
     if cls is None:
-        from explainprune import plugins
+        from explainprune.plugins import find
 
-        cls = plugins.find(name, set(_REGISTRY))
+        cls = find(name, set(_REGISTRY), Pruner)
     if cls is None:
         names = available()
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)

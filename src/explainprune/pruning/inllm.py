@@ -13,7 +13,10 @@ prefill and decode:
   - layer K's pre-hook calls the stage's chooser, then drops the pruned rows of the hidden states;
   - every layer >= the first K gets its rotary embeddings and position ids gathered at the kept tokens
     (which keep their ORIGINAL positions) and, when masks are needed (padding, or eager attention), its
-    own additive mask over its kept rows and its pruned KV cache.
+    own additive mask over its kept rows and its pruned KV cache;
+  - with ``positions="compact"`` (PyramidDrop's authors, 1-D RoPE only) the rows of each stage are
+    renumbered 0..L'-1 instead, decode steps continuing from L' (RoPE recomputed by the model's own
+    ``rotary_emb``), as ``pdrop_rank_drop`` in the authors' ``modeling_llama_pdrop.py`` does.
 A list of prompts runs as one left-padded batch; each keeps its own count and is re-padded at every stage.
 """
 
@@ -123,6 +126,7 @@ class InLLMState:
     per_stage: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (index, valid) of each stage (CPU)
     all_valid: list[bool] = field(default_factory=list)  # per stage: no padding left after it
     masks: dict = field(default_factory=dict, repr=False)  # (stage, prefill, step, device, ...) -> mask
+    compact: list[Tensor] = field(default_factory=list)  # positions="compact": per stage, [B, L'] new positions
 
     def visual_per_layer(self, b: int, num_visual: int, stages: Sequence[Stage], num_layers: int) -> list[int]:
         """Visual tokens prompt ``b`` keeps in each decoder layer (prefill and its KV cache)."""
@@ -177,10 +181,32 @@ def _layer_mask(valid: Tensor, steps: int, prefill: bool, dtype: torch.dtype, de
     return full if flash else _additive_mask(full, valid.shape[1] if prefill else 1, dtype)
 
 
+def _rope_at(rotary: Any, pos: Tensor, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(cos, sin) [B, L, hd] of 1-D positions ``pos`` [B, L] from the model's own rotary embedding."""
+    dev = next(iter(rotary.buffers())).device
+    cos, sin = rotary(torch.zeros(1, dtype=dtype, device=dev), pos.to(dev))
+    return cos.to(device), sin.to(device)
+
+
+def _compact_inputs(out: dict[str, Any], stage: int, state: InLLMState, prefill: bool, rotary: Any,
+                    dtype: torch.dtype, device: torch.device) -> None:
+    """positions="compact": the stage's rows at positions 0..L'-1 (prefill), decode step t at L' + t - 1."""
+    valid = state.per_stage[stage][1]
+    pos = state.compact[stage] if prefill else (valid.sum(1, keepdim=True) + state.steps - 1)
+    key = ("rope", stage, prefill, state.steps, device, dtype)
+    if key not in state.masks:
+        state.masks[key] = _rope_at(rotary, pos, dtype, device)
+    out["position_embeddings"] = state.masks[key]
+    if torch.is_tensor(out.get("position_ids")) and out["position_ids"].dim() == 2:
+        out["position_ids"] = pos.to(out["position_ids"].device)
+
+
 def _restrict(kwargs: dict[str, Any], stage: int, state: InLLMState, full_len: int, prefill: bool,
-              dtype: torch.dtype, device: torch.device, implementation: str = "sdpa") -> dict[str, Any]:
+              dtype: torch.dtype, device: torch.device, implementation: str = "sdpa",
+              rotary: Any = None) -> dict[str, Any]:
     """A pruned layer's keyword inputs restricted to its stage's kept rows (prefill) and to its pruned KV
-    cache; masks are made on ``device`` (the layer's own), once per stage, device and step."""
+    cache; masks are made on ``device`` (the layer's own), once per stage, device and step. With
+    ``rotary`` (positions="compact") the rows get the renumbered positions instead of their original ones."""
     index, valid = state.per_stage[stage]
     out = dict(kwargs)
     if prefill:
@@ -188,6 +214,8 @@ def _restrict(kwargs: dict[str, Any], stage: int, state: InLLMState, full_len: i
         pos = kwargs.get("position_ids")
         if torch.is_tensor(pos) and pos.dim() == 2 and pos.shape[-1] == full_len:
             out["position_ids"] = _gather_rows(pos, index)
+    if rotary is not None:
+        _compact_inputs(out, stage, state, prefill, rotary, dtype, device)
     flash = "flash" in implementation
     if torch.is_tensor(kwargs.get("attention_mask")) or not state.all_valid[stage] or flash:
         key = (stage, prefill, state.steps, device, dtype, flash)
@@ -209,12 +237,20 @@ def _repad(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
 
 @contextmanager
 def inllm_hooks(vlm: VLM, prompts: Prompt | list[Prompt], stages: Sequence[Stage], *,
-                capture_previous: bool = False, stop_after_first: bool = False) -> Iterator[InLLMState]:
+                capture_previous: bool = False, stop_after_first: bool = False,
+                positions: str = "original") -> Iterator[InLLMState]:
     """Hooks that make the next forward / generate on ``prompts`` (one, or a list left-padded as
     ``VLM.generate`` pads it) prune at every stage. With ``stop_after_first`` the prefill stops right after
-    the first stage chose (``attention._Stop`` is raised; the caller catches it). Yields the InLLMState
-    filled during prefill. All hooks are removed on exit."""
+    the first stage chose (``attention._Stop`` is raised; the caller catches it). ``positions``: "original"
+    (kept tokens keep their positions) or "compact" (each stage renumbered 0..L'-1; 1-D RoPE only).
+    Yields the InLLMState filled during prefill. All hooks are removed on exit."""
     prompts = [prompts] if isinstance(prompts, Prompt) else list(prompts)
+    if positions not in ("original", "compact"):
+        raise ValueError(f"positions must be 'original' or 'compact'; got {positions!r}")
+    if positions == "compact" and any(p.position_ids.dim() != 2 for p in prompts):
+        raise ValueError("positions='compact' renumbers 1-D positions; this family uses 3-row M-RoPE positions "
+                         "(use positions='original')")
+    rotary = vlm.language_model.rotary_emb if positions == "compact" else None
     layers = vlm.language_model.layers
     n_layers = len(layers)
     ks = [s.layer for s in stages]
@@ -261,6 +297,8 @@ def inllm_hooks(vlm: VLM, prompts: Prompt | list[Prompt], stages: Sequence[Stage
         """Run stage ``s``'s chooser; update ``cur`` and the state; returns the local gather index [B, L']."""
         stage = stages[s]
         rope = tuple(_gather_rows(t, cur["index"]) for t in rope_full)
+        if rotary is not None and s > 0:  # compact: the current rows sit at the previous stage's new positions
+            rope = _rope_at(rotary, state.compact[s - 1], rope[0].dtype, rope[0].device)
         prev = dict(captured.pop(stage.layer - 1, {}))
         if capture_previous:
             prev["attn"] = layers[stage.layer - 1].self_attn
@@ -293,6 +331,8 @@ def inllm_hooks(vlm: VLM, prompts: Prompt | list[Prompt], stages: Sequence[Stage
         if vlm.active_residuals is not None:  # DeepStack rows (Qwen3-VL) follow the kept rows
             vlm.active_residuals.reindex(local, valid)
         state.per_stage.append((cur["index"], valid))
+        if rotary is not None:
+            state.compact.append((valid.long().cumsum(1) - 1).clamp(min=0))
         state.all_valid.append(bool(valid.all()))
         state.index, state.valid = cur["index"], valid
         return local
@@ -318,7 +358,7 @@ def inllm_hooks(vlm: VLM, prompts: Prompt | list[Prompt], stages: Sequence[Stage
             return (args, kwargs) if i in stage_at and prefill else None
         implementation = getattr(module.self_attn.config, "_attn_implementation", None) or "sdpa"
         return args, _restrict(kwargs, s, state, full_len, prefill, hidden.dtype, module_device(module),
-                               implementation)
+                               implementation, rotary)
 
     layer_ids = {id(m): i for i, m in enumerate(layers)}
     try:
@@ -357,14 +397,15 @@ class InLLMResult(GenerationResult):
 
 def generate_inllm(vlm: VLM, prompt: Prompt | list[Prompt], stages: Sequence[Stage], max_new_tokens: int, *,
                    capture_previous: bool = False, result_cls: type[InLLMResult] = InLLMResult,
-                   **kwargs: Any) -> InLLMResult | list[InLLMResult]:
+                   positions: str = "original", **kwargs: Any) -> InLLMResult | list[InLLMResult]:
     """Greedy generation pruning at every stage (prefill and the KV cache of the pruned layers).
 
     A list of prompts runs as one left-padded batch (ragged after pruning: re-padded at every stage).
+    ``positions``: see ``inllm_hooks``.
     """
     single = isinstance(prompt, Prompt)
     prompts = [prompt] if single else list(prompt)
-    with inllm_hooks(vlm, prompts, stages, capture_previous=capture_previous) as state:
+    with inllm_hooks(vlm, prompts, stages, capture_previous=capture_previous, positions=positions) as state:
         outs = vlm.generate(prompts, max_new_tokens=max_new_tokens, **kwargs)
     n_layers = len(vlm.language_model.layers)
     results = []
@@ -382,7 +423,8 @@ class SetInLLM:
     """Mixin for in-LLM pruners that choose a set at their stages rather than rank by one score (PyramidDrop,
     DART): ``keep`` is the last stage's set, found by one greedy step of ``generate``. A subclass defines
     ``schedule(num_layers, ratio) -> list[Stage]`` (the stages it runs on a ``num_layers``-layer LLM; no
-    model needed), from which ``tokens_per_layer`` counts its cost."""
+    model needed), from which ``tokens_per_layer`` counts its cost, or overrides ``tokens_per_layer`` itself
+    (PyramidDrop and DART do, from their ``plan`` / budget functions, tested against a real run's counts)."""
 
     def keep(self, vlm: VLM, prompt: Prompt, ratio: float) -> Tensor:
         """The visual tokens left after the last stage (runs one greedy step)."""

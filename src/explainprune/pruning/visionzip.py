@@ -13,7 +13,11 @@ Followed: the paper's method and the authors' ``CLIPVisionTower_VisionZip.forwar
   - contextual: among the other tokens, ``contextual`` targets taken uniformly (every step-th), every
     remaining token joins the target whose key (mean over heads, same layer) is most cosine-similar.
 Authors' defaults: dominant 54 + contextual 10 of 64 (108 + 20 of 128, 162 + 30 of 192), i.e. a
-contextual share of 10/64 of the kept tokens; that share is the default here.
+contextual share of 10/64 of the kept tokens; that share is the default here. On LLaVA the authors'
+``visionzip(model, dominant, contextual)`` passes ``dominant - 1`` patches to the tower and the CLS token
+fills the last dominant slot (``all_indices`` = CLS + top patches): ``cls_slot=True`` (default) follows
+that, one patch fewer is dominant (the LLM here receives patch tokens only, so it sees kept - 1 tokens);
+``cls_slot=False`` gives every dominant slot to a patch.
 
 Choices of this implementation (documented, tested):
   - merging happens on the features as the LLM receives them (after the projector / merger), not
@@ -56,16 +60,17 @@ class ZipPlan:
     groups: dict[int, Tensor]
 
 
-def visionzip_plan(attention: Tensor, keys: Tensor, kept: int, contextual: int) -> ZipPlan:
+def visionzip_plan(attention: Tensor, keys: Tensor, kept: int, contextual: int, reserved: int = 0) -> ZipPlan:
     """Dominant + contextual selection on one prompt.
 
-    attention Tensor[N] (dominance score), keys Tensor[N, d_k]; keeps ``kept`` tokens of which
-    ``contextual`` are merged targets (clamped to what remains).
+    attention Tensor[N] (dominance score), keys Tensor[N, d_k]; ``kept`` slots of which ``contextual`` are
+    merged targets (clamped to what remains) and ``reserved`` dominant slots go to a token that is not
+    among the N (LLaVA's CLS): kept - contextual - reserved tokens are dominant (at least 1).
     """
     n = attention.numel()
     kept = min(max(kept, 1), n)
     contextual = min(max(contextual, 0), kept - 1) if kept > 1 else 0
-    dominant = torch.topk(attention.float(), kept - contextual).indices
+    dominant = torch.topk(attention.float(), max(1, kept - contextual - reserved)).indices
     rest = torch.ones(n, dtype=torch.bool)
     rest[dominant] = False
     remaining = torch.nonzero(rest).flatten()
@@ -217,10 +222,12 @@ def vision_scores(vlm: VLM, prompt: Prompt) -> tuple[Tensor, Tensor]:
 class VisionZip(Pruner):
     """Dominant tokens by vision-encoder attention + contextual tokens merged by key similarity.
 
-    contextual_share: share of the kept tokens that are merged contextual tokens (authors: 10/64).
+    contextual_share: share of the kept tokens that are merged contextual tokens (authors: 10/64);
+    cls_slot: on LLaVA the CLS token takes one dominant slot, as in the authors' code (one patch fewer kept).
     """
 
     contextual_share: float = DEFAULT_CONTEXTUAL_SHARE
+    cls_slot: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.contextual_share) < 1.0:
@@ -244,7 +251,8 @@ class VisionZip(Pruner):
         kept = len(select(torch.ones(prompt.num_visual), ratio))
         scores = self.score(vlm, prompt)
         _, keys = self._analyse(vlm, prompt)
-        return visionzip_plan(scores, keys, kept, round(kept * float(self.contextual_share)))
+        reserved = 1 if self.cls_slot and getattr(vlm, "family", "") == "llava" else 0  # the CLS's slot
+        return visionzip_plan(scores, keys, kept, round(kept * float(self.contextual_share)), reserved)
 
     def keep(self, vlm: VLM, prompt: Prompt, ratio: float) -> Tensor:
         return self.plan(vlm, prompt, ratio).keep
