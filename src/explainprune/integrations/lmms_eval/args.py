@@ -22,6 +22,9 @@ MODEL_KEYS = ("pretrained", "method", "ratio", "device", "batch_size", "max_batc
               "max_frames", "efficiency_out", "warmup")
 LOAD_KEYS = ("dtype", "device_map", "attn_implementation", "revision", "trust_remote_code")
 PREPARE_KEYS = ("fps",)
+# as the CLI's --attn-implementation / --device-map accept them (cli/common.py; not imported: cli imports this)
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 _CALL_ONLY = frozenset({"return_tensors", "data_format", "input_data_format", "device"})
 
 
@@ -128,7 +131,6 @@ def parse(pretrained: Any = "demo", method: Any = "vanilla", ratio: Any = None, 
 
     ``output_path``: lmms-eval's ``--output_path``, where the efficiency summary goes without
     ``efficiency_out`` (checked writable too)."""
-    from explainprune.cli.common import ATTN_IMPLEMENTATIONS, DEVICE_MAP_STRATEGIES
     from explainprune.files import check_out_dir
     from explainprune.integrations.lmms_eval.engine import check_method, check_ratio
     from explainprune.models import check_dtype
