@@ -22,6 +22,9 @@ class Stop(ValueError):
 
 @pytest.fixture
 def recorded(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda:1 passes the CUDA check
     calls: list[tuple[str, dict]] = []
 
     def fake_load(name, **kwargs):
@@ -117,11 +120,14 @@ def test_one_shared_definition():
 
 
 def test_train_takes_device(tmp_path, monkeypatch):
+    import torch
+
     import explainprune.labels as labels
     import explainprune.train as train_module
 
     seen = {}
     monkeypatch.setattr(labels, "read_index", lambda d: {})  # checked before training
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda:0 passes the CUDA check
 
     def fake_train(labels, out, config, resume=False, progress=True, device="cpu"):
         seen["device"] = device

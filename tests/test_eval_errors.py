@@ -15,6 +15,7 @@ from explainprune.errors import InputError
 from explainprune.evaluation.report import Report
 from explainprune.evaluation.runner import EvalConfig, run_eval
 from explainprune.sources import ManifestSource
+from hostile_media import truncated_png
 from test_runner import MAX_NEW, manifest, qwen  # noqa: F401  (fixtures)
 
 REAL_RUN_ONE = runner.run_one
@@ -80,8 +81,13 @@ def test_interrupted_eval_resumes_from_its_records(qwen, manifest, tmp_path, mon
     monkeypatch.setattr(runner, "run_one", count)
     again = run_eval(qwen, samples, EvalConfig(**CONFIG), records=records)  # finished: rebuilt, no model work
     assert count.calls == 0 and correctness(again) == correctness(full)
-    # other methods: not the same evaluation, so it starts over
-    other = run_eval(qwen, samples, EvalConfig(**{**CONFIG, "ratios": (0.25,)}), records=records)
+    # other ratios: not the same evaluation, so it is refused (naming what differs), or replaced with overwrite
+    before = records.read_bytes()
+    with pytest.raises(InputError, match=r"another evaluation \(differs in config.ratios \(\[0.5\] recorded, "
+                       r"now \[0.25\]\)\).*--overwrite"):
+        run_eval(qwen, samples, EvalConfig(**{**CONFIG, "ratios": (0.25,)}), records=records)
+    assert records.read_bytes() == before and count.calls == 0
+    other = run_eval(qwen, samples, EvalConfig(**{**CONFIG, "ratios": (0.25,)}), records=records, overwrite=True)
     assert count.calls == 6 and {s.ratio for s in other.samples} == {1.0, 0.25}
 
 
@@ -106,7 +112,7 @@ def test_unreadable_image_stops_or_is_skipped(qwen, manifest, tmp_path):  # noqa
         rows[1] = {**rows[1], "image": str(tmp_path / "broken.png")}
         return rows
 
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    (tmp_path / "broken.png").write_bytes(truncated_png())  # its header reads: found when decoded
     path = with_answers(manifest, tmp_path, broken)
     with pytest.raises(InputError, match=r"m.jsonl:2: sample s1: cannot read its media"):
         run_eval(qwen, ManifestSource(path), EvalConfig(**CONFIG))

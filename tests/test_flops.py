@@ -142,10 +142,15 @@ def test_flops_cli_agrees_with_the_runner(name, ratio, deep, deep_dirs, tmp_path
     shape = LLMShape.from_config(vlm.text_config, vlm.config.vision_config)
     rec = run_one(vlm, pruner, spec, p, sample, ratio, shape, 2)
     assert main(["flops", "--model", str(deep_dirs("qwen2_vl")), "--visual-tokens", str(p.num_visual),
-                 "--ratio", str(ratio), "--method", spec, "--json"]) == 0
+                 "--ratio", str(ratio), "--method", spec, "--json",
+                 "--text-tokens", str(p.instruction[1] - p.instruction[0])]) == 0
     cli = json.loads(capsys.readouterr().out)
     out = runs[0]
     kept_per_layer = list(getattr(out, "visual_per_layer", None) or [out.visual_tokens] * shape.layers)
+    assert cli["nominal"] == pruner.count_from_media
+    if cli["nominal"]:  # evs, downsample: the count follows the media's frames / grids, which flops cannot see
+        assert cli["tokens_per_layer"] == pruner.tokens_per_layer(p.num_visual, ratio, shape.layers)
+        return
     assert cli["tokens_per_layer"] == kept_per_layer
     assert cli["llm"] == rec.flops_llm and cli["attention"] + cli["conv"] + cli["selection"] == rec.flops_overhead
     assert cli["average_retention"] == pytest.approx(rec.average_retention)

@@ -16,6 +16,7 @@ from explainprune.answers import is_correct
 from explainprune.errors import InputError
 from explainprune.labels import LabelConfig, LabelOutput, label, read_index, read_table, shard_path
 from explainprune.sources import ManifestSource
+from hostile_media import truncated_png
 from test_labels import FakeVLM  # tests/ is on sys.path (its conftest.py)
 
 
@@ -69,7 +70,7 @@ def broken(tmp_path, n=6, bad=3):
     d = tmp_path / "data"
     path = write_manifest(d, rows(n, **{f"r{bad}": {"id": f"q{bad}", "question": "q", "answer": "9",
                                                     "image": "broken.png"}}))
-    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    (d / "broken.png").write_bytes(truncated_png())  # its header reads: found when the sample is decoded
     return path
 
 

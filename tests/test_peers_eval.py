@@ -135,4 +135,4 @@ def test_na_method_costs_against_vanilla_on_its_own_samples(qwen, manifest):
     (q, video_budget), = report.budgets({"s2", "s3"})
     (_, all_budget), = report.budgets()
     assert all_budget < evs.flops <= video_budget * 1.02  # within its own budget only
-    assert f"| evs | {evs.preservation:.1f} |" in report.matched_cost_table().replace("**", "")
+    assert f"| evs | {evs.preservation:.1f} (50%) |" in report.matched_cost_table().replace("**", "")

@@ -13,6 +13,7 @@ import explainprune.sources as sources
 from explainprune.errors import InputError
 from explainprune.sources import LabelSample, ManifestSource
 from explainprune.testing import write_video
+from hostile_media import NOT_AN_IMAGE, truncated_png
 
 
 def test_labels_reexports_the_sources():
@@ -142,10 +143,22 @@ def test_limit_must_be_positive(tmp_path, limit):
 
 def test_corrupt_image_met_later_names_its_line(tmp_path):
     path = _manifest(tmp_path, [OK, {**OK, "id": "bad", "image": "broken.png"}])
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    man = ManifestSource(path)  # the file exists: found only when decoded
+    (tmp_path / "broken.png").write_bytes(truncated_png())
+    man = ManifestSource(path)  # the file exists and its header reads: found only when decoded
     with pytest.raises(InputError, match=r"m.jsonl:2: sample bad: cannot read its media.*--on-error skip"):
         man[1]
+
+
+def test_undecodable_image_header_is_refused_up_front_or_kept_for_skip(tmp_path):
+    path = _manifest(tmp_path, [OK, {**OK, "id": "bad", "image": "broken.png"}])
+    (tmp_path / "broken.png").write_bytes(NOT_AN_IMAGE)
+    with pytest.raises(InputError, match=r"m.jsonl:2: sample bad: cannot read .*broken.png as an image"):
+        ManifestSource(path)  # before any model work
+    man = ManifestSource(path, on_error="skip")  # built; the sample fails when read (label/eval skip it)
+    assert len(man) == 2 and man[0].id == "0"
+    with pytest.raises(InputError, match=r"m.jsonl:2: sample bad: cannot read .*broken.png as an image") as err:
+        man[1]
+    assert (err.value.line, err.value.sample) == (2, "bad")
 
 
 def test_sample_digest_follows_the_media_bytes(tmp_path):

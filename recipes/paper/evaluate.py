@@ -188,7 +188,7 @@ def fastv_layer_for_paper(family: str) -> int:
         return int(get_pruner("fastv").layer)
     if family not in ("qwen2_vl", "llava_onevision"):
         return 3
-    from explainprune.evaluation.flops import layer_flops
+    from explainprune.cost import layer_flops
 
     d, m, layers = LLM[family]
     n = FLOPS_INPUT[(family, "image")]
@@ -295,7 +295,7 @@ def flops_t(family: str, modality: str, method: str, ratio: float, fastv_layer: 
     """Appendix D FLOPs (T) at the paper's standard input for one cell of Tables 7-8."""
     if (family, modality) not in FLOPS_INPUT:
         return None
-    from explainprune.evaluation.flops import attention_flops, layer_flops
+    from explainprune.cost import attention_flops, layer_flops
 
     d, m, layers = LLM[family]
     n = FLOPS_INPUT[(family, modality)]

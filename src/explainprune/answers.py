@@ -24,13 +24,16 @@ def _one(value: Any, where: str) -> str:
         if not math.isfinite(value):
             raise InputError(f"{where} must be a finite number; got {value!r}")
         value = int(value) if value.is_integer() else value
-    return str(value)  # an empty string is allowed: it matches an empty answer
+    if isinstance(value, str) and not value.strip():
+        raise InputError(f"{where} is empty: no reference to score against", hint="give the expected answer "
+                         "or remove the sample")
+    return str(value)
 
 
 def normalize_answers(value: Any, where: str = "answer") -> tuple[str, ...]:
     """The acceptable answers of ``value``: a string or number -> (it,), a list of them -> all of them.
-    Numbers become strings (9 -> "9", 9.0 -> "9", 0.5 -> "0.5"). Raises InputError for anything else or an
-    empty list; ``where`` names the field in the message."""
+    Numbers become strings (9 -> "9", 9.0 -> "9", 0.5 -> "0.5"). Raises InputError for anything else, an
+    empty list or an empty (or blank) answer, which nothing could match; ``where`` names the field."""
     if isinstance(value, (list, tuple)):
         if not value:
             raise InputError(f"{where} is an empty list: give at least one acceptable answer")

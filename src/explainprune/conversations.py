@@ -37,25 +37,31 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import io
 import json
-import random
 import re
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from explainprune.dataset_rows import GroupCache, Lazy, RowTable, file_stamp, media_digest, open_tables
+from explainprune.dataset_rows import (
+    GroupCache,
+    Lazy,
+    RowTable,
+    datasets_progress,
+    file_stamp,
+    media_digest,
+    open_tables,
+)
 from explainprune.errors import InputError
+from explainprune.images import check_image, open_image
 from explainprune.matchers import auto_rule, check_rule
+from explainprune.sampling import DURATION_BUCKETS, balanced_indices, duration_bucket, video_duration  # noqa: F401
 from explainprune.sources import LabelSample
 
 FORMATS = ("llava", "messages")
 STRATA = ("subset", "task", "duration")
 TURNS = ("first", "each")
-DURATION_BUCKETS = ((0, 30, "0-30s"), (30, 60, "30-60s"), (60, 120, "1-2min"), (120, 180, "2-3min"))
 _TAG = re.compile(r"<(image|video)>\s*\n?")
 _HUMAN, _ASSISTANT = ("human", "user"), ("gpt", "assistant", "bot", "model")
 
@@ -153,7 +159,8 @@ def _text(content: Any) -> tuple[str, int]:
 class ConversationSource:
     """A conversation dataset as a deterministic ``SampleSource`` (see the module docstring)."""
 
-    def __init__(self, config: DatasetConfig):
+    def __init__(self, config: DatasetConfig, progress: bool = True):
+        """Read the text of ``config``'s data (``progress``: show ``datasets``' own progress bars)."""
         self.config = config
         col = {k: config.columns.get(k, k) for k in ("id", "image", "images", "video", "conversations",
                                                       "messages", "subset", "task")}
@@ -162,19 +169,29 @@ class ConversationSource:
         self._tables: list[RowTable] = []
         self._starts: list[int] = []  # the first global row of each table
         self._digests: dict[int, str] = {}  # media digests of rows whose images were read lazily
+        self._bad: dict[int, InputError] = {}  # selected samples whose image headers failed (validate, skip)
         columns, media = list(dict.fromkeys(col.values())), [col["image"], col["images"]]
         items, digests, r = [], [], 0
         cache = GroupCache()  # one parquet row group of images held at a time, over all files
         for path_k, (name, root) in enumerate(zip(config.paths, config.roots)):
-            tables, digest = open_tables(name, columns, media, config.subset, config.split, cache)
+            with datasets_progress(progress):
+                tables, digest = open_tables(name, columns, media, config.subset, config.split, cache)
             digests.append(digest)
             base = root or (name if Path(name).is_dir() else str(Path(name).parent))
             found = len(items)
+            seen: dict[str, str] = {}  # sample id -> where it was first met (ids are unique per dataset path)
             for table in tables:
                 self._tables.append(table)
                 self._starts.append(r)
-                for row in table.rows():
-                    items += [replace(it, path=path_k) for it in self._items(r, row, table.subset, name, base)]
+                for local, row in enumerate(table.rows()):
+                    for it in self._items(r, row, table.subset, name, base):
+                        where = f"row {local + 1} of {table.subset}" if len(tables) > 1 else f"row {local + 1}"
+                        if it.id in seen:
+                            raise InputError(f"id {it.id!r} repeats ({seen[it.id]} and {where})", file=name,
+                                             hint="ids must be unique within a dataset; fix the data, or number the "
+                                             "rows instead of using their ids: --columns id=none")
+                        seen[it.id] = where
+                        items.append(replace(it, path=path_k))
                     r += 1
             if len(items) == found:
                 rows = sum(len(t) for t in tables)
@@ -206,7 +223,14 @@ class ConversationSource:
             subset = str(row[c["subset"]])
         images = row.get(c["images"]) if row.get(c["images"]) is not None else row.get(c["image"])
         images = () if images is None else tuple(images) if isinstance(images, (list, tuple)) else (images,)
+        for im in images:
+            if not _image_like(im):
+                raise ValueError(f"{name}: row {rid}: an image must be a path, embedded bytes or a "
+                                 f"{{\"bytes\", \"path\"}} object; got {type(im).__name__} {im!r:.60}")
         video = row.get(c["video"])
+        if video is not None and not (isinstance(video, str) and video):
+            raise ValueError(f"{name}: row {rid}: video must be a path (a file or a folder of frames); got "
+                             f"{type(video).__name__} {video!r:.60}")
         turns = self._turns(rid, row, name)
         tags = sum(len(re.findall(r"<image>", q)) for q, _ in turns)
         if tags > len(images):
@@ -237,9 +261,12 @@ class ConversationSource:
             raise ValueError(f"{name}: row {rid}: no human/user turn")
         if not pairs:
             raise ValueError(f"{name}: row {rid}: no answer follows a human/user turn")
-        for q, _ in pairs:
+        for q, a in pairs:
             if not _TAG.sub("", q).strip():
                 raise ValueError(f"{name}: row {rid}: empty question")
+            if not a.strip():
+                raise ValueError(f"{name}: row {rid}: empty answer (no reference to score against; fix the "
+                                 "row or remove it)")
         return pairs
 
     def _stratum(self, it: _Item) -> tuple[str, ...]:
@@ -260,9 +287,13 @@ class ConversationSource:
     def __len__(self) -> int:
         return len(self.items)
 
-    def validate(self) -> None:
-        """Check every selected sample's media exists (before any model work)."""
-        for it in self.items:
+    def validate(self, on_error: str = "stop") -> None:
+        """Check every selected sample's media before any model work: files exist, and images given by path
+        or as bytes in the annotation file are readable from their header (``images.check_image``: decodable,
+        not animated, aspect ratio accepted). A bad header raises InputError naming the data file and row,
+        or, with ``on_error="skip"``, is kept and raised when that sample is read (so ``label --on-error
+        skip`` lists it). Images left in parquet / hub cells are checked when their sample is read."""
+        for i, it in enumerate(self.items):
             for im in it.images:
                 if isinstance(im, str) and not (Path(it.root) / im).is_file():
                     raise FileNotFoundError(f"{it.subset}: row {it.id}: image {Path(it.root) / im} not found "
@@ -270,21 +301,32 @@ class ConversationSource:
             if it.video and not (Path(it.root) / it.video).exists():
                 raise FileNotFoundError(f"{it.subset}: row {it.id}: video {Path(it.root) / it.video} not found "
                                         "(set --media-root)")
+            try:
+                for im in it.images:
+                    if not isinstance(im, Lazy):
+                        check_image(self._source(im, it), _describe(im, it))
+            except InputError as err:
+                err = self._located(err, it)
+                if on_error != "skip":
+                    raise err from None
+                self._bad[i] = err
+
+    def _located(self, err: InputError, it: _Item) -> InputError:
+        """``err`` naming the data file and the sample (row id)."""
+        return InputError(err.message, file=self.config.paths[it.path], sample=it.id, hint=err.hint)
+
+    @staticmethod
+    def _source(im: Any, it: _Item) -> Any:
+        """What ``images.open_image`` reads for an image value: a PIL image, bytes, or a path."""
+        if isinstance(im, dict):
+            im = im["bytes"] if im.get("bytes") is not None else im.get("path")
+        return Path(it.root) / im if isinstance(im, str) else im
 
     def _image(self, im: Any, it: _Item) -> Any:
-        from PIL import Image
-
-        if isinstance(im, Image.Image):
-            return im.convert("RGB")
-        if isinstance(im, dict) and im.get("bytes") is not None:
-            return Image.open(io.BytesIO(im["bytes"])).convert("RGB")
-        if isinstance(im, dict) and im.get("path"):
-            im = im["path"]
-        if isinstance(im, (bytes, bytearray)):
-            return Image.open(io.BytesIO(im)).convert("RGB")
-        if isinstance(im, str):
-            return Image.open(Path(it.root) / im).convert("RGB")
-        raise ValueError(f"row {it.id}: cannot read an image from {type(im).__name__}")
+        """The RGB image of a value (``images.open_image``: EXIF orientation, bit depth, animation)."""
+        if not _image_like(im) or isinstance(im, Lazy):
+            raise InputError(f"cannot read an image from {type(im).__name__}")
+        return open_image(self._source(im, it), _describe(im, it))
 
     def _media(self, it: _Item) -> list[Any]:
         """The item's image values: ``Lazy`` ones read from their file now (and their digest kept)."""
@@ -302,8 +344,17 @@ class ConversationSource:
         from explainprune.sources import read_video
 
         it = self.items[i]
-        images = [self._image(im, it) for im in self._media(it)] or None
-        video = read_video(Path(it.root) / it.video, self.config.max_frames) if it.video else None
+        if i in self._bad:
+            raise self._bad[i]
+        try:
+            images = [self._image(im, it) for im in self._media(it)] or None
+            video = read_video(Path(it.root) / it.video, self.config.max_frames) if it.video else None
+        except InputError as err:
+            raise self._located(err, it) from None
+        except Exception as err:  # PIL / PyAV / pyarrow raise many types for damaged media
+            raise InputError(f"cannot read its media ({type(err).__name__}: {err})",
+                             file=self.config.paths[it.path], sample=it.id,
+                             hint="fix or replace the file, or pass --on-error skip") from None
         rule = self.config.match if self.config.match != "auto" else auto_rule([it.answer], it.question)
         kind = "multi-choice" if rule == "choice" else "open-ended"
         return LabelSample(it.id, it.question, it.answer, images=images, video=video,
@@ -351,60 +402,20 @@ class ConversationSource:
         return dict(sorted(out.items()))
 
 
-def balanced_indices(strata: Sequence[tuple[str, ...]], target: int | None, seed: int = 0) -> list[int]:
-    """Indices of a sample of ``target`` items spread as evenly as possible over ``strata`` (one key per
-    item): every stratum gets an equal share, a stratum with fewer items gives its surplus to the others
-    (water-filling); items within a stratum are drawn by ``seed``. Sorted; deterministic."""
-    groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
-    for i, key in enumerate(strata):
-        groups[key].append(i)
-    if target is None or target >= len(strata):
-        return list(range(len(strata)))
-    rng = random.Random(seed)
-    keys = sorted(groups)
-    for k in keys:
-        rng.shuffle(groups[k])
-    quota, left = dict.fromkeys(keys, 0), target
-    open_keys = list(keys)
-    while left > 0 and open_keys:
-        share = max(1, left // len(open_keys))
-        for k in list(open_keys):
-            take = min(share, len(groups[k]) - quota[k], left)
-            quota[k] += take
-            left -= take
-            if quota[k] == len(groups[k]):
-                open_keys.remove(k)
-            if left == 0:
-                break
-    return sorted(i for k in keys for i in groups[k][: quota[k]])
+def _image_like(im: Any) -> bool:
+    """Whether ``im`` can stand for an image: a path, bytes, a ``{"bytes"|"path"}`` dict, a PIL image or a
+    ``Lazy`` cell."""
+    from PIL import Image
+
+    if isinstance(im, dict):
+        return isinstance(im.get("bytes"), (bytes, bytearray)) or bool(isinstance(im.get("path"), str) and im["path"])
+    return isinstance(im, (Lazy, Image.Image, bytes, bytearray)) or (isinstance(im, str) and bool(im))
 
 
-def duration_bucket(seconds: float | None) -> str:
-    """The paper's duration buckets: 0-30 s, 30-60 s, 1-2 min, 2-3 min (longer: ">3min")."""
-    if seconds is None:
-        return "unknown"
-    for lo, hi, name in DURATION_BUCKETS:
-        if lo <= seconds < hi:
-            return name
-    return ">3min"
-
-
-def video_duration(path: str | Path) -> float | None:
-    """A video file's duration in seconds from its container metadata (no decoding); None if unknown.
-    A folder of frames has no duration."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        import av
-    except ImportError:  # without PyAV every video would silently land in "unknown"
-        raise InputError("--strata duration needs PyAV to read video durations", file=path,
-                         hint="pip install av (or 'explainprune[video]'), or leave duration out of --strata") from None
-    try:
-        with av.open(str(path)) as c:
-            stream = c.streams.video[0]
-            if stream.duration is not None and stream.time_base is not None:
-                return float(stream.duration * stream.time_base)
-            return None if c.duration is None else c.duration / 1_000_000
-    except Exception:
-        return None
+def _describe(im: Any, it: _Item) -> str:
+    """How a message names an image value: its path, or "embedded image K"."""
+    if isinstance(im, dict) and im.get("bytes") is None:
+        im = im.get("path")
+    if isinstance(im, str):
+        return str(Path(it.root) / im)
+    return f"the embedded image of row {it.id}"

@@ -16,6 +16,7 @@ an Infinity-MM-style parquet reads its text columns and the images' shape (how m
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
 import threading
@@ -88,6 +89,25 @@ class GroupCache:
             return self._value
 
 
+@contextlib.contextmanager
+def datasets_progress(enabled: bool) -> Iterator[None]:
+    """Within the block, ``datasets``' own progress bars ("Generating train split", downloads) are shown
+    only when ``enabled``; the library's previous setting is restored on exit."""
+    try:
+        import datasets
+    except ImportError:  # open_tables says what to install
+        yield
+        return
+    was_disabled = datasets.are_progress_bars_disabled()
+    if not enabled and not was_disabled:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not enabled and not was_disabled:
+            datasets.enable_progress_bars()
+
+
 def open_tables(name: str, columns: list[str], media: list[str], subset: str | None,
                 split: str, cache: GroupCache | None = None) -> tuple[list[RowTable], str]:
     """(tables, data digest) of one dataset path or hub id. ``columns``: the columns rows need; ``media``:
@@ -137,7 +157,7 @@ class JsonTable:
 
 def read_json(f: Path) -> list[dict[str, Any]]:
     """The rows of a JSON array / object or a JSONL file; a bad JSONL line is an error naming it."""
-    text = f.read_text()
+    text = f.read_text(encoding="utf-8-sig")  # a byte-order mark is skipped
     try:
         data = json.loads(text)
         return list(data) if isinstance(data, list) else [data]

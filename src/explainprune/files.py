@@ -33,15 +33,33 @@ def fix_mode(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` says the disk (or the quota) is full; pyarrow's errors carry no errno, only the text."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(err) or "Disk quota exceeded" in str(err)
+
+
+def disk_full(path: str | Path) -> InputError:
+    """The error for a write that failed on a full disk, naming the file."""
+    return InputError(f"the disk is full: could not write {path}",
+                      hint="free some space and rerun the same command (finished work is kept and resumed)")
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temp path to write; renamed over ``path`` (usual permissions) when the block succeeds."""
+    """A temp path to write; renamed over ``path`` (usual permissions) when the block succeeds. A full disk
+    raises ``disk_full(path)`` (nothing half-written is left)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
         fix_mode(tmp)
         os.replace(tmp, path)
+    except Exception as err:
+        if is_disk_full(err):
+            raise disk_full(path) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

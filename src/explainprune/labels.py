@@ -4,7 +4,7 @@ Section 3.3 / Appendix B: the model answers each sample; wrong answers are count
 the rest the relevance R_v (Eq. 1) and the first-layer attention A_v^0 are stored.
 
 Layout of ``out/`` (readable with pyarrow / pandas / ``datasets``):
-  run.json                 what is being labelled (source, model fingerprint, labeler options)
+  run.json                 what is being labelled (source, model fingerprint and identity, labeler options)
   shards/NNNNN.parquet     samples [N*shard_size, (N+1)*shard_size) of the source; list columns for
                            variable N_v; the shard's skipped ids in its schema metadata
   index.json               written when every shard exists: shards, counts, run record
@@ -45,9 +45,12 @@ from explainprune.dist import DIST_TIMEOUT, barrier, dist_info, init_dist, local
 from explainprune.dist import dist_timeout as env_dist_timeout
 from explainprune.errors import InputError
 from explainprune.files import write_json_atomic
+from explainprune.identity import vlm_identity
+from explainprune.label_run import FORMAT, _check_run, _run_record, check_resumable  # noqa: F401
 from explainprune.prefetch import prepared
 from explainprune.shards import (  # noqa: F401  (SCHEMA, write_shard, index_digest: also imported from here)
     SCHEMA,
+    check_index,
     file_sha256,
     index_digest,
     media_stamp,
@@ -62,8 +65,6 @@ from explainprune.shards import (  # noqa: F401  (SCHEMA, write_shard, index_dig
 
 # DigitsSource, ManifestSource, read_video live in explainprune.sources; re-exported here for old imports
 from explainprune.sources import DigitsSource, LabelSample, ManifestSource, SampleSource, read_video  # noqa: F401
-
-FORMAT = "explainprune-labels"
 
 
 @dataclass
@@ -179,10 +180,21 @@ def read_index(out: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no complete label set at {out} (index.json missing: rerun `explainprune "
                                 "label` with the same arguments to finish it)")
     try:
-        return json.loads(path.read_text())
+        index = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"not valid JSON ({err})", file=path, hint="delete it and rerun `explainprune label` "
                          "with the same arguments to rebuild it") from None
+    check_index(out, index)
+    return index
+
+
+def _old_index(out: Path) -> dict[str, Any] | None:
+    """index.json of an earlier run in ``out`` for the resume's SHA-256 checks (None if absent or unusable:
+    it is rebuilt at the end)."""
+    try:
+        return read_index(out)
+    except (OSError, InputError):
+        return None
 
 
 @dataclass
@@ -222,34 +234,6 @@ def load_records(out: str | Path) -> list[LabelRecord]:
 
 
 # -- the run ---------------------------------------------------------------------------------------------
-def _run_record(source: SampleSource, config: LabelConfig, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    return {"format": FORMAT, "version": 1, "source": source.describe(), "samples": len(source),
-            "config": config.to_json(), "fingerprint": fingerprint}
-
-
-def _check_run(out: Path, record: dict[str, Any]) -> bool:
-    """Record the run in ``out/run.json``, or check it is the one recorded; True when the recorded one was a
-    revision of the same manifest (its shards must then be checked sample by sample)."""
-    path = out / "run.json"
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(f"not valid JSON ({err})", file=path, hint="choose another --out") from None
-        if old == record:
-            return False
-        if not revisable(old, record):
-            diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
-            raise InputError(f"holds labels of a different run (differs in {', '.join(diff)})", file=out,
-                             hint="rerun the same command to resume it, or choose another --out")
-        (out / "index.json").unlink(missing_ok=True)
-        write_json_atomic(path, record)
-        return True
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, record)
-    return False
-
-
 def _row(index: int, sample: LabelSample, prompt: Any, res: LabelOutput, task: str, model: str) -> dict:
     att, rel = res.attention, res.relevance
     answers = normalize_answers(sample.answer, f"sample {sample.id}: answer")
@@ -298,7 +282,8 @@ def finalize(out: str | Path) -> dict[str, Any] | None:
 
 def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig = LabelConfig(),
           labeler: Labeler | None = None, progress: bool = True,
-          dist_timeout: timedelta | None = None, on_error: str = "stop", prefetch: int = 2) -> LabelReport:
+          dist_timeout: timedelta | None = None, on_error: str = "stop", prefetch: int = 2,
+          identity: dict[str, Any] | None = None) -> LabelReport:
     """Label ``source`` with ``vlm`` into ``out`` (resumable; this rank's share under torchrun).
 
     ``labeler(vlm, prompt, sample) -> LabelOutput`` defaults to ``default_labeler`` (greedy answer,
@@ -309,6 +294,8 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
     finished shards are kept) or is skipped and listed in its shard, ``index.json`` and the report ("skip").
     ``prefetch``: samples read and prepared (media decoding, resizing, vision tower) this many ahead in a
     background thread while the model labels the current one (0: in line); errors surface at their turn.
+    ``identity``: the model as loaded (``explainprune.identity``; default ``vlm_identity(vlm)``), recorded in
+    ``out/run.json``: a resume with other weights, dtype, processor settings or attention is refused.
     """
     from tqdm.auto import tqdm
 
@@ -321,10 +308,10 @@ def label(vlm: Any, source: SampleSource, out: str | Path, config: LabelConfig =
     created = init_dist(world, getattr(vlm, "device", None), dist_timeout or env_dist_timeout())
     group = created or (world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized())
     fingerprint = vlm.fingerprint()
-    record = _run_record(source, config, fingerprint)
+    record = _run_record(source, config, fingerprint, identity if identity is not None else vlm_identity(vlm))
     revised = _check_run(out, record)
     source_id = hashlib.sha256(json.dumps(record["source"], sort_keys=True).encode()).hexdigest()[:16]
-    old_index = json.loads((out / "index.json").read_text()) if (out / "index.json").is_file() else None
+    old_index = _old_index(out)
     if labeler is None:
         labeler = default_labeler(config.rule, config.clamp, config.max_new_tokens, config.keep_wrong,
                                   config.head_chunk, config.match)

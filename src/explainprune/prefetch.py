@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from explainprune.validation import prepare_sample
+
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -131,7 +133,7 @@ def prepared(vlm: Any, source: Any, indices: Iterable[int], depth: int = 2,
         sample = source[i]
         try:
             with device_lock or contextlib.nullcontext():
-                return sample, loader.prepare(images=sample.images, video=sample.video, question=sample.question)
+                return sample, prepare_sample(loader, sample, source, i)  # an InputError names the sample
         except Exception as err:
             if hasattr(err, "add_note"):
                 err.add_note(f"(preparing sample {sample.id!r}, index {i})")

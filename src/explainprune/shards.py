@@ -79,8 +79,26 @@ def shard_ok(path: Path) -> bool:
     return True
 
 
+def check_index(out: str | Path, index: Any) -> None:
+    """InputError unless ``index`` (``out/index.json``) lists its shards as files inside ``out``."""
+    path = Path(out) / "index.json"
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in shards):
+        raise InputError("is not a label index (no list of shards with their files)", file=path,
+                         hint="delete it and rerun `explainprune label` with the same arguments to rebuild it")
+    root = Path(out).resolve()
+    for k, s in enumerate(shards):
+        target = (Path(out) / s["file"]).resolve()
+        if Path(s["file"]).is_absolute() or not target.is_relative_to(root) or target == root:
+            raise InputError(f"shard {k} points outside the label folder ({s['file']!r})", file=path,
+                             hint="index.json was edited or damaged: delete it and rerun `explainprune label` with "
+                             "the same arguments to rebuild it")
+
+
 def verify_index(out: str | Path, index: dict[str, Any]) -> None:
-    """Check every shard against the SHA-256 recorded in ``index.json``; InputError naming the first bad one."""
+    """Check every shard against the SHA-256 recorded in ``index.json``; InputError naming the first bad one
+    (or a shard path that leads outside ``out``)."""
+    check_index(out, index)
     for s in index["shards"]:
         path = Path(out) / s["file"]
         if not path.is_file():
@@ -154,7 +172,7 @@ def revisable(old: dict[str, Any], record: dict[str, Any]) -> bool:
     """Whether ``old`` is the same run on a revised copy of the same manifest (fixed lines, added lines) or
     of the same dataset files with the same options (fixed rows): then the finished shards whose samples
     are unchanged are kept."""
-    same = all(old.get(k) == record.get(k) for k in ("format", "version", "config", "fingerprint"))
+    same = all(old.get(k) == record.get(k) for k in ("format", "version", "config", "fingerprint", "model"))
     o, n = old.get("source", {}), record.get("source", {})
     if o.get("task") == n.get("task") == "dataset":
         data = ("data_sha256", "selected", "pairs")  # what a fixed row may change

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from explainprune.answers import normalize_answers
 from explainprune.errors import InputError
+from explainprune.images import check_image, open_image
 from explainprune.models.base import Video
 
 
@@ -92,6 +93,9 @@ def _check_record(rec: Any) -> list[str]:
         raise InputError("needs exactly one of image, images, video" + (f" (has {', '.join(media)})" if media
                                                                        else " (missing media)"))
     value = rec[media[0]]
+    if media[0] == "image" and isinstance(value, list):
+        raise InputError(f"image must be one path; got a list of {len(value)}",
+                         hint='for several images of one sample write "images": [...]')
     paths = [value] if isinstance(value, str) and media[0] != "images" else value
     if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
         kind = "a path" if media[0] == "image" else "a non-empty list of paths" + (
@@ -135,7 +139,7 @@ class ManifestSource:
     line fails before any model work, with its line number and sample id; the first ``limit`` lines are used.
     """
 
-    def __init__(self, path: str | Path, limit: int | None = None, max_frames: int = 8):
+    def __init__(self, path: str | Path, limit: int | None = None, max_frames: int = 8, on_error: str = "stop"):
         self.path = Path(path)
         if self.path.is_dir():
             self.path = self.path / "manifest.jsonl"
@@ -145,12 +149,13 @@ class ManifestSource:
         if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
             raise InputError(f"max_frames must be a positive integer; got {max_frames!r}")
         try:
-            text = self.path.read_text()
+            text = self.path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is skipped
         except UnicodeDecodeError as err:
             raise InputError(f"not a UTF-8 text file ({err})", file=self.path) from None
         numbered = [(k + 1, ln) for k, ln in enumerate(text.splitlines()) if ln.strip()]
         self.records: list[dict[str, Any]] = []
         self.lines: list[int] = []
+        self.bad: dict[int, InputError] = {}  # with on_error="skip": samples whose image headers are bad
         errors: list[InputError] = []
         seen: dict[str, int] = {}
         for line, raw in numbered[:limit]:
@@ -171,6 +176,13 @@ class ManifestSource:
                     if not (self.path.parent / rel).is_file():
                         raise InputError(f"no file {self.path.parent / rel}", hint="fix the path (relative to "
                                          "the manifest) or remove the line")
+                try:
+                    self._check_media(rec)
+                except InputError as err:  # an unreadable image: stops here, or its sample is skipped later
+                    if on_error != "skip":
+                        raise
+                    self.bad[len(self.records)] = InputError(err.message, file=self.path, line=line,
+                                                             sample=sid, hint=err.hint)
             except InputError as err:
                 errors.append(InputError(err.message, file=self.path, line=line, sample=sample, hint=err.hint))
                 continue
@@ -192,13 +204,22 @@ class ManifestSource:
         """Where sample ``i`` comes from (for messages): file, line and id."""
         return {"file": str(self.path), "line": self.lines[i], "sample": str(self.records[i].get("id", i))}
 
-    def _open(self, rel: str) -> Any:
-        from PIL import Image
+    def _check_media(self, rec: dict[str, Any]) -> None:
+        """Every image of ``rec`` (image, images, video frames; not a video file) checked from its header
+        (``images.check_image``: decodable, not animated, aspect ratio accepted); InputError otherwise."""
+        value = next(rec[f] for f in MEDIA_FIELDS if f in rec)
+        if isinstance(value, str) and "video" in rec:
+            return
+        for rel in [value] if isinstance(value, str) else value:
+            check_image(self.path.parent / rel)
 
-        return Image.open(self.path.parent / rel).convert("RGB")
+    def _open(self, rel: str) -> Any:
+        return open_image(self.path.parent / rel)
 
     def __getitem__(self, i: int) -> LabelSample:
         """Sample ``i``, its media decoded; a corrupt or unreadable file raises InputError with the line."""
+        if i in self.bad:
+            raise self.bad[i]
         rec = self.records[i]
         images = video = None
         try:
@@ -210,6 +231,10 @@ class ManifestSource:
                 video = read_video(self.path.parent / rec["video"], self.max_frames)
             else:
                 video = Video([self._open(p) for p in rec["video"]], fps=rec.get("fps"))
+        except InputError as err:  # refused by open_image (an animated image)
+            where = self.where(i)
+            raise InputError(err.message, file=where["file"], line=where["line"], sample=where["sample"],
+                             hint=err.hint) from None
         except Exception as err:  # PIL / PyAV raise many types for damaged files
             where = self.where(i)
             raise InputError(f"cannot read its media ({type(err).__name__}: {err})", file=where["file"],

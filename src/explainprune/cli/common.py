@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from explainprune.validation import check_pixel_options
+
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -70,10 +72,37 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                    "tokens at max_pixels / 784 (default: the checkpoint's)")
 
 
+def check_device(value: str | None, flag: str = "--device") -> None:
+    """Refuse a CUDA / MPS device this torch cannot use, in one line before anything loads."""
+    if value is None or value in DEVICE_MAP_STRATEGIES:
+        return
+    import torch
+
+    from explainprune.errors import InputError
+
+    device = torch.device(value)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            what = "is a CPU-only build" if torch.version.cuda is None else "sees no CUDA GPU"
+            raise InputError(f"{flag} {value}: this torch ({torch.__version__}) {what}",
+                             hint="use --device cpu, or install a CUDA build of torch / check the driver and "
+                             "CUDA_VISIBLE_DEVICES")
+        count = torch.cuda.device_count()
+        if device.index is not None and 0 < count <= device.index:
+            raise InputError(f"{flag} {value}: only {count} CUDA GPU{'s' if count > 1 else ''} visible "
+                             f"(cuda:0..cuda:{count - 1})", hint="give an index below the count")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"{flag} {value}: MPS is not available on this machine", hint="use --device cpu")
+
+
 def load_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments of ``explainprune.load`` from the options of ``add_model_options``."""
+    """Keyword arguments of ``explainprune.load`` from the options of ``add_model_options`` (a CUDA device on a
+    CPU-only torch is refused here, before anything loads)."""
     if args.device is not None and args.device_map is not None:
         raise ValueError("give --device or --device-map, not both (--device-map places the model itself)")
+    check_device(args.device)
+    check_device(args.device_map, "--device-map")
+    check_pixel_options(args.min_pixels, args.max_pixels)
     options: dict[str, Any] = {"dtype": args.dtype, "attn_implementation": args.attn_implementation}
     for key in ("device", "device_map", "min_pixels", "max_pixels"):
         if getattr(args, key) is not None:

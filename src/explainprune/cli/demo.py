@@ -42,12 +42,13 @@ def run(args: argparse.Namespace) -> int:
     for key in ("label_samples", "epochs", "eval_samples", "threads"):
         if key in overrides and overrides[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1; got {overrides[key]}")
-    from explainprune.files import check_out_dir
+    from explainprune.cli.main import command_line
+    from explainprune.outdir import claim_out
 
-    check_out_dir(overrides["out"])
     config = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
-    print(f"explainprune {__version__} demo -> {config.out}")
-    result = run_demo(config)
+    with claim_out(overrides["out"], command_line(args), "demo"):
+        print(f"explainprune {__version__} demo -> {config.out}")
+        result = run_demo(config)
     if args.json:
         print(json.dumps(result.to_json(), indent=1, default=str))
     else:

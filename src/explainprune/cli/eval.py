@@ -40,7 +40,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compressor", help="trained compressor: a directory or a hub id org/name, given to 'learned'")
     p.add_argument("--fastv-layer", type=int, help="K for 'fastv' (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length cap (default 8)")
-    p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
+    p.add_argument("--out", default="runs/eval",
+                   help="output directory (default runs/eval); the same command resumes the evaluation it holds, "
+                   "another evaluation there is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace another evaluation's files in --out (records.jsonl, report.*, plots) instead of "
+                   "refusing")
     p.add_argument("--on-error", default="stop", choices=["stop", "skip"],
                    help="a sample whose image/video cannot be read: stop (default; finished samples are kept in "
                    "OUT/records.jsonl and a rerun resumes) or skip it (listed in the report)")
@@ -52,8 +57,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from explainprune.cli.main import command_line
     from explainprune.evaluation.runner import EvalConfig, evaluate
     from explainprune.evaluation.tasks import TaskConfig
+    from explainprune.outdir import claim_out
 
     options: dict[str, dict] = {}
     if args.compressor:
@@ -72,8 +79,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--grid, --cell, --frames and --kinds apply to --task digits, not to a manifest")
     task = TaskConfig(name=args.task, split=args.split, seed=args.seed, limit=args.limit,
                       options=task_options(args))
-    report, paths = evaluate(args.model, task, config, out=args.out, plots=not args.no_plots, on_error=args.on_error,
-                             load_options=load_options(args))
+    options = load_options(args)
+    with claim_out(args.out, command_line(args), "eval"):
+        report, paths = evaluate(args.model, task, config, out=args.out, plots=not args.no_plots,
+                                 on_error=args.on_error, load_options=options, overwrite=args.overwrite)
     if args.json:
         data = report.to_json()
         print(json.dumps({"results": data["results"], "files": {k: str(v) for k, v in paths.items()}}, indent=1))

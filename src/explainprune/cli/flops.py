@@ -30,6 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "see every token (default 2)")
     p.add_argument("--compressor", help="a saved compressor directory or hub id org/name for 'learned' (its "
                    "channels; default the paper's 1 -> 32, 64, 128, 256, 512 -> 1, k=3)")
+    p.add_argument("--text-tokens", type=int, default=16, help="instruction tokens M, for methods whose selection "
+                   "reads the question (cdpruner: N·M·d); default 16")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
@@ -110,11 +112,18 @@ def run(args: argparse.Namespace) -> int:
     if args.fastv_layer is not None and not 1 <= layer < shape.layers:
         raise ValueError(f"--fastv-layer must be in 1..{shape.layers - 1} (the model has {shape.layers} layers); "
                          f"got {layer}")
+    if hasattr(pruner, "text_tokens"):  # a selection that reads the question (cdpruner)
+        pruner.text_tokens = args.text_tokens
     acc = method_account(pruner, shape, args.visual_tokens, args.ratio)
+    nominal = bool(getattr(pruner, "count_from_media", False))
+    note = (f"note: {label}'s kept count follows the media (frames, grids), not the ratio alone: these are its "
+            "nominal counts; `explainprune eval` counts what each sample kept")
     if args.json:
-        print(json.dumps({"method": label, **acc.to_json()}, indent=2))
+        print(json.dumps({"method": label, **acc.to_json(), "nominal": nominal}, indent=2))
     else:
         print(f"Appendix-D FLOPs, method {label}\n")
         print(acc.to_markdown())
+        if nominal:
+            print(f"\n{note}")
     return 0
 

@@ -93,11 +93,11 @@ def make_source(args: argparse.Namespace):
                                turns=args.turns, max_frames=args.max_frames, match=args.match or "auto",
                                target=tuple(args.target) if args.target else args.limit,
                                strata=tuple(s.strip() for s in args.strata.split(",") if s.strip()), seed=args.seed)
-        source = ConversationSource(config)
-        source.validate()
+        source = ConversationSource(config, progress=not args.no_progress)
+        source.validate(on_error=args.on_error)
         return source
     if args.manifest:
-        return ManifestSource(args.manifest, limit=args.limit, max_frames=args.max_frames)
+        return ManifestSource(args.manifest, limit=args.limit, max_frames=args.max_frames, on_error=args.on_error)
     options = task_options(args)
     n = 2000 if args.limit is None else args.limit
     return DigitsSource(split=args.split, seed=args.seed, n=n, **options)
@@ -105,8 +105,11 @@ def make_source(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     import explainprune
-    from explainprune.files import check_out_dir
-    from explainprune.labels import LabelConfig, label, rank_device
+    from explainprune.cli.main import command_line
+    from explainprune.identity import config_fingerprint, model_identity
+    from explainprune.label_run import _run_record, check_resumable
+    from explainprune.labels import LabelConfig, dist_info, label, rank_device
+    from explainprune.outdir import claim_out
     from explainprune.sources import check_limit
 
     check_limit(args.limit)
@@ -119,16 +122,23 @@ def run(args: argparse.Namespace) -> int:
         from explainprune.matchers import check_rule
 
         check_rule(args.match)
-    check_out_dir(args.out)
     options = load_options(args)
-    if "device_map" not in options:  # under torchrun with CUDA: rank r on cuda:LOCAL_RANK (cuda or no --device)
-        device = rank_device(options.pop("device", None))
-        options.update({"device": device} if device is not None else {})
     config = LabelConfig(shard_size=args.shard_size, rule=args.rule, clamp=not args.no_clamp,
                          max_new_tokens=args.max_new_tokens, keep_wrong=args.keep_wrong, head_chunk=args.head_chunk,
                          match=args.match if args.match and not args.dataset else "exact")
-    vlm = explainprune.load(args.model, **options)
-    rep = label(vlm, source, args.out, config, progress=not args.no_progress, on_error=args.on_error)
+    rank, _ = dist_info()
+    # under torchrun rank 0 holds the --out lock for its group (torchrun stops the others if it is refused)
+    with claim_out(args.out, command_line(args), "labels", lock=rank == 0):
+        # the model's identity and architecture from its small files: a resume of another model, dtype or
+        # processor setting is refused here, before the model loads
+        identity = model_identity(args.model, **options)
+        check_resumable(args.out, _run_record(source, config, config_fingerprint(args.model), identity))
+        if "device_map" not in options:  # under torchrun with CUDA: rank r on cuda:LOCAL_RANK (cuda or no --device)
+            device = rank_device(options.pop("device", None))
+            options.update({"device": device} if device is not None else {})
+        vlm = explainprune.load(args.model, **options)
+        rep = label(vlm, source, args.out, config, progress=not args.no_progress, on_error=args.on_error,
+                    identity=identity)
     if args.json:
         print(json.dumps(rep.to_json(), indent=1))
     elif rep.rank == 0:

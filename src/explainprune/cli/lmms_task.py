@@ -27,10 +27,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from explainprune.files import check_out_dir
     from explainprune.integrations.lmms_eval.task import write_task
 
     if args.n < 1:
         raise ValueError(f"--n must be at least 1; got {args.n}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}")
+    check_out_dir(args.out)  # a file, read-only or full --out: one line before anything is written
     res = write_task(args.out, n=args.n, split=args.split, seed=args.seed, max_new_tokens=args.max_new_tokens)
     if args.json:
         print(json.dumps({"tasks": {k: str(v) for k, v in res["tasks"].items()}, "manifest": str(res["manifest"]),

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     from explainprune import __version__
 
     parser = argparse.ArgumentParser(
-        prog="explainprune",
+        prog="explainprune", allow_abbrev=False,
         description="Explainability-guided visual token pruning for multimodal LLMs (Qwen2-VL, Qwen2.5-VL, "
         "LLaVA-OneVision, LLaVA).",
     )
@@ -39,8 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         module.add_parser(sub)
     for p in sub.choices.values():  # `explainprune label ... --debug` works too
+        p.allow_abbrev = False  # `--max-pix 1000` is an error, not a silent --max-pixels
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command line that started this run (for the --out lock), as typed."""
+    return "explainprune " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
 
 
 def resume_command(argv: list[str], extra: str = "") -> str:
@@ -61,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     prefix = f"explainprune {args.command}:"
+    args.argv = argv  # the command line (`outdir.claim_out` writes it in the --out lock)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -79,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a bug, or an environment problem: one line, the traceback with --debug
         if args.debug:
             raise
+        from explainprune.files import disk_full, is_disk_full
+
+        if is_disk_full(err):  # a write outside files.atomic_path (an appended log line, ...)
+            where = getattr(err, "filename", None) or f"under --out {getattr(args, 'out', None) or '.'}"
+            print(f"{prefix} error: {disk_full(where)}", file=sys.stderr)
+            return 2
         print(f"{prefix} error: {type(err).__name__}: {err} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1

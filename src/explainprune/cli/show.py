@@ -47,14 +47,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def read_frames(path: str | Path, count: int = 8) -> list:
     """Frames of a video: the images of a directory (sorted), or ``count`` frames spread over a file."""
-    from PIL import Image
+    from explainprune.images import open_image
 
     path = Path(path)
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-        return [Image.open(f).convert("RGB") for f in files]
+        return [open_image(f) for f in files]
     if not path.is_file():
         raise FileNotFoundError(f"no video at {path}")
     from explainprune.sources import read_video
@@ -64,10 +64,10 @@ def read_frames(path: str | Path, count: int = 8) -> list:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from PIL import Image
 
     from explainprune.errors import InputError
     from explainprune.files import check_out_file
+    from explainprune.images import open_image
     from explainprune.models import load
     from explainprune.pruning.base import select
     from explainprune.visualize import show
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         if not Path(f).is_file():
             raise FileNotFoundError(f"no image at {f}")
     try:
-        images = [Image.open(f).convert("RGB") for f in args.image] or None
+        images = [open_image(f) for f in args.image] or None
         video = read_frames(args.video, args.frames) if args.video else None
     except (InputError, FileNotFoundError):
         raise

@@ -41,25 +41,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+    from pathlib import Path
+
     import torch
 
-    from explainprune.files import check_out_dir
+    from explainprune.cli.common import check_device
+    from explainprune.cli.main import command_line
     from explainprune.labels import read_index
+    from explainprune.outdir import claim_out
     from explainprune.train import TrainConfig, train
 
     if args.epochs < 1 or args.batch_size < 1:
         raise ValueError("--epochs and --batch-size must be >= 1")
     if not args.lr > 0 or not args.target_power > 0 or (args.threads is not None and args.threads < 1):
         raise ValueError("--lr, --target-power and --threads must be > 0")
+    check_device(args.device)
     read_index(args.labels)
-    check_out_dir(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction,
                          seed=args.seed, power=args.target_power, average_heads=args.average_heads,
                          normalize=args.normalize)
-    res = train(args.labels, args.out, config, resume=args.resume, progress=not args.no_progress,
-                **({"device": args.device} if args.device else {}))
+    with claim_out(args.out, command_line(args), "train"):
+        if args.resume and not (Path(args.out) / "checkpoint.json").is_file():
+            print(f"explainprune train: note: --resume: {args.out} holds no checkpoint to resume; training from "
+                  "epoch 1", file=sys.stderr)
+        res = train(args.labels, args.out, config, resume=args.resume, progress=not args.no_progress,
+                    **({"device": args.device} if args.device else {}))
     if args.json:
         print(json.dumps(res.to_json(), indent=1))
     else:

@@ -18,7 +18,6 @@ resumes from them, and a finished one is rebuilt from them without running the m
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from collections.abc import Iterator
@@ -33,9 +32,11 @@ from explainprune.answers import display, is_correct, normalize_answers
 from explainprune.cost import LLMShape, method_account
 from explainprune.errors import InputError, NotApplicable
 from explainprune.evaluation import DEFAULT_METHODS, DEFAULT_RATIOS
+from explainprune.evaluation.records import RECORDS_FORMAT, _append, _read_records, _records_header, check_records  # noqa: F401
 from explainprune.evaluation.report import VANILLA, Report, SampleRecord
 from explainprune.evaluation.tasks import TaskConfig, load_task, sample_kind
 from explainprune.prefetch import prefetch as load_ahead
+from explainprune.validation import check_ratios, prepare_sample
 
 
 @dataclass(frozen=True)
@@ -241,12 +242,13 @@ def not_applicable(label: str, prompt: Any, sample: Any, ratio: float, pruner: A
 
 
 def _prepare(vlm: Any, sample: Any) -> Any:
-    return vlm.prepare(images=sample.images, video=sample.video, question=sample.question)
+    return prepare_sample(vlm, sample)  # an InputError (e.g. a prompt too long) names the sample
 
 
 def check_config(config: EvalConfig) -> list[tuple[str, Any]]:
     """Validate ratios and method specs (building every pruner, e.g. loading a compressor) before any model
     work; returns the pruners."""
+    check_ratios(config.ratios)  # in (0, 1], none repeated
     if not config.ratios:
         raise InputError("give at least one retention ratio")
     for r in config.ratios:
@@ -261,55 +263,16 @@ def check_config(config: EvalConfig) -> list[tuple[str, Any]]:
     return build_pruners(config)
 
 
-RECORDS_FORMAT = "explainprune-eval-records"
-
-
-def _records_header(model_name: str, task_info: dict[str, Any], config: EvalConfig, n: int) -> dict[str, Any]:
-    conf = {k: v for k, v in config.to_json().items() if k not in ("progress", "warmup")}
-    header = {"format": RECORDS_FORMAT, "version": 1, "model": model_name, "task": task_info, "samples": n,
-              "config": conf}
-    return json.loads(json.dumps(header, default=str))  # as read back (tuples become lists)
-
-
-def _read_records(path: Path, header: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """Finished samples of an earlier run with the same header (index -> line); {} when none or another run.
-    A torn last line (killed while writing) is dropped; the file is cut back to the good lines."""
-    if not path.is_file():
-        return {}
-    done: dict[int, dict[str, Any]] = {}
-    good = 0
-    with path.open("rb") as fh:
-        for k, raw in enumerate(fh):
-            try:
-                line = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                break
-            if k == 0:
-                if line != header:
-                    return {}
-            elif not raw.endswith(b"\n"):
-                break
-            else:
-                done[int(line["sample"])] = line
-            good += len(raw)
-    with path.open("r+b") as fh:
-        fh.truncate(good)
-    return done
-
-
-def _append(fh: Any, line: dict[str, Any]) -> None:
-    fh.write(json.dumps(line) + "\n")
-    fh.flush()
-    os.fsync(fh.fileno())
-
-
 def run_eval(vlm: Any, samples: Any, config: EvalConfig | None = None, *, model_name: str = "",
              task_info: dict[str, Any] | None = None, records: str | Path | None = None,
-             on_error: str = "stop", prefetch: int = 2) -> Report:
+             on_error: str = "stop", prefetch: int = 2, identity: dict[str, Any] | None = None,
+             overwrite: bool = False) -> Report:
     """Evaluate ``vlm`` on ``samples`` (indexable LabelSamples) with every method x ratio of ``config``.
 
     ``records``: a JSONL file the per-sample records are streamed to and resumed from (see the module
-    docstring). A sample whose media cannot be read (InputError) stops the run (``on_error="stop"``) or is
+    docstring); it must hold this evaluation's records or none (``overwrite``: another evaluation's are
+    replaced). ``identity``: the model as loaded (default ``identity.vlm_identity(vlm)``), part of what must
+    match for a resume. A sample whose media cannot be read (InputError) stops the run (``on_error="stop"``) or is
     skipped and listed in the report's ``skipped`` ("skip").
     ``prefetch``: samples read (images opened, videos decoded) this many ahead in a background thread
     while the model runs (0: in line). ``vlm.prepare`` stays in this thread, between the timed runs, so
@@ -325,8 +288,12 @@ def run_eval(vlm: Any, samples: Any, config: EvalConfig | None = None, *, model_
     pruners = check_config(config)
     shape = LLMShape.from_config(vlm.text_config, getattr(vlm.config, "vision_config", None))
     task_info = dict(task_info or {})
-    header = _records_header(model_name, dict(task_info), config, len(samples))
-    done = _read_records(Path(records), header) if records else {}
+    if identity is None:
+        from explainprune.identity import vlm_identity
+
+        identity = vlm_identity(vlm)
+    header = _records_header(model_name, dict(task_info), config, len(samples), identity)
+    done = _read_records(Path(records), header, overwrite) if records else {}
     fh, ahead = None, None
     if records:
         fh = Path(records).open("a" if done else "w")
@@ -387,26 +354,54 @@ def run_eval(vlm: Any, samples: Any, config: EvalConfig | None = None, *, model_
                                skipped=[d["error"] for d in ordered if "error" in d])
 
 
+EVAL_FILES = ("records.jsonl", "report.json", "report.md", "preservation_vs_retention.png",
+              "preservation_vs_flops.png")
+
+
 def evaluate(model: str, task: TaskConfig | None = None, config: EvalConfig | None = None,
              out: str | None = None, plots: bool = True, vlm: Any = None,
-             on_error: str = "stop", load_options: dict[str, Any] | None = None) -> tuple[Report, dict[str, Any]]:
+             on_error: str = "stop", load_options: dict[str, Any] | None = None,
+             overwrite: bool = False) -> tuple[Report, dict[str, Any]]:
     """Load ``model`` (path, hub id or "demo"; ``load_options`` go to ``explainprune.load``), run ``task``
     and, with ``out``, write the report files there (``out/records.jsonl`` streams the per-sample records:
-    an interrupted run resumes). Everything that can be checked (task, methods, ratios, ``out``) is checked
-    before the model loads."""
+    an interrupted run resumes). Everything that can be checked (task, methods, ratios, ``out``, and whether
+    ``out`` holds this evaluation, another one or another command's output) is checked before the model
+    loads; ``overwrite`` replaces another evaluation's files in ``out``."""
     from explainprune.files import check_out_dir
+    from explainprune.identity import model_identity, vlm_identity
 
     task, config = task or TaskConfig(), config or EvalConfig()
-    samples = load_task(task)
-    check_config(config)
+    samples = load_task(task, on_error=on_error)  # unreadable image headers: refused now, or skipped later
+    compressors = [getattr(p, "compressor", None) for _, p in check_config(config)]
+    compressors = [c for c in compressors if hasattr(c, "check_compatible")]
+    if compressors:  # one trained for another model is refused now, from config.json, not after loading
+        from explainprune.identity import config_fingerprint
+
+        fingerprint = vlm.fingerprint() if vlm is not None else \
+            config_fingerprint(model, (load_options or {}).get("revision"))
+        for compressor in compressors:
+            compressor.check_compatible(fingerprint)
+    identity = None
     if out:
+        from explainprune.outdir import check_out_kind
+
         check_out_dir(out)
+        check_out_kind(out, "eval")
+        identity = vlm_identity(vlm) if vlm is not None else model_identity(model, **(load_options or {}))
+        header = _records_header(str(model), samples.describe(), config, len(samples), identity)
+        if not check_records(Path(out) / "records.jsonl", header, overwrite):  # not this evaluation's records
+            if (Path(out) / "report.json").is_file() and not overwrite:
+                raise InputError("holds the report of another evaluation (report.json without its records.jsonl)",
+                                 file=out, hint="choose another --out, or pass --overwrite to replace it")
+            for name in EVAL_FILES:  # another evaluation's files: none of them may outlive it
+                (Path(out) / name).unlink(missing_ok=True)
     if vlm is None:
         from explainprune.models import load
 
         vlm = load(model, **(load_options or {}))
     report = run_eval(vlm, samples, config, model_name=str(model), task_info=samples.describe(),
-                      records=Path(out) / "records.jsonl" if out else None, on_error=on_error)
+                      records=Path(out) / "records.jsonl" if out else None, on_error=on_error, identity=identity,
+                      overwrite=overwrite)
     paths = report.save(out) if out else {}
     if out and plots:
         from explainprune.evaluation.plots import save_plots

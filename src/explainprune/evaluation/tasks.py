@@ -35,8 +35,10 @@ class TaskConfig:
 DIGITS_DEFAULT_N = 200
 
 
-def load_task(config: TaskConfig) -> Any:
-    """An indexable sample set (``len``, ``[i]`` -> LabelSample, ``describe()``) for ``config``."""
+def load_task(config: TaskConfig, on_error: str = "stop") -> Any:
+    """An indexable sample set (``len``, ``[i]`` -> LabelSample, ``describe()``) for ``config``. A manifest's
+    images are checked from their headers now: a bad one is refused (``on_error="stop"``) or raised when its
+    sample is read (``"skip"``: the runner skips and lists it)."""
     from explainprune.labels import DigitsSource, ManifestSource
 
     if config.name == "digits":
@@ -46,7 +48,7 @@ def load_task(config: TaskConfig) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"unknown task {config.name!r}: give 'digits' or the path of a manifest "
                                 "(JSONL: question, answer, image/images/video per line)")
-    return ManifestSource(path, limit=config.limit)
+    return ManifestSource(path, limit=config.limit, on_error=on_error)
 
 
 def sample_kind(sample: Any) -> str:

@@ -28,6 +28,7 @@ from explainprune.models.batching import (  # noqa: F401  (pad_left, visual_targ
     pad_left_ids,
     visual_targets,
 )
+from explainprune.validation import check_pixel_range, check_prompt_length
 
 
 @dataclass
@@ -156,6 +157,7 @@ class VLM:
 
         image_processor = cls._image_processor(path, revision=revision,
                                                **check_processor_options(cls._processor_class(), processor_options))
+        check_pixel_range(image_processor, cls.family)  # before the weights load
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
         templates = {name: checkpoint_file(path, name, revision=revision, required=False)
                      for name in ("chat_template.jinja", "chat_template.json")}
@@ -256,6 +258,7 @@ class VLM:
         add_special = not (bos and text.startswith(bos))
         enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special)
         ids = torch.tensor([enc["input_ids"]], dtype=torch.long)
+        check_prompt_length(ids.shape[1], self.text_config)  # before the vision tower runs
         q_start = text.rfind(question) if question else -1
         if q_start < 0:
             return ids, (ids.shape[1], ids.shape[1])

@@ -138,6 +138,9 @@ class Pruner:
 
     name: ClassVar[str] = ""
     layer: ClassVar[int] = 0  # LLM layer the pruning happens at; 0 = before the LLM
+    # True when the kept count follows the media's layout (frames, grids), not the ratio alone: the cost
+    # model's ``tokens_per_layer`` is then the nominal count; runs count what was kept (evs, downsample)
+    count_from_media: ClassVar[bool] = False
 
     def score(self, vlm: VLM, prompt: Prompt) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -105,7 +105,7 @@ class CDPruner(Pruner):
     negate: bool = True
 
     def __post_init__(self) -> None:
-        self._text_tokens = 0
+        self.text_tokens = 16  # M of the selection cost: the last scored prompt's instruction tokens
 
     def parts(self, prompt: Prompt) -> tuple[Tensor, Tensor]:
         """(visual features [N_v, D], instruction embeddings [M, D]) of ``prompt``, float32 where the prompt is
@@ -119,7 +119,7 @@ class CDPruner(Pruner):
         if prompt.num_visual == 0:
             raise ValueError("the prompt has no visual tokens: nothing to prune (give an image or a video)")
         visual, text = self.parts(prompt)
-        self._text_tokens = int(text.shape[0])
+        self.text_tokens = int(text.shape[0])
         relevance = conditional_relevance(visual, text, self.negate)
         order = greedy_map_order(dpp_kernel(visual, relevance), relevance).cpu()
         scores = torch.empty(prompt.num_visual)
@@ -131,4 +131,4 @@ class CDPruner(Pruner):
         row and N for the update: k^2 N / 2 + k N), k = the kept tokens."""
         k = tokens_per_layer[0] if tokens_per_layer else n_visual
         n = n_visual
-        return n * n * d + n * self._text_tokens * d + 2 * n * n + k * k * n // 2 + k * n
+        return n * n * d + n * self.text_tokens * d + 2 * n * n + k * k * n // 2 + k * n

@@ -23,7 +23,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -110,6 +110,8 @@ def downsampled_prompt(vlm: VLM, prompt: Prompt, ratio: float) -> Prompt:
 @dataclass
 class Downsample(Pruner):
     """The media at a lower resolution (about ``ratio`` of the tokens); no token selection."""
+
+    count_from_media: ClassVar[bool] = True  # the count follows each image's resized grid
 
     def score(self, vlm: VLM, prompt: Prompt) -> Tensor:
         raise ValueError("downsample does not rank the visual tokens: it prepares the media again at a lower "

@@ -20,6 +20,7 @@ LLaVA-1.5 (no video input: frames are separate images) raises a ValueError.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -85,6 +86,8 @@ def _video_layout(prompt: Prompt, is_video: Tensor) -> tuple[Tensor, tuple[int, 
 @dataclass
 class EVS(Pruner):
     """Keeps the video tokens that changed most since the previous frame (first frame kept)."""
+
+    count_from_media: ClassVar[bool] = True  # vLLM's floor of one frame depends on the tokens per frame
 
     def _parts(self, vlm: VLM, prompt: Prompt) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
         if prompt.num_visual == 0:

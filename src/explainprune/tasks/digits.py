@@ -321,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m explainprune.tasks.digits {eval,export}``: accuracy of a checkpoint, or a manifest."""
     import argparse
 
-    p = argparse.ArgumentParser(description="digits benchmark: evaluate a checkpoint or export a manifest")
+    p = argparse.ArgumentParser(description="digits benchmark: evaluate a checkpoint or export a manifest",
+                                allow_abbrev=False)
     p.add_argument("command", choices=["eval", "export"])
     p.add_argument("--model", default="src/explainprune/assets/demo", help="checkpoint directory (eval)")
     p.add_argument("--dir", default="runs/digits_manifest", help="output directory (export)")

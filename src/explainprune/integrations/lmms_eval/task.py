@@ -87,13 +87,14 @@ process_results = _task.process_results
 
 
 def doc_to_visual(doc: dict[str, Any], root: str | Path) -> list[Any]:
-    """[PIL image] for an image sample, [video file path] for a video sample (as lmms-eval tasks hand them)."""
-    from PIL import Image
+    """[PIL image] for an image sample (read by ``images.open_image``, as explainprune reads manifests),
+    [video file path] for a video sample (as lmms-eval tasks hand them)."""
+    from explainprune.images import open_image
 
     root = Path(root)
     if doc.get("video_file"):
         return [str(root / doc["video_file"])]
-    return [Image.open(root / doc["image"]).convert("RGB")]
+    return [open_image(root / doc["image"])]
 
 
 def doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict[str, Any] | None = None) -> str:
