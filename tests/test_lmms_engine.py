@@ -69,18 +69,48 @@ def test_pruned_batch_equals_one_by_one(load_tiny, image, frames):
 
 
 def test_generation_kwargs():
-    g = generation_options({"until": "\n\n", "max_new_tokens": 5, "temperature": 0, "top_p": 1.0, "foo": 1})
-    assert g == generation_options({"until": ["\n\n"], "max_new_tokens": 5, "foo": 2})
-    assert g.max_new_tokens == 5 and g.until == ("\n\n",) and g.generate == {} and g.ignored == ("foo",)
+    g = generation_options({"until": "\n\n", "max_new_tokens": 5, "temperature": 0, "top_p": 0.5, "top_k": 3,
+                            "image_aspect_ratio": "pad", "num_beams": 1})
+    assert g.max_new_tokens == 5 and g.until == ("\n\n",) and g.generate == {}  # greedy: sampling-only dropped
+    assert g.ignored == ("image_aspect_ratio='pad' (not a generate option)",)
     assert generation_options({}, 7).max_new_tokens == 7
-    s = generation_options({"temperature": 0.5, "top_p": 0.9})
-    assert s.generate == {"do_sample": True, "temperature": 0.5, "top_p": 0.9}
-    with pytest.raises(ValueError, match="num_beams=2"):
-        generation_options({"num_beams": 2})
+    s = generation_options({"temperature": 0.5, "top_p": 0.9, "top_k": 4, "repetition_penalty": 1.3,
+                            "no_repeat_ngram_size": 2, "min_new_tokens": 2, "num_beams": 3, "use_cache": True})
+    assert s.generate == {"do_sample": True, "temperature": 0.5, "top_p": 0.9, "top_k": 4, "repetition_penalty": 1.3,
+                          "no_repeat_ngram_size": 2, "min_new_tokens": 2}
+    assert s.ignored == ("num_beams=3 (beam search is not run on pruned prompts; decoding greedily)",
+                         "use_cache=True (set by explainprune)")
+    assert generation_options({"do_sample": True}).generate == {"do_sample": True}  # the checkpoint's sampling
     with pytest.raises(ValueError, match="until"):
         generation_options({"until": 3})
     assert cut_at(" 7 , then more\n\nQ:", ["\n\n", ","]) == "7"
     assert cut_at("yes", ["", "."]) == "yes"
+
+
+def test_generation_settings_reach_generate(load_tiny, image):
+    """repetition_penalty, no_repeat_ngram_size and top_k change the answer exactly as in VLM.generate; the
+    settings not applied are named once in a warning line."""
+    from loguru import logger
+
+    vlm = load_tiny("qwen2_vl")
+    prompt = vlm.prepare(images=image, question=Q1)
+    plain = vlm.generate(prompt, max_new_tokens=8).token_ids
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING")
+    try:
+        for kw in ({"repetition_penalty": 5.0}, {"no_repeat_ngram_size": 1},
+                   {"do_sample": True, "top_k": 1, "temperature": 0.7}):
+            engine = PrunedEngine(vlm, "random", 0.5, warmup=False, seed=0)
+            keep = get_pruner("random", seed=0).keep(vlm, prompt, 0.5)
+            expected = vlm.generate(prompt, keep=keep, max_new_tokens=8, **kw)
+            (got,) = engine.run([Request(Q1, image, {"max_new_tokens": 8, "image_aspect_ratio": "pad", **kw})])
+            assert got.text == expected.text, kw
+        assert vlm.generate(prompt, max_new_tokens=8, no_repeat_ngram_size=1).token_ids != plain
+        engine.run([Request(Q1, image, {"max_new_tokens": 2, "image_aspect_ratio": "pad"})])
+    finally:
+        logger.remove(sink)
+    named = [line for line in lines if "image_aspect_ratio='pad' (not a generate option)" in line]
+    assert len(named) == 3 and "explainprune: generation settings not applied" in named[0]  # once per engine
 
 
 def test_max_new_tokens_and_until_reach_the_answer(load_tiny, image):
@@ -188,3 +218,13 @@ def test_efficiency_summary_by_task():
     assert len(s["samples"]) == 3 and s["samples"][0]["task"] == "a" and s["text_only_requests"] == 1
     text = efficiency.to_markdown(s)
     assert "| a | 2 | 8.0 | 3.0 | 37.5% |" in text and "| overall | 3 |" in text
+
+
+def test_kept_column_is_the_average_over_layers():
+    """A multi-stage method (PyramidDrop) keeps 2 of 8 tokens after its last stage but 4 per layer on average:
+    the "kept" column reports the average over layers, as `eval` does, and the last stage apart."""
+    r = _record("p/0", "p", 2, 10)
+    r.average_retention = 0.5
+    s = efficiency.summarize([r], model="demo", method="pdrop", ratio=0.5)
+    assert s["tasks"]["p"]["kept"] == 4.0 and s["tasks"]["p"]["kept_last_stage"] == 2.0
+    assert "| p | 1 | 8.0 | 4.0 | 50.0% |" in efficiency.to_markdown(s)

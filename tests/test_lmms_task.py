@@ -25,7 +25,11 @@ def written(tmp_path_factory):
 
 def test_task_files(written):
     out, res = written
-    assert set(res["tasks"]) == {"explainprune_digits", "explainprune_digits_image", "explainprune_digits_video"}
+    assert set(res["tasks"]) == {"explainprune_digits", "explainprune_digits_image", "explainprune_digits_video",
+                                 "explainprune_digits_mc"}
+    mc = (out / "explainprune_digits_mc.yaml").read_text()
+    assert "output_type: multiple_choice" in mc and 'doc_to_choice: ["0", "1", "2"' in mc
+    assert 'target_delimiter: ""' in mc and "metric: acc" in mc
     assert res["counts"] == {"all": 6, "image": 4, "video": 2}  # kinds cycle rowcol, colour, video
     text = (out / "explainprune_digits_video.yaml").read_text()
     assert "task: explainprune_digits_video" in text and "dataset_path: json" in text

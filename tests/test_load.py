@@ -123,6 +123,60 @@ def test_hub_cache_through_the_environment_alone(tmp_path, tiny_dirs):
     assert out.stdout.split()[-3:] == ["qwen2_5_vl", "torch.float32", "cpu"]
 
 
+def test_unreachable_hub_loads_a_cached_id_without_retries(tmp_path, tiny_dirs):
+    """No HF_HUB_OFFLINE, the hub unreachable (a loopback port nothing listens on): the cached id loads from
+    its snapshot, with one line saying so and none of transformers' retries (each file retried for ~23 s
+    before: ~195-230 s in all, measured)."""
+    home = tmp_path / "hf_home"
+    snapshot = put_in_hub_cache(tiny_dirs("qwen2_5_vl"), QWEN_ID, home / "hub")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+    env.update(HF_HOME=str(home), HF_ENDPOINT="http://127.0.0.1:9", PYTHONPATH=os.pathsep.join(sys.path),
+               OMP_NUM_THREADS="1")
+    code = f"import explainprune; v = explainprune.load({QWEN_ID!r}); print(v.config.model_type)"
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - start
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "qwen2_5_vl"
+    assert f"the hub (http://127.0.0.1:9) cannot be reached: loading {QWEN_ID} from the hub cache ({snapshot})" \
+        in out.stderr
+    assert "Retrying" not in out.stderr and "Connection refused" not in out.stderr
+    assert seconds < 150, seconds  # a loaded 2-core machine needs ~45 s for the imports and the load
+
+
+def test_unreachable_hub_and_uncached_id_fails_at_once(hub_cache, monkeypatch):
+    from huggingface_hub import constants
+
+    from explainprune.models.hub import hub_reachable, resolve
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    start = time.perf_counter()
+    assert not hub_reachable()
+    with pytest.raises(FileNotFoundError, match=r"the hub \(http://127.0.0.1:9\) cannot be reached and "
+                                                 r"'org/model' is not in the hub cache"):
+        resolve("org/model")
+    assert time.perf_counter() - start < 10
+
+
+def test_hub_reachable_when_something_listens(monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    from explainprune.models.hub import hub_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(key, raising=False)
+        assert hub_reachable()
+
+
 def test_typo_fails_fast_with_did_you_mean(monkeypatch):
     _no_network(monkeypatch)
     t = time.perf_counter()

@@ -94,7 +94,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     totals = labels.totals or {}
     _say(f"   {totals.get('labeled')} labelled, {totals.get('skipped_wrong')} skipped (answered wrongly)")
 
-    _say(f"2/4 training the compressor f_θ for {config.epochs} epochs -> {out / 'compressor'}")
+    _say(f"2/4 training the compressor f_θ for {config.epochs} epochs -> {out / 'compressor' / 'compressor'}")
     t = time.perf_counter()
     resume = (out / "compressor" / "checkpoint.json").is_file()
     trained = train(out / "labels", out / "compressor", TrainConfig(epochs=config.epochs, seed=config.seed),

@@ -10,8 +10,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "lmms-task", help="write the digits benchmark as lmms-eval tasks (for --include_path)",
         description="Export digits samples (images, and videos as lossless files) and the lmms-eval tasks "
-        "explainprune_digits, explainprune_digits_image and explainprune_digits_video (YAML + utils.py) into "
-        "--out. lmms-eval then reads them offline with --include_path OUT. OUT/data/manifest.jsonl holds the "
+        "explainprune_digits, explainprune_digits_image and explainprune_digits_video (generated answers) and "
+        "explainprune_digits_mc (multiple choice over the digits 0-9, scored by loglikelihood) (YAML + utils.py) "
+        "into --out. lmms-eval then reads them offline with --include_path OUT. OUT/data/manifest.jsonl holds the "
         "same samples for `explainprune eval --task`.",
         epilog="example: explainprune lmms-task --out runs/lmms_tasks && python -m lmms_eval --model explainprune "
         "--model_args pretrained=demo,method=fastv,ratio=0.25 --tasks explainprune_digits "

@@ -92,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"cannot read {' '.join(args.image) or args.video} ({type(err).__name__}: {err})") from None
     if args.compressor:
         from explainprune.compressor import Compressor
+        from explainprune.compressor_path import compressor_dir
 
+        args.compressor = compressor_dir(args.compressor)  # a training run folder too
         Compressor.from_pretrained(args.compressor)
     if args.compare:
         from explainprune.pruning import get_pruner

@@ -82,7 +82,7 @@ def load(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
     if device_map is not None and not _accelerate_available():
         raise InputError("device_map needs the accelerate package",
                          hint="pip install 'explainprune[gpu]' (or pip install accelerate)")
-    source = resolve(name_or_path)
+    source = resolve(name_or_path, revision=revision)
     if isinstance(source, Path) and not (source / "config.json").is_file():
         raise InputError(f"no config.json in {source}",
                          hint="give a transformers checkpoint folder, a hub id or 'demo'")

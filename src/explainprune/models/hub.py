@@ -4,14 +4,23 @@ A name is resolved the way ``from_pretrained`` resolves it: an existing director
 otherwise ``org/name`` is a hub id, looked up through transformers' ``cached_file`` (the hub cache, so
 ``HF_HUB_OFFLINE=1`` with a populated cache works, and ``revision`` is honoured). Anything else fails at
 once, before any network access, with a "did you mean ...?" hint.
+
+When the hub cannot be reached (no network, a firewall; checked once with a short connection attempt,
+``hub_reachable``) and ``HF_HUB_OFFLINE`` is not set, a cached hub id resolves to its snapshot folder in
+the hub cache, so it loads in seconds instead of after minutes of transformers' retries; an uncached one
+fails at once.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
+import socket
+import threading
 from pathlib import Path
+from urllib.parse import urlparse
 
 DEMO_NAME = "demo"
 DEMO_PATH = Path(__file__).resolve().parent.parent / "assets" / "demo"
@@ -50,9 +59,65 @@ def _did_you_mean(name: str) -> str:
     return f"did you mean {close[0]!r}? " if close else ""
 
 
-def resolve(name_or_path: str | os.PathLike) -> str | Path:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can a TCP connection to the hub endpoint (``HF_ENDPOINT``; through ``HTTPS_PROXY`` / ``ALL_PROXY`` when
+    one is set: then the proxy) be opened within ``timeout`` seconds (name look-up included)?"""
+    from huggingface_hub import constants
+
+    target = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+                   if os.environ.get(k)), constants.ENDPOINT)
+    url = urlparse(target if "://" in target else f"http://{target}")
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return False
+    result: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The hub-cache snapshot folder of ``repo_id`` at ``revision`` (a branch, tag or commit; default main)
+    holding its config.json, or None when it is not cached. No network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _offline_source(repo_id: str, revision: str | None) -> str | Path:
+    """``repo_id`` when the hub is in use (reachable, or HF_HUB_OFFLINE set: transformers reads the cache
+    itself), else its cached snapshot folder; FileNotFoundError when unreachable and not cached."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or hub_reachable():
+        return repo_id
+    snapshot = cached_snapshot(repo_id, revision)
+    at = f" at revision {revision!r}" if revision else ""
+    if snapshot is None:
+        raise FileNotFoundError(
+            f"the hub ({constants.ENDPOINT}) cannot be reached and {repo_id!r}{at} is not in the hub cache "
+            f"{constants.HF_HUB_CACHE}; {_did_you_mean(repo_id)}download it once online, or give a local "
+            "checkpoint directory")
+    logging.getLogger(__name__).warning(
+        "explainprune: the hub (%s) cannot be reached: loading %s%s from the hub cache (%s)", constants.ENDPOINT,
+        repo_id, at, snapshot)
+    return snapshot
+
+
+def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> str | Path:
     """``"demo"`` -> the shipped model's directory; an existing directory -> its Path; a well-formed hub id
-    -> the id (looked up later by transformers). Raises FileNotFoundError / InputError otherwise."""
+    -> the id (looked up later by transformers), or its cached snapshot folder at ``revision`` when the hub
+    cannot be reached. Raises FileNotFoundError / InputError otherwise."""
     name = str(name_or_path)
     if name == DEMO_NAME:
         if not (DEMO_PATH / "config.json").is_file():
@@ -66,7 +131,7 @@ def resolve(name_or_path: str | os.PathLike) -> str | Path:
     if isinstance(name_or_path, os.PathLike) or _looks_local(name):
         raise FileNotFoundError(f"no checkpoint directory at {name}")
     if is_hub_id(name):
-        return name
+        return _offline_source(name, revision)
     from explainprune.errors import InputError
 
     raise InputError(

@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import Tensor
 
 from explainprune.compressor import Compressor
+from explainprune.compressor_path import compressor_dir
 from explainprune.models.base import VLM, Prompt
 from explainprune.pruning.base import Pruner, register
 
@@ -31,7 +32,7 @@ class Learned(Pruner):
             raise ValueError("the learned pruner needs compressor=<Compressor or directory> "
                              "(train one with `explainprune label` then `explainprune train`)")
         if isinstance(self.compressor, (str, Path)):
-            self.compressor = Compressor.from_pretrained(self.compressor)
+            self.compressor = Compressor.from_pretrained(compressor_dir(self.compressor))  # a run folder too
         if not isinstance(self.compressor, Compressor):
             raise ValueError(f"compressor must be a Compressor or a directory; got {type(self.compressor).__name__}")
         self.compressor.eval()

@@ -24,7 +24,10 @@ def _group(records: list[Any]) -> dict[str, Any]:
     (result,) = aggregate(records)  # one method and ratio per run
     row = {k: _finite(getattr(result, k)) for k in FIELDS}
     row["n_visual"] = sum(r.n_visual for r in records) / len(records)
-    row["kept"] = sum(r.kept for r in records) / len(records)
+    # visual tokens per layer, averaged over layers (= average_retention x N_v; what `eval` reports), and
+    # those kept after the method's last stage (differs for multi-stage methods such as PyramidDrop)
+    row["kept"] = sum(r.average_retention * r.n_visual for r in records) / len(records)
+    row["kept_last_stage"] = sum(r.kept for r in records) / len(records)
     return row
 
 
@@ -46,10 +49,11 @@ def summarize(records: list[Any], *, model: str, method: str, ratio: float, text
         tasks.setdefault(r.kind, []).append(r)
     return {
         "model": model, "method": method, "ratio": ratio, **(extra or {}),
-        "definitions": "as `explainprune eval`: per-sample means; average_retention = mean over LLM layers of "
-                       "kept / N_v (Figure 3); flops = Eq. 4 per layer (+ Eq. 5-6 compressor overhead); prefill_s "
-                       "and decode_s of the request's batch shared evenly; kv_bytes = KV cache right after "
-                       "prefill (padding excluded)",
+        "definitions": "as `explainprune eval`: per-sample means; kept = visual tokens per LLM layer averaged "
+                       "over layers (kept_last_stage: after the method's last stage); average_retention = mean "
+                       "over LLM layers of kept / N_v (Figure 3); flops = Eq. 4 per layer (+ Eq. 5-6 compressor "
+                       "overhead); prefill_s and decode_s of the request's batch shared evenly; kv_bytes = KV "
+                       "cache right after prefill (padding excluded)",
         "shape": asdict(shape) if shape is not None else None,
         "tasks": {name: _group(rows) for name, rows in tasks.items()},
         "overall": _group(records) if records else None,
@@ -63,9 +67,14 @@ def to_markdown(summary: dict[str, Any]) -> str:
     """A table: one row per task (and overall)."""
     from explainprune.evaluation.report import BYTE_UNITS, FLOPS_UNITS, _unit
 
-    head = "| task | n | visual tokens | kept | avg. retention | FLOPs | prefill | KV cache |"
-    lines = [f"explainprune efficiency: {summary['model']}, {summary['method']} at ratio {summary['ratio']:g}",
-             "", head, "|---|---|---|---|---|---|---|---|"]
+    head = "| task | n | visual tokens | kept (avg. over layers) | avg. retention | FLOPs | prefill | KV cache |"
+    lines = [f"explainprune efficiency: {summary['model']}, {summary['method']} at ratio {summary['ratio']:g}"]
+    cache = summary.get("use_cache")
+    if cache:
+        lines.append(f"measured {summary['overall']['n'] if summary['overall'] else 0} samples; "
+                     f"{cache.get('answered_from_cache')} requests came from lmms-eval's cache ({cache['path']}) "
+                     "and were not run")
+    lines += ["", head, "|---|---|---|---|---|---|---|---|"]
     rows = dict(summary["tasks"])
     if len(rows) > 1 and summary["overall"]:
         rows["overall"] = summary["overall"]

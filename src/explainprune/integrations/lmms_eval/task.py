@@ -1,5 +1,7 @@
 """The built-in digits benchmark as lmms-eval tasks, offline: ``explainprune_digits`` (every sample) and its
-``explainprune_digits_image`` / ``explainprune_digits_video`` subsets.
+``explainprune_digits_image`` / ``explainprune_digits_video`` subsets (generated answers, exact match), and
+``explainprune_digits_mc``, the same samples as a ``multiple_choice`` task (choices "0".."9", scored by
+loglikelihood requests; lmms-eval's ``acc``).
 
 ``write_task(DIR)`` (``explainprune lmms-task --out DIR``) exports the digits samples with
 ``DigitsTask.export`` (``DIR/data/manifest.jsonl`` + PNG media, what ``explainprune eval --task`` reads),
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 TASKS = {"explainprune_digits": "all", "explainprune_digits_image": "image", "explainprune_digits_video": "video"}
+MC_TASKS = {"explainprune_digits_mc": "all"}
+CHOICES = tuple(str(d) for d in range(10))
 
 YAML = """# Written by `explainprune lmms-task`; the data paths are absolute (rerun the command after moving DIR).
 task: {task}
@@ -35,6 +39,28 @@ generation_kwargs:
 process_results: !function utils.process_results
 metric_list:
   - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+  source: {source}
+"""
+
+MC_YAML = """# Written by `explainprune lmms-task`; the data paths are absolute (rerun the command after moving DIR).
+task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+doc_to_choice: {choices}
+target_delimiter: ""
+metric_list:
+  - metric: acc
     aggregation: mean
     higher_is_better: true
 metadata:
@@ -102,8 +128,9 @@ def write_video(frames: list[Any], path: str | Path, fps: int = 2) -> Path:
 
 def write_task(out: str | Path, n: int = 200, split: str = "test", seed: int = 0,
                max_new_tokens: int = 8, **options: Any) -> dict[str, Any]:
-    """Export ``n`` digits samples (``DigitsTask(split, seed, n, **options)``) and the three lmms-eval tasks
-    into ``out``. Returns {"tasks": {name: yaml path}, "manifest": path, "counts": {subset: samples}}."""
+    """Export ``n`` digits samples (``DigitsTask(split, seed, n, **options)``) and the four lmms-eval tasks
+    (``TASKS`` and ``MC_TASKS``) into ``out``. Returns {"tasks": {name: yaml path}, "manifest": path,
+    "counts": {subset: samples}}."""
     try:
         import av  # noqa: F401
     except ImportError:
@@ -132,5 +159,9 @@ def write_task(out: str | Path, n: int = 200, split: str = "test", seed: int = 0
         paths[name] = out / f"{name}.yaml"
         paths[name].write_text(YAML.format(task=name, data=json.dumps(str(data / f"{subset}.jsonl")),
                                            max_new_tokens=int(max_new_tokens), source=json.dumps(source)))
+    for name, subset in MC_TASKS.items():
+        paths[name] = out / f"{name}.yaml"
+        paths[name].write_text(MC_YAML.format(task=name, data=json.dumps(str(data / f"{subset}.jsonl")),
+                                              choices=json.dumps(list(CHOICES)), source=json.dumps(source)))
     (out / "utils.py").write_text(UTILS)
     return {"tasks": paths, "manifest": manifest, "counts": {k: len(v) for k, v in docs.items()}}
