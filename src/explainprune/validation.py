@@ -15,14 +15,24 @@ from typing import Any
 from explainprune.errors import InputError
 
 
+def as_ratio(ratio: Any) -> Any:
+    """A plain float for numpy scalars and 0-d tensors (anything else is returned as is)."""
+    import torch
+
+    if isinstance(ratio, torch.Tensor) and ratio.dim() == 0 and not ratio.dtype == torch.bool:
+        return float(ratio)
+    if type(ratio).__module__ == "numpy" and getattr(ratio, "shape", None) == () and \
+            getattr(getattr(ratio, "dtype", None), "kind", "") in "iuf":
+        return float(ratio)
+    return ratio
+
+
 def check_ratios(ratios: Sequence[float], flag: str = "ratios") -> tuple[float, ...]:
     """``ratios`` as floats when each is a number in (0, 1] and none repeats; InputError otherwise."""
     if not ratios:
         raise InputError("give at least one retention ratio")
-    from explainprune.pruning.base import _as_ratio
-
     seen: list[float] = []
-    for r in map(_as_ratio, ratios):
+    for r in map(as_ratio, ratios):
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < float(r) <= 1.0:
             raise InputError(f"{flag} must be in (0, 1] (the share of visual tokens kept); got {r!r}")
         if float(r) in seen:

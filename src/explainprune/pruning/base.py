@@ -16,6 +16,7 @@ from torch import Tensor
 
 from explainprune.cost import LLMShape, kept_count, visual_tokens_per_layer
 from explainprune.models.base import VLM, GenerationResult, Prompt
+from explainprune.validation import as_ratio as _as_ratio  # noqa: F401  (re-exported: evs, downsample)
 
 _REGISTRY: dict[str, type[Pruner]] = {}
 
@@ -120,16 +121,6 @@ def _check_option_types(name: str, cls: type, options: dict[str, Any]) -> None:
         kinds = _SIMPLE_TYPES.get(str(fields[key].type))
         if kinds and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
             raise ValueError(f"pruner {name!r}: option {key} must be {fields[key].type}; got {value!r}")
-
-
-def _as_ratio(ratio: Any) -> Any:
-    """A plain float for numpy scalars and 0-d tensors (anything else is returned as is)."""
-    if isinstance(ratio, Tensor) and ratio.dim() == 0 and not ratio.dtype == torch.bool:
-        return float(ratio)
-    if type(ratio).__module__ == "numpy" and getattr(ratio, "shape", None) == () and \
-            getattr(getattr(ratio, "dtype", None), "kind", "") in "iuf":
-        return float(ratio)
-    return ratio
 
 
 @dataclass
