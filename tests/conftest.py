@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import explainprune
+import explainprune.models
 from explainprune.testing import FAMILIES, build_tiny, random_image
 
 
@@ -62,3 +63,29 @@ def image():
 @pytest.fixture
 def frames():
     return [random_image(10 + i, (112, 112)) for i in range(4)]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any model load fails the test: the error must come before it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(explainprune, "load", refuse)
+    monkeypatch.setattr(explainprune.models, "load", refuse)
+
+
+def image_manifest(folder, n: int):
+    """A manifest of ``n`` random images (``folder/m.jsonl``, each asking row 1 column 2, answer 7)."""
+    import json
+
+    from explainprune.testing import random_image
+
+    rows = []
+    for i in range(n):
+        random_image(i).save(folder / f"{i}.png")
+        rows.append({"id": f"s{i}", "question": "what digit is in row 1 column 2 ?", "answer": "7",
+                     "image": f"{i}.png"})
+    (folder / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "m.jsonl"

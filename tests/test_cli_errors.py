@@ -25,17 +25,6 @@ from explainprune.pruning.base import select
 from explainprune.testing import random_image
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Any model load fails the test: the error must come before it."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(explainprune, "load", refuse)
-    monkeypatch.setattr(explainprune.models, "load", refuse)
-
-
 def one_error_line(capsys, cmd: str, *needles: str) -> str:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"explainprune {cmd}: error: "), err

@@ -19,10 +19,10 @@ import torch
 
 import explainprune
 import explainprune.models
+from conftest import image_manifest
 from explainprune.cli.main import main
 from explainprune.labels import LabelConfig, label, read_index
 from explainprune.outdir import LOCK_NAME, out_lock
-from explainprune.testing import random_image
 from test_labels import FakeVLM, SyntheticSource, synthetic_labeler  # tests/ is on sys.path (its conftest.py)
 
 SRC = str(Path(explainprune.__file__).resolve().parent.parent)
@@ -31,22 +31,7 @@ SRC = str(Path(explainprune.__file__).resolve().parent.parent)
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    rows = []
-    for i in range(3):
-        random_image(i).save(d / f"{i}.png")
-        rows.append({"id": f"s{i}", "question": "what digit is in row 1 column 2 ?", "answer": "7",
-                     "image": f"{i}.png"})
-    (d / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d / "m.jsonl"
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(explainprune, "load", refuse)
-    monkeypatch.setattr(explainprune.models, "load", refuse)
+    return image_manifest(d, 3)
 
 
 def one_error(capsys, cmd):

@@ -11,11 +11,12 @@ import pytest
 
 import explainprune
 import explainprune.models
+from conftest import image_manifest
 from explainprune.cli.main import main
 from explainprune.errors import InputError
 from explainprune.identity import config_fingerprint, differences, model_identity, vlm_identity
 from explainprune.labels import LabelConfig, ManifestSource, label
-from explainprune.testing import random_image, tiny_qwen2_vl
+from explainprune.testing import tiny_qwen2_vl
 
 
 @pytest.fixture(scope="module")
@@ -28,22 +29,7 @@ def twins(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    rows = []
-    for i in range(2):
-        random_image(i).save(d / f"{i}.png")
-        rows.append({"id": f"s{i}", "question": "what digit is in row 1 column 2 ?", "answer": "7",
-                     "image": f"{i}.png"})
-    (d / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d / "m.jsonl"
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the run was checked")
-
-    monkeypatch.setattr(explainprune, "load", refuse)
-    monkeypatch.setattr(explainprune.models, "load", refuse)
+    return image_manifest(d, 2)
 
 
 def one_error(capsys, cmd):
