@@ -26,9 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="label directory written by `explainprune label`; several (e.g. other board sizes or frame "
                         "counts of the same model) are trained on together")
     p.add_argument("--preset", default="default", choices=["default", "paper", "v1"],
-                   help="default: per-head log-normalised A_v^0, replicate padding, skip path from the input to the "
-                        "logits (docs/compressor.md); paper: Section 4.1 exactly (head-averaged raw A_v^0, one channel, "
-                        "zero padding, no skip, 100 epochs); v1: the default before issue 20. Options below override it")
+                   help="default: per-head log-normalised A_v^0, replicate padding, skip path from the input to "
+                        "the logits (docs/compressor.md); paper: Section 4.1 exactly (head-averaged raw A_v^0, one "
+                        "channel, zero padding, no skip, 100 epochs); v1: the default before issue 20. Options below "
+                        "override it")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--epochs", type=int, help="total epochs (default 100, as the paper; v1: 30)")
     p.add_argument("--batch-size", type=int, default=128, help="default 128, as the paper")
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     config = preset(args.preset, batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction,
                     seed=args.seed, power=args.target_power, select=args.select,
                     **{k: v for k, v in given.items() if v is not None})
-    res = train(args.labels if len(args.labels) > 1 else args.labels[0], args.out, config, resume=args.resume, progress=not args.no_progress,
+    labels = args.labels if len(args.labels) > 1 else args.labels[0]
+    res = train(labels, args.out, config, resume=args.resume, progress=not args.no_progress,
                 **({"device": args.device} if args.device else {}))
     if args.json:
         print(json.dumps(res.to_json(), indent=1))
