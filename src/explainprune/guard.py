@@ -75,7 +75,7 @@ class Guard:
         return self.f_theta["rank_score"] > self.input["rank_score"]
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "beats_input": self.beats_input}
+        return {**asdict(self), "beats_input": self.beats_input, "message": self.message()}
 
     def message(self) -> str:
         """One line; starts with "warning:" when f_θ does not beat its input."""
