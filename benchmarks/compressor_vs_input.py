@@ -106,11 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compressor", nargs="+", required=True, metavar="NAME=DIR",
                    help="f_θ directories to compare with the input ranking (NAME=DIR, or DIR: named by its folder)")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--kinds", nargs="+", choices=["rowcol", "colour", "video"],
+                   help="only these kinds (default all; e.g. to split the work over processes, then summarise "
+                        "their records together)")
     p.add_argument("--per-kind", type=int, default=300, help="questions per kind and setting (default 300)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.1])
     p.add_argument("--seed", type=int, default=2020, help="digits test seed (default 2020: no test uses it)")
     p.add_argument("--max-new-tokens", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--records", nargs="*", default=[], metavar="FILE",
+                   help="further records.jsonl files to read (e.g. of processes that ran other kinds)")
+    p.add_argument("--summarise-only", action="store_true",
+                   help="run no model: summarise the questions whose records hold every method (a partial run "
+                        "reports fewer questions)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
@@ -133,14 +141,27 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     records_path = out / "records.jsonl"
     done = {}
-    if records_path.is_file():
-        for line in records_path.read_text().splitlines():
-            r = json.loads(line)
-            done[(r["setting"], r["kind"], r["index"])] = r
+    for path in [records_path, *map(Path, args.records)]:
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                r = json.loads(line)
+                key = (r["setting"], r["kind"], r["index"])
+                done[key] = {**done.get(key, {}), **r}
     needed = [f"{m}@{q:g}" for m in [INPUT, *compressors] for q in args.ratios]
+    if args.summarise_only:
+        rows = [r for (setting, kind, i), r in sorted(done.items()) if setting in args.settings and i < args.per_kind
+                and (not args.kinds or kind in args.kinds) and all(k in r for k in needed)]
+        table, summary = summarise(rows, list(compressors), args.ratios)
+        (out / "summary.md").write_text(table + "\n")
+        (out / "summary.json").write_text(json.dumps({"seed": args.seed, "per_kind": args.per_kind, "rows": summary},
+                                                     indent=1))
+        print(table)
+        return 0
     rows, t0 = [], time.perf_counter()
     for setting in args.settings:
         for kind, options in SETTINGS[setting]:
+            if args.kinds and kind not in args.kinds:
+                continue
             source = DigitsSource(split="test", seed=args.seed, n=args.per_kind, kinds=(kind,), **options)
             for i in range(len(source)):
                 r = done.get((setting, kind, i))
