@@ -133,3 +133,89 @@ def test_bad_options():
         CompressorConfig(normalize="zscore")
     with pytest.raises(ValueError, match="activation"):
         CompressorConfig(activation="tanhh")
+
+
+# -- issue 20: options beyond the paper (skip path, log input, edge padding) ------------------------------------
+def test_paper_config_is_section_4_1():
+    c = CompressorConfig.paper(in_channels=4)
+    assert (c.average_heads, c.normalize, c.padding, c.skip, c.kernel_size) == (True, "none", "zeros", False, 3)
+    assert c.channels == (32, 64, 128, 256, 512) and c.input_channels == 1
+    assert not hasattr(Compressor(c), "skip_gain")
+
+
+def test_untrained_skip_compressor_is_its_input():
+    """With the skip path the untrained f_θ is exactly the head-mean A_v^0 distribution (it ranks as layer0)."""
+    torch.manual_seed(0)
+    for normalize in ("log", "mean", "none"):
+        f = Compressor(in_channels=4, skip=True, normalize=normalize, padding="replicate")
+        a = _attn(4, 37, 5)
+        mean = a.mean(0)
+        torch.testing.assert_close(f(a), mean / mean.sum(), rtol=1e-5, atol=1e-7)
+        assert torch.equal(torch.argsort(f(a), descending=True), torch.argsort(mean, descending=True))
+
+
+def test_skip_gain_is_learned_and_saved(tmp_path):
+    torch.manual_seed(0)
+    f = Compressor(in_channels=4, skip=True, normalize="log", padding="reflect")
+    with torch.no_grad():
+        f.skip_gain.fill_(2.0)
+        f.head.weight.normal_()
+    f.save_pretrained(tmp_path / "f")
+    g = Compressor.from_pretrained(tmp_path / "f")
+    assert (g.config.skip, g.config.padding, g.config.normalize) == (True, "reflect", "log")
+    a = _attn(4, 20, 1)
+    torch.testing.assert_close(f(a), g(a))
+    assert g.skip_gain.tolist() == [2.0]
+
+
+def test_edge_index_hand_example():
+    from explainprune.compressor import edge_index
+
+    lengths = torch.tensor([4, 2])
+    # positions -1 .. 4 of a 4-long row (one pad each side); the 2-long row treats 2.. as beyond its end
+    assert edge_index(lengths, 4, 1, "replicate").tolist() == [[0, 0, 1, 2, 3, 3], [0, 0, 1, 1, 1, 1]]
+    assert edge_index(lengths, 4, 1, "reflect").tolist() == [[1, 0, 1, 2, 3, 2], [1, 0, 1, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("padding", ["replicate", "reflect"])
+def test_edge_padding_has_no_position_prior(padding):
+    """A constant input gives a uniform output: the sequence ends look like the middle (zero padding does
+    not: its ends see zeros, an absolute position prior that moves with the input size)."""
+    torch.manual_seed(0)
+    const = torch.full((4, 24), 1 / 24)
+    for pad in (padding, "zeros"):
+        torch.manual_seed(0)
+        f = Compressor(in_channels=4, padding=pad, normalize="log")
+        p = f(const)
+        if pad == "zeros":
+            assert float(p.max() - p.min()) > 1e-4
+        else:
+            torch.testing.assert_close(p, torch.full((24,), 1 / 24))
+
+
+@pytest.mark.parametrize("padding", ["replicate", "reflect"])
+def test_edge_padding_padded_batch_equals_alone(padding):
+    torch.manual_seed(0)
+    f = Compressor(in_channels=4, padding=padding, skip=True, normalize="log").eval()
+    with torch.no_grad():
+        f.head.weight.normal_()
+    lengths = [5, 13, 1, 2]
+    alone = [f(_attn(4, n, i)) for i, n in enumerate(lengths)]
+    batch = torch.full((4, 4, 13), 7.0)
+    mask = torch.zeros(4, 13, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        batch[i, :, :n] = _attn(4, n, i)
+        mask[i, :n] = True
+    out = f(batch, mask)
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(out[i, :n], alone[i], rtol=1e-5, atol=1e-7)
+        assert torch.all(out[i, n:] == 0)
+    with pytest.raises(ValueError, match="prefix"):
+        f(batch, mask.flip(-1))
+
+
+def test_log_normalisation_is_scale_free():
+    torch.manual_seed(0)
+    f = Compressor(in_channels=2, normalize="log", padding="replicate")
+    a = _attn(2, 30, 3)
+    torch.testing.assert_close(f(a), f(a * 123.0))

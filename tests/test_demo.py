@@ -28,6 +28,9 @@ def test_demo_end_to_end_and_resume(tmp_path, capsys):
         assert path.is_file() and path.stat().st_size > 0
         if path.suffix == ".png":
             assert min(Image.open(path).size) > 100
+    guard = result.train.guard  # f_θ compared with its own input on the validation split, best epoch kept
+    assert 0 <= guard["epoch"] <= config.epochs and set(guard) >= {"f_theta", "input", "beats_input", "message"}
+    assert guard["message"] in capsys.readouterr().out
     text = summary(result)
     assert "| learned | 25% |" in text and "report.md" in text
 

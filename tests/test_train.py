@@ -244,7 +244,6 @@ def test_training_defaults_are_the_papers(toy_labels, tmp_path, monkeypatch):
 def test_first_logged_loss_is_kl_target_to_prediction(toy_labels, tmp_path):
     """KL(R_v* || f_θ(A_v^0)) (Eq. 3), not the reverse: one batch per epoch, so the first logged loss is the
     loss of the initial model, recomputed here sample by sample from the paper's definition."""
-    from explainprune.compressor import CompressorConfig
     from explainprune.labels import load_records
 
     cfg = TrainConfig(epochs=1, **{**SMALL, "batch_size": 1000})
@@ -253,7 +252,7 @@ def test_first_logged_loss_is_kl_target_to_prediction(toy_labels, tmp_path):
     records = load_records(toy_labels)
     tr, _ = split(len(records), cfg.val_fraction, cfg.seed)
     torch.manual_seed(cfg.seed)
-    f = Compressor(CompressorConfig(in_channels=3, channels=cfg.channels)).eval()
+    f = Compressor(cfg.compressor_config(3, {})).eval()
     forward, reverse = [], []
     for i in tr:
         r = records[i].relevance.double()
@@ -280,3 +279,93 @@ def test_relevance_target_with_mostly_negative_relevance():
     torch.testing.assert_close(relevance_target(r), torch.full((4,), 0.25))
     # the least negative scores are the most relevant for ranking (select keeps the largest)
     assert topk_recall(torch.tensor([0.0, 1.0, 0.0, 0.0]), torch.tensor([-3.0, -0.1, -2.0, -4.0]), 0.25) == 1.0
+
+
+# -- issue 20: the guard (f_θ against its own input), presets ----------------------------------------------------
+def test_guard_metrics_hand_example():
+    from types import SimpleNamespace
+
+    from explainprune.guard import guard_metrics, kept_mass, region_kept
+
+    rel = torch.tensor([0.5, 0.0, 0.3, -1.0, 0.2, 0.0, 0.0, 0.0])  # R_v+ sums to 1.0
+    scores = torch.tensor([8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0])
+    assert kept_mass(scores, rel, 0.25) == pytest.approx(0.5)  # k = 2: tokens 0, 1
+    assert kept_mass(scores, rel, 0.5) == pytest.approx(0.8)  # k = 4: 0..3 (the negative counts as 0)
+    assert region_kept(scores, [1, 4], 0.25) == 0.5 and region_kept(scores, [4, 5], 0.5) == 0.0
+    recs = [SimpleNamespace(relevance=rel, region=[1, 4]), SimpleNamespace(relevance=rel, region=None)]
+    m = guard_metrics([scores, scores], recs, [0.5, 0.25])
+    assert m["mass@0.5"] == pytest.approx(0.8) and m["mass@0.25"] == pytest.approx(0.5)
+    assert m["region@0.5"] == 0.5 and m["region@0.25"] == 0.5  # the one record with a region
+    assert m["rank_score"] == pytest.approx(((0.8 + 0.5) / 2 + 0.5) / 2)
+
+
+class CopyLabeler:
+    """R_v = the head mean of A_v^0: nothing to learn beyond the input, so f_θ cannot beat it."""
+
+    def __call__(self, vlm, prompt, sample):
+        g = torch.Generator().manual_seed(int(sample.id[1:]))
+        a = torch.rand(3, prompt.num_visual, generator=g) ** 4 / prompt.num_visual
+        return LabelOutput(sample.answer, [1], True, a, a.mean(0))
+
+
+class NoRegionSource(ToySource):
+    def __getitem__(self, i):
+        return LabelSample(f"s{i}", "q", "a", images=(1, 4 + i % 3, 5))
+
+
+def test_guard_keeps_the_best_epoch_and_compares_with_the_input(toy_labels, tmp_path, capsys):
+    res = train(toy_labels, tmp_path / "run", TrainConfig(epochs=12, **SMALL), progress=False)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    best = max(log, key=lambda x: x["val_rank_score"])
+    # R_v is a smoothed head 0, which the head mean does not rank as well: f_θ learns to beat it
+    assert res.guard["beats_input"] and res.guard["epoch"] == best["epoch"]
+    assert res.guard["f_theta"]["rank_score"] == best["val_rank_score"] > res.guard["input"]["rank_score"]
+    assert res.metrics["kl"] == best["val_kl"]
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["guard"]["epoch"] == best["epoch"] and saved["guard"]["beats_input"] is True
+    err = capsys.readouterr().err
+    assert "guard: f_θ beats its input" in err and "warning" not in err
+    # the kept compressor is the best epoch's, not the last one's
+    kept = Compressor.from_pretrained(tmp_path / "run" / "compressor")
+    again = Compressor.from_pretrained(tmp_path / "run" / "best")
+    for k, v in kept.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k])
+
+
+def test_guard_warns_when_f_theta_does_not_beat_its_input(tmp_path, capsys):
+    labels = tmp_path / "labels"
+    label(FakeVLM(), NoRegionSource(32), labels, LabelConfig(shard_size=16), labeler=CopyLabeler(), progress=False)
+    res = train(labels, tmp_path / "run", TrainConfig(epochs=3, **SMALL), progress=False)
+    assert not res.guard["beats_input"]
+    assert res.guard["f_theta"]["rank_score"] <= res.guard["input"]["rank_score"]
+    # ranking by R_v itself keeps the most R_v mass at every ratio: no epoch can do better than epoch 0 (the input)
+    assert res.guard["epoch"] == 0 and res.guard["f_theta"] == res.guard["input"]
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "f_θ" in ln]
+    assert len(lines) == 1 and lines[0].startswith("warning: f_θ does not beat its own input")
+    # without the skip path nothing ranks as the input at epoch 0: the guard still keeps the best trained epoch
+    res = train(labels, tmp_path / "paper", TrainConfig(epochs=2, **{**SMALL, "skip": False}), progress=False)
+    assert res.guard["epoch"] in (1, 2) and not res.guard["beats_input"]
+
+
+def test_paper_preset_from_the_cli(toy_labels, tmp_path, monkeypatch):
+    import explainprune.train as train_module
+    from explainprune.cli.main import main
+
+    seen = {}
+
+    def fake_train(labels, out, config, resume=False, progress=True):
+        seen["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    with pytest.raises(SystemExit):
+        main(["train", "--labels", str(toy_labels), "--out", str(tmp_path / "p"), "--preset", "paper"])
+    c = seen["config"]
+    assert (c.average_heads, c.normalize, c.padding, c.skip, c.epochs) == (True, "none", "zeros", False, 100)
+    assert (c.batch_size, c.lr, c.channels) == (128, 1e-3, (32, 64, 128, 256, 512))
+    f = Compressor(c.compressor_config(4, {}))
+    assert f.config == Compressor(train_module.CompressorConfig.paper(in_channels=4)).config
+    with pytest.raises(SystemExit):
+        main(["train", "--labels", str(toy_labels), "--out", str(tmp_path / "p"), "--preset", "paper",
+              "--epochs", "7", "--padding", "replicate"])
+    assert (seen["config"].epochs, seen["config"].padding, seen["config"].skip) == (7, "replicate", False)

@@ -5,9 +5,17 @@ probability distribution over the N_v visual tokens (R̃_v = f_θ(A_v^0), Eq. 2)
 depthwise-separable layers (depthwise conv, kernel 3, then pointwise conv) with 32, 64, 128, 256, 512
 channels, an activation after each, a final pointwise conv to one channel and a softmax over the tokens.
 
-Padded batches: ``mask`` [B, N] (True = real token). Padding is zeroed before every convolution, so a
-real token sees exactly the zeros it would see at the sequence end alone (the convs pad with zeros), and
-padding gets zero probability. A sample gives the same output alone or inside a padded batch.
+Options beyond the paper (each off in ``CompressorConfig.paper()``, measured in docs/compressor.md):
+``normalize="log"`` (log of the mean-normalised input), ``padding="replicate"|"reflect"`` (no zeros at the
+sequence ends, so no absolute position prior that breaks on other sizes) and ``skip=True``: the logits are
+``gain * log(mean-normalised head-mean A_v^0) + g(x)`` with ``gain`` a learned scalar (initialised to 1) and
+the conv stack's last layer initialised to zero, so an untrained f_θ ranks exactly as its input (the
+``layer0`` pruner) and training learns a residual.
+
+Padded batches: ``mask`` [B, N] (True = real token, a prefix: right padding). With zero padding the
+padding is zeroed before every convolution, so a real token sees exactly the zeros it would see at the
+sequence end alone; with replicate / reflect padding each sample is padded from its own last real tokens.
+Padding gets zero probability. A sample gives the same output alone or inside a padded batch.
 
 Saved as ``config.json`` (options + the fingerprint of the model it was trained for) and
 ``model.safetensors``; loading never unpickles.
@@ -29,7 +37,9 @@ from explainprune.files import atomic_path, write_json_atomic  # write_json_atom
 
 FORMAT = "explainprune-compressor"
 FINGERPRINT_KEYS = ("model_type", "num_hidden_layers", "num_attention_heads", "hidden_size")
-NORMALIZERS = ("mean", "none")
+NORMALIZERS = ("mean", "log", "none")
+PADDINGS = ("zeros", "replicate", "reflect")
+EPS = 1e-6  # floor of the mean-normalised input under log (A_v^0 is a softmax: > 0 on real tokens)
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
@@ -40,7 +50,11 @@ class CompressorConfig:
     in_channels:   heads H of A_v^0 (ignored when ``average_heads``: then one channel)
     average_heads: average A_v^0 over heads first (input [1, N_v], works for any H)
     normalize:     "mean" divides each channel by its mean over the real tokens (scale-free input, so
-                   longer inputs, whose attention values are smaller, look alike); "none" feeds it raw
+                   longer inputs, whose attention values are smaller, look alike); "log": the log of that
+                   (floored at 1e-6); "none" feeds it raw (the paper)
+    padding:       how each conv pads the sequence ends: "zeros" (the paper), "replicate" or "reflect"
+    skip:          add gain * log(mean-normalised head-mean A_v^0) to the logits (gain learned, init 1; the
+                   last layer starts at zero, so the untrained f_θ ranks as its input)
     fingerprint:   the model it was trained for (``VLM.fingerprint()``), or empty for "any"
     """
 
@@ -50,7 +64,14 @@ class CompressorConfig:
     activation: str = "relu"
     average_heads: bool = False
     normalize: str = "mean"
+    padding: str = "zeros"
+    skip: bool = False
     fingerprint: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> CompressorConfig:
+        """Section 4.1 exactly: head-averaged A_v^0 as one raw channel, zero padding, no skip path."""
+        return cls(**{"average_heads": True, "normalize": "none", "padding": "zeros", "skip": False, **overrides})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -60,6 +81,8 @@ class CompressorConfig:
             raise ValueError(f"unknown activation {self.activation!r}; available: {', '.join(ACTIVATIONS)}")
         if self.normalize not in NORMALIZERS:
             raise ValueError(f"unknown normalize {self.normalize!r}; available: {', '.join(NORMALIZERS)}")
+        if self.padding not in PADDINGS:
+            raise ValueError(f"unknown padding {self.padding!r}; available: {', '.join(PADDINGS)}")
         if self.in_channels < 1 or not self.channels:
             raise ValueError("in_channels must be >= 1 and channels non-empty")
 
@@ -73,15 +96,41 @@ class CompressorConfig:
         return d
 
 
-class SeparableConv1d(nn.Module):
-    """Depthwise conv (kernel k, 'same' zero padding) then pointwise conv: [B, C_in, N] -> [B, C_out, N]."""
+def edge_index(lengths: Tensor, n: int, pad: int, mode: str) -> Tensor:
+    """[B, n + 2 pad] source positions of each sample padded by ``pad`` at both ends of its own length.
 
-    def __init__(self, c_in: int, c_out: int, kernel_size: int = 3):
+    ``mode`` "replicate" repeats the end tokens, "reflect" mirrors around them (as ``torch.nn.functional.pad``);
+    positions past a sample's length (batch padding) are treated as beyond its end.
+    """
+    j = torch.arange(-pad, n + pad, device=lengths.device).unsqueeze(0)  # [1, n + 2p]
+    last = (lengths - 1).clamp(min=0).unsqueeze(1)  # [B, 1]
+    if mode == "reflect":
+        j = torch.where(j < 0, -j, j)
+        j = torch.where(j > last, 2 * last - j, j)
+    return torch.minimum(j.clamp(min=0), last)
+
+
+class SeparableConv1d(nn.Module):
+    """Depthwise conv (kernel k, 'same' length) then pointwise conv: [B, C_in, N] -> [B, C_out, N].
+
+    ``padding`` "zeros" pads with zeros (the caller zeroes batch padding first); "replicate" / "reflect"
+    pad each sample from its own real tokens (``lengths`` [B] needed).
+    """
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, padding: str = "zeros"):
         super().__init__()
-        self.depthwise = nn.Conv1d(c_in, c_in, kernel_size, padding=kernel_size // 2, groups=c_in)
+        self.padding = padding
+        self.depthwise = nn.Conv1d(c_in, c_in, kernel_size, padding=kernel_size // 2 if padding == "zeros" else 0,
+                                   groups=c_in)
         self.pointwise = nn.Conv1d(c_in, c_out, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        if self.padding != "zeros":
+            b, c, n = x.shape
+            if lengths is None:
+                lengths = torch.full((b,), n, dtype=torch.long, device=x.device)
+            idx = edge_index(lengths, n, self.depthwise.kernel_size[0] // 2, self.padding)
+            x = torch.gather(x, 2, idx.unsqueeze(1).expand(b, c, idx.shape[1]))
         return self.pointwise(self.depthwise(x))
 
 
@@ -95,13 +144,18 @@ class Compressor(nn.Module):
         act = ACTIVATIONS[c.activation]
         widths = (c.input_channels, *c.channels)
         pairs = zip(widths[:-1], widths[1:], strict=True)
-        self.layers = nn.ModuleList(SeparableConv1d(a, b, c.kernel_size) for a, b in pairs)
+        self.layers = nn.ModuleList(SeparableConv1d(a, b, c.kernel_size, c.padding) for a, b in pairs)
         self.act = act()
         self.head = nn.Conv1d(widths[-1], 1, 1)
+        if c.skip:  # the untrained f_θ is its input's distribution: residual starts at exactly zero
+            self.skip_gain = nn.Parameter(torch.ones(1))
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     # -- forward ---------------------------------------------------------------------------------------
-    def _prepare(self, attention: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, bool]:
-        """Checks shapes; returns x [B, C, N] (float, normalised, padding zeroed), mask [B, N], single."""
+    def _prepare(self, attention: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+        """Checks shapes; returns x [B, C, N] (float, normalised, padding zeroed), mask [B, N], the skip
+        logits [B, N] (log of the mean-normalised head mean; None without ``skip``) and ``single``."""
         a = torch.as_tensor(attention)
         single = a.dim() == 2
         if single:
@@ -118,28 +172,41 @@ class Compressor(nn.Module):
             mask = mask.unsqueeze(0) if mask.dim() == 1 else mask
             if mask.shape != (b, n):
                 raise ValueError(f"mask must be [B, N_v] = {(b, n)}; got {tuple(mask.shape)}")
+            if self.config.padding != "zeros" and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+                raise ValueError("mask must mark a prefix of each row (right padding) with "
+                                 f"padding={self.config.padding!r}")
         if n == 0:
             raise ValueError("attention has no visual tokens (N_v = 0)")
-        if self.config.average_heads:
-            a = a.mean(1, keepdim=True)
-        elif h != self.config.in_channels:
+        if not self.config.average_heads and h != self.config.in_channels:
             raise ValueError(
                 f"this compressor takes A_v^0 with {self.config.in_channels} heads; got {h}. It was trained "
                 f"for another model (fingerprint {self.config.fingerprint or 'unset'})")
         m = mask.unsqueeze(1).to(a.dtype)
+        count = m.sum(-1, keepdim=True).clamp(min=1)
+        skip = None
+        if self.config.skip:
+            mean = a.mean(1, keepdim=True) * m
+            skip = (mean / (mean.sum(-1, keepdim=True) / count).clamp(min=1e-12)).clamp(min=EPS).log().squeeze(1)
+        if self.config.average_heads:
+            a = a.mean(1, keepdim=True)
         a = a * m
-        if self.config.normalize == "mean":
-            count = m.sum(-1, keepdim=True).clamp(min=1)
+        if self.config.normalize in ("mean", "log"):
             a = a / (a.sum(-1, keepdim=True) / count).clamp(min=1e-12)
-        return a, mask, single
+        if self.config.normalize == "log":
+            a = a.clamp(min=EPS).log() * m
+        return a, mask, skip, single
 
     def logits(self, attention: Tensor, mask: Tensor | None = None) -> Tensor:
         """Unnormalised scores [B, N_v] (padding = -inf); same leading shape rules as ``forward``."""
-        x, mask, single = self._prepare(attention, mask)
+        x, mask, skip, single = self._prepare(attention, mask)
         m = mask.unsqueeze(1).to(x.dtype)
+        lengths = mask.sum(-1)
         for layer in self.layers:
-            x = self.act(layer(x * m)) * m  # padding zeroed before each depthwise conv
-        z = self.head(x).squeeze(1).masked_fill(~mask, float("-inf"))
+            x = self.act(layer(x * m, lengths)) * m  # padding zeroed before each depthwise conv
+        z = self.head(x).squeeze(1)
+        if skip is not None:
+            z = z + self.skip_gain * skip
+        z = z.masked_fill(~mask, float("-inf"))
         return z.squeeze(0) if single else z
 
     def log_probs(self, attention: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -94,13 +94,15 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     totals = labels.totals or {}
     _say(f"   {totals.get('labeled')} labelled, {totals.get('skipped_wrong')} skipped (answered wrongly)")
 
-    _say(f"2/4 training the compressor f_θ for {config.epochs} epochs -> {out / 'compressor' / 'compressor'}")
+    _say(f"2/4 training the compressor f_θ for {config.epochs} epochs (skip path from the log head-mean A_v^0, "
+         f"replicate padding; the epoch that ranks best on validation is kept) -> {out / 'compressor' / 'compressor'}")
     t = time.perf_counter()
     resume = (out / "compressor" / "checkpoint.json").is_file()
     trained = train(out / "labels", out / "compressor", TrainConfig(epochs=config.epochs, seed=config.seed),
                     resume=resume, progress=config.progress)
     seconds["train"] = time.perf_counter() - t
     _say("   validation:\n" + trained.to_markdown())
+    _say(f"   {trained.guard['message']}")
 
     _say(f"3/4 evaluating {', '.join(config.methods)} at {config.ratios} on {config.eval_samples} test samples")
     t = time.perf_counter()

@@ -4,17 +4,21 @@ Targets R_v* (bottom 50% of R_v zeroed, divided by the sum), loss KL(R_v* || f_�
 with default settings, batch 128. Checkpoints every epoch (safetensors + JSON, nothing pickled); a
 resumed run equals an uninterrupted one (shuffling is seeded per epoch, Adam's state is restored).
 
-``out/``: log.jsonl (one line per epoch), checkpoint.json -> checkpoints/epoch-NNNN/, compressor/ (the
-final f_θ, for ``Compressor.from_pretrained`` and ``get_pruner("learned", compressor=...)``) and
-metrics.json (final validation metrics with the uniform / random / raw-attention baselines).
+``out/``: log.jsonl (one line per epoch), checkpoint.json -> checkpoints/epoch-NNNN/, best/ (the epoch the
+guard keeps, ``explainprune.guard``), compressor/ (the kept f_θ, for ``Compressor.from_pretrained`` and
+``get_pruner("learned", compressor=...)``) and metrics.json (its validation metrics with the uniform /
+random / raw-attention baselines and the guard's numbers).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +30,13 @@ from torch import Tensor
 from explainprune.compressor import Compressor, CompressorConfig
 from explainprune.errors import InputError
 from explainprune.files import atomic_path, write_json_atomic
+from explainprune.guard import Guard, guard_metrics, input_scores
 from explainprune.labels import LabelRecord, index_digest, load_records, read_index
 from explainprune.pruning.base import select
 
 RATIOS = (0.5, 0.25, 0.1)
+SELECT = ("guard", "last")
+LEGACY = {"normalize": "mean", "padding": "zeros", "skip": False, "select": "last"}  # runs saved before issue 20
 
 
 # -- the math ---------------------------------------------------------------------------------------------
@@ -181,13 +188,43 @@ class TrainConfig:
     drop: float = 0.5
     power: float = 1.0
     average_heads: bool = False
-    normalize: str = "mean"
+    normalize: str = "log"
     activation: str = "relu"
     channels: tuple[int, ...] = (32, 64, 128, 256, 512)
     ratios: tuple[float, ...] = RATIOS
+    padding: str = "replicate"
+    skip: bool = True
+    select: str = "guard"  # keep the epoch whose f_θ ranks best on validation ("last": the last epoch)
+
+    def __post_init__(self) -> None:
+        if self.select not in SELECT:
+            raise ValueError(f"unknown select {self.select!r}; available: {', '.join(SELECT)}")
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "ratios": list(self.ratios), "channels": list(self.channels)}
+
+    def compressor_config(self, in_channels: int, fingerprint: dict[str, Any]) -> CompressorConfig:
+        return CompressorConfig(in_channels=in_channels, channels=self.channels, average_heads=self.average_heads,
+                                normalize=self.normalize, activation=self.activation, padding=self.padding,
+                                skip=self.skip, fingerprint=fingerprint)
+
+
+# Named configurations (`explainprune train --preset NAME`); options given explicitly override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Section 4.1 exactly: head-averaged raw A_v^0 as one channel, zero padding, no skip, ~100 epochs
+    "paper": {"average_heads": True, "normalize": "none", "padding": "zeros", "skip": False, "epochs": 100},
+    # this project's default (docs/compressor.md): per-head log input, replicate padding, skip path
+    "default": {"average_heads": False, "normalize": "log", "padding": "replicate", "skip": True, "epochs": 100},
+    # the default before issue 20: per-head mean-normalised input, zero padding, no skip
+    "v1": {"average_heads": False, "normalize": "mean", "padding": "zeros", "skip": False, "epochs": 30},
+}
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """TrainConfig of the preset ``name`` with ``overrides`` on top."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    return TrainConfig(**{**PRESETS[name], **overrides})
 
 
 @dataclass
@@ -203,6 +240,7 @@ class TrainResult:
     metrics: dict[str, float]
     baselines: dict[str, dict[str, float]]
     config: dict[str, Any] = field(default_factory=dict)
+    guard: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -276,7 +314,7 @@ def _check_resume(out: Path, config: TrainConfig, resume: bool, labels: str = ""
     ptr = _read_json(out / "checkpoint.json")
     state = _read_json(out / ptr["dir"] / "state.json")
     saved = state["config"]
-    mine, defaults = config.to_json(), TrainConfig().to_json()
+    mine, defaults = config.to_json(), {**TrainConfig().to_json(), **LEGACY}
     diff = sorted(k for k in mine if k != "epochs" and saved.get(k, defaults[k]) != mine[k])
     if diff:
         raise InputError(f"cannot resume {out}: options differ from the saved run ({', '.join(diff)})")
@@ -286,35 +324,61 @@ def _check_resume(out: Path, config: TrainConfig, resume: bool, labels: str = ""
     return True
 
 
-def train(labels: str | Path, out: str | Path, config: TrainConfig = TrainConfig(), resume: bool = False,
-          progress: bool = True, device: str | torch.device = "cpu") -> TrainResult:
-    """Train f_θ on the label set ``labels`` into ``out`` on ``device``; returns the final validation numbers."""
+def read_labels(labels: str | Path | Sequence[str | Path]) -> tuple[list[LabelRecord], str, dict[str, Any]]:
+    """Records of one label directory or several (concatenated in order; e.g. several board sizes), the
+    digest that identifies them, and the model fingerprint (all directories must share it)."""
+    dirs = [labels] if isinstance(labels, (str, Path)) else list(labels)
+    if not dirs:
+        raise ValueError("no label directory given")
+    indexes = [read_index(d) for d in dirs]
+    fps = {json.dumps(ix.get("fingerprint"), sort_keys=True) for ix in indexes}
+    if len(fps) != 1:
+        raise ValueError(f"the label directories {', '.join(map(str, dirs))} come from different models")
+    records = [r for d in dirs for r in load_records(d)]
+    digests = [index_digest(ix) for ix in indexes]
+    digest = digests[0] if len(digests) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest()[:16]
+    return records, digest, indexes[0]["fingerprint"]
+
+
+def _evaluate(model: Compressor, val: list[LabelRecord], targets: list[Tensor], config: TrainConfig
+              ) -> tuple[dict[str, float], dict[str, float]]:
+    """(validation metrics, guard metrics) of ``model``."""
+    probs = predict(model, val, config.batch_size)
+    return score_metrics(probs, probs, val, targets, config.ratios), guard_metrics(probs, val, config.ratios)
+
+
+def train(labels: str | Path | Sequence[str | Path], out: str | Path, config: TrainConfig = TrainConfig(),
+          resume: bool = False, progress: bool = True, device: str | torch.device = "cpu") -> TrainResult:
+    """Train f_θ on the label set(s) ``labels`` into ``out`` on ``device``; returns the kept epoch's
+    validation numbers (``config.select``: the guard's best epoch, or the last)."""
     from tqdm.auto import tqdm
 
     out = Path(out)
-    index = read_index(labels)
-    records = load_records(labels)
+    records, digest, fingerprint = read_labels(labels)
     if len(records) < 2:
         raise ValueError(f"{labels} holds {len(records)} labelled samples; training needs at least 2")
     heads = {r.attention.shape[0] for r in records}
     if len(heads) != 1:
         raise ValueError(f"{labels} mixes A_v^0 with {sorted(heads)} heads (several models?)")
-    digest = index_digest(index)
     resuming = _check_resume(out, config, resume, digest)
     out.mkdir(parents=True, exist_ok=True)
     targets = [relevance_target(r.relevance, config.drop, config.power) for r in records]
     tr, va = split(len(records), config.val_fraction, config.seed)
     val_ids = va or tr
+    val, val_targets = [records[i] for i in val_ids], [targets[i] for i in val_ids]
     torch.manual_seed(config.seed)
-    model = Compressor(CompressorConfig(
-        in_channels=heads.pop(), channels=config.channels, average_heads=config.average_heads,
-        normalize=config.normalize, activation=config.activation, fingerprint=index["fingerprint"])).to(device)
+    model = Compressor(config.compressor_config(heads.pop(), fingerprint)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     start, spent = (_load_checkpoint(out, model, opt) if resuming else (0, 0.0))
     log_path = out / "log.jsonl"
     kept = [ln for ln in (log_path.read_text().splitlines() if resuming and log_path.is_file() else [])
             if json.loads(ln)["epoch"] <= start]
     log_path.write_text("".join(ln + "\n" for ln in kept))
+    baseline_guard = guard_metrics(input_scores(val), val, config.ratios)
+    best = _read_json(out / "best" / "best.json") if resuming and (out / "best" / "best.json").is_file() else None
+    if best is None and start == 0 and config.skip:  # epoch 0: the untrained f_θ ranks exactly as its input
+        metrics, gm = _evaluate(model, val, val_targets, config)
+        best = _keep_best(out, model, 0, metrics, gm)
     lengths = [records[i].attention.shape[-1] for i in tr]
     per_epoch = math.ceil(len(tr) / config.batch_size)
     bar = tqdm(total=(config.epochs - start) * per_epoch, unit="batch", disable=not progress, desc="train f_θ")
@@ -334,28 +398,43 @@ def train(labels: str | Path, out: str | Path, config: TrainConfig = TrainConfig
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.4f}", refresh=False)
         loss_avg = total / count
-        val = [records[i] for i in val_ids]
-        probs = predict(model, val, config.batch_size)
-        metrics = score_metrics(probs, probs, val, [targets[i] for i in val_ids], config.ratios)
+        metrics, gm = _evaluate(model, val, val_targets, config)
         line = {"epoch": epoch, "train_loss": loss_avg, **{f"val_{k}": v for k, v in metrics.items()},
-                "seconds": round(time.perf_counter() - t0, 3)}
+                **{f"val_{k}": v for k, v in gm.items()}, "seconds": round(time.perf_counter() - t0, 3)}
         with log_path.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
         bar.set_postfix(epoch=epoch, loss=f"{loss_avg:.4f}", val_kl=f"{metrics['kl']:.4f}", refresh=False)
+        if best is None or gm["rank_score"] > best["guard"]["rank_score"] or config.select == "last":
+            best = _keep_best(out, model, epoch, metrics, gm)
         _save_checkpoint(out, epoch, model, opt, config, time.perf_counter() - t0, digest)
     bar.close()
-    if not metrics:  # nothing left to train (resumed a finished run): evaluate the checkpoint
-        val = [records[i] for i in val_ids]
-        probs = predict(model, val, config.batch_size)
-        metrics = score_metrics(probs, probs, val, [targets[i] for i in val_ids], config.ratios)
-        last = [json.loads(ln) for ln in log_path.read_text().splitlines()]
-        loss_avg = last[-1]["train_loss"] if last else float("nan")
+    history = [json.loads(ln) for ln in log_path.read_text().splitlines()]
+    if best is None:  # nothing trained and nothing kept (resumed a finished run from before the guard)
+        best = _keep_best(out, model, start, *_evaluate(model, val, val_targets, config))
+    kept_model = Compressor.from_pretrained(out / "best", map_location=device)
     from explainprune.compressor_hub import training_info
 
-    model.eval().save_pretrained(out / "compressor", card=training_info(index, labels, out, config, metrics))
-    val = [records[i] for i in val_ids]
+    first = Path(labels if isinstance(labels, (str, Path)) else list(labels)[0])
+    index = json.loads((first / "index.json").read_text()) if (first / "index.json").is_file() else {}
+    shown = labels if isinstance(labels, (str, Path)) else " ".join(str(x) for x in labels)
+    kept_model.eval().save_pretrained(out / "compressor", card=training_info(index, shown, out, config,
+                                                                             best["metrics"]))
+    if history:
+        loss_avg = next((h["train_loss"] for h in history if h["epoch"] == best["epoch"]), history[-1]["train_loss"])
+    guard = Guard(best["epoch"], list(config.ratios), best["guard"], baseline_guard,
+                  [{"epoch": h["epoch"], "rank_score": h.get("val_rank_score")} for h in history])
     result = TrainResult(str(out), config.epochs, round(time.perf_counter() - t0, 3), len(tr), len(va), loss_avg,
-                         metrics, baseline_metrics(val, [targets[i] for i in val_ids], config.ratios, config.seed),
-                         config.to_json())
+                         best["metrics"], baseline_metrics(val, val_targets, config.ratios, config.seed),
+                         config.to_json(), guard.to_json())
     write_json_atomic(out / "metrics.json", result.to_json())
+    print(guard.message(), file=sys.stderr, flush=True)
     return result
+
+
+def _keep_best(out: Path, model: Compressor, epoch: int, metrics: dict[str, float],
+               gm: dict[str, float]) -> dict[str, Any]:
+    """Save ``model`` as out/best/ with best.json (epoch, validation and guard metrics); returns that record."""
+    record = {"epoch": epoch, "metrics": metrics, "guard": gm}
+    model.save_pretrained(out / "best")
+    write_json_atomic(out / "best" / "best.json", record)
+    return record
