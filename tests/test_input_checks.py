@@ -217,3 +217,11 @@ def test_lmms_task_out_not_writable_is_one_line(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"explainprune lmms-task: error: cannot write to --out {tmp_path / 'ro' / 't'} (Permission denied); "
         "choose a writable folder with free space"]
+
+
+def test_eval_skips_a_prompt_too_long_with_on_error_skip(short_context, tmp_path):
+    """--on-error skip: the too-long sample is listed as skipped and the run goes on (it stopped before)."""
+    man = ManifestSource(_manifest(tmp_path, [_row(), _row(id="b")]))
+    report = run_eval(short_context, man, EvalConfig(methods=("vanilla",), ratios=(0.5,), progress=False,
+                                                     warmup=False), on_error="skip")
+    assert [e["id"] for e in report.skipped] == ["a", "b"] and "the prompt is" in report.skipped[0]["error"]

@@ -313,6 +313,7 @@ def run_eval(vlm: Any, samples: Any, config: EvalConfig | None = None, *, model_
             i = loaded.key
             try:
                 sample = loaded.result()
+                prompt = _prepare(vlm, sample)  # a prompt too long for the model: an InputError naming it
             except InputError as err:
                 if on_error == "stop":
                     raise
@@ -322,7 +323,6 @@ def run_eval(vlm: Any, samples: Any, config: EvalConfig | None = None, *, model_
                     _append(fh, done[i])
                 bar.update(1)
                 continue
-            prompt = _prepare(vlm, sample)
             mine: list[SampleRecord] = []
             for label, pruner in pruners:
                 with shared_scores(pruner) as scores:

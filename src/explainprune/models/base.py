@@ -365,9 +365,12 @@ class VLM:
 
 
 def to_pil(x: Any) -> Image.Image:
-    """An RGB PIL image from a PIL image or an array (HWC or CHW; uint8, or floats in [0, 1] or [0, 255])."""
+    """An RGB PIL image from a PIL image (16-bit and float modes scaled to 8 bits, as ``images.to_rgb``) or an
+    array (HWC or CHW; uint8, or floats in [0, 1] or [0, 255])."""
     if isinstance(x, Image.Image):
-        return x.convert("RGB")
+        from explainprune.images import to_rgb
+
+        return to_rgb(x)
     arr = np.asarray(x)
     if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
         arr = arr.transpose(1, 2, 0)

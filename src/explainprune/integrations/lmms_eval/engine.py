@@ -65,6 +65,7 @@ def split_visuals(visuals: Any, max_frames: int = 8) -> tuple[list[Image.Image],
     evenly spaced frames, ``explainprune.sources.read_video``), HWC arrays (an image) and THWC arrays
     (a video's frames). At most one video per request (the adapters take one).
     """
+    from explainprune.images import open_image, to_rgb
     from explainprune.sources import read_video
 
     images: list[Image.Image] = []
@@ -77,13 +78,13 @@ def split_visuals(visuals: Any, max_frames: int = 8) -> tuple[list[Image.Image],
             for x in v:
                 add(x)
         elif isinstance(v, Image.Image):
-            images.append(v.convert("RGB"))
+            images.append(to_rgb(v))
         elif isinstance(v, (str, Path)):
             suffix = Path(v).suffix.lower()
             if suffix in VIDEO_SUFFIXES:
                 videos.append(read_video(v, max_frames))
             elif suffix in IMAGE_SUFFIXES:
-                images.append(Image.open(v).convert("RGB"))
+                images.append(open_image(v))  # EXIF orientation, 16-bit scaled, animations refused
             else:
                 raise ValueError(f"visual {str(v)!r}: not an image ({', '.join(IMAGE_SUFFIXES)}) or a video file "
                                  f"({', '.join(VIDEO_SUFFIXES)})")
