@@ -75,17 +75,3 @@ def no_model(monkeypatch):
     monkeypatch.setattr(explainprune, "load", refuse)
     monkeypatch.setattr(explainprune.models, "load", refuse)
 
-
-def image_manifest(folder, n: int):
-    """A manifest of ``n`` random images (``folder/m.jsonl``, each asking row 1 column 2, answer 7)."""
-    import json
-
-    from explainprune.testing import random_image
-
-    rows = []
-    for i in range(n):
-        random_image(i).save(folder / f"{i}.png")
-        rows.append({"id": f"s{i}", "question": "what digit is in row 1 column 2 ?", "answer": "7",
-                     "image": f"{i}.png"})
-    (folder / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder / "m.jsonl"

@@ -19,10 +19,10 @@ import torch
 
 import explainprune
 import explainprune.models
-from conftest import image_manifest
 from explainprune.cli.main import main
 from explainprune.labels import LabelConfig, label, read_index
 from explainprune.outdir import LOCK_NAME, out_lock
+from explainprune.testing import image_manifest
 from test_labels import FakeVLM, SyntheticSource, synthetic_labeler  # tests/ is on sys.path (its conftest.py)
 
 SRC = str(Path(explainprune.__file__).resolve().parent.parent)

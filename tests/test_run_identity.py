@@ -11,12 +11,11 @@ import pytest
 
 import explainprune
 import explainprune.models
-from conftest import image_manifest
 from explainprune.cli.main import main
 from explainprune.errors import InputError
 from explainprune.identity import config_fingerprint, differences, model_identity, vlm_identity
 from explainprune.labels import LabelConfig, ManifestSource, label
-from explainprune.testing import tiny_qwen2_vl
+from explainprune.testing import image_manifest, tiny_qwen2_vl
 
 
 @pytest.fixture(scope="module")

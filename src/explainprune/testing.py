@@ -261,3 +261,17 @@ def script_module(path: str | Path, name: str):
     module = sys.modules[name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def image_manifest(folder: str | Path, n: int) -> Path:
+    """A manifest of ``n`` random images (``folder/m.jsonl``, each asking row 1 column 2, answer 7)."""
+    import json
+
+    folder = Path(folder)
+    rows = []
+    for i in range(n):
+        random_image(i).save(folder / f"{i}.png")
+        rows.append({"id": f"s{i}", "question": "what digit is in row 1 column 2 ?", "answer": "7",
+                     "image": f"{i}.png"})
+    (folder / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "m.jsonl"
