@@ -2,9 +2,10 @@
 
 Scores = the head-averaged first-layer attention from the instruction tokens to each visual token
 (``first_layer_attention(vlm, prompt).mean(0)``), exactly the quantity the compressor reads, with no
-network on top. (The shipped compressor configuration takes A_v^0 per head, each head divided by its mean
-over the visual tokens (``CompressorConfig.normalize="mean"``), not this head mean; the ranking here uses
-the plain head mean.) Same cost as ``learned`` minus f_θ: Eq. 5 only. Works on every supported family.
+network on top. The default f_θ (``train --preset default``) adds a skip path from the log of this head mean to
+its output logits, so an untrained f_θ ranks exactly as this pruner and training learns a residual on top;
+``train``'s guard compares the two on the validation split (docs/compressor.md). Same cost as ``learned``
+minus f_θ: Eq. 5 only. Works on every supported family.
 """
 
 from __future__ import annotations
