@@ -411,7 +411,7 @@ def train(labels: str | Path | Sequence[str | Path], out: str | Path, config: Tr
     history = [json.loads(ln) for ln in log_path.read_text().splitlines()]
     if best is None:  # nothing trained and nothing kept (resumed a finished run from before the guard)
         best = _keep_best(out, model, start, *_evaluate(model, val, val_targets, config))
-    kept_model = Compressor.from_pretrained(out / "best", map_location=device)
+    kept_model = Compressor.from_pretrained(out / "best")  # on the CPU: only saved (any device's run alike)
     from explainprune.compressor_hub import training_info
 
     first = Path(labels if isinstance(labels, (str, Path)) else list(labels)[0])
