@@ -100,6 +100,16 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], ratios: list[float
     return "\n".join(lines), out
 
 
+def write_summary(out: Path, rows: list[dict], compressors: list[str], args: argparse.Namespace) -> int:
+    """summary.md / summary.json of the paired table over ``rows``, printed too."""
+    table, summary = summarise(rows, compressors, args.ratios)
+    (out / "summary.md").write_text(table + "\n")
+    (out / "summary.json").write_text(json.dumps({"seed": args.seed, "per_kind": args.per_kind, "rows": summary},
+                                                 indent=1))
+    print(table)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="demo")
@@ -151,12 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarise_only:
         rows = [r for (setting, kind, i), r in sorted(done.items()) if setting in args.settings and i < args.per_kind
                 and (not args.kinds or kind in args.kinds) and all(k in r for k in needed)]
-        table, summary = summarise(rows, list(compressors), args.ratios)
-        (out / "summary.md").write_text(table + "\n")
-        (out / "summary.json").write_text(json.dumps({"seed": args.seed, "per_kind": args.per_kind, "rows": summary},
-                                                     indent=1))
-        print(table)
-        return 0
+        return write_summary(out, rows, list(compressors), args)
     rows, t0 = [], time.perf_counter()
     for setting in args.settings:
         for kind, options in SETTINGS[setting]:
@@ -174,12 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(r)
             print(f"{setting} {kind}: {args.per_kind} questions ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
                   flush=True)
-    table, summary = summarise(rows, list(compressors), args.ratios)
-    (out / "summary.md").write_text(table + "\n")
-    (out / "summary.json").write_text(json.dumps({"seed": args.seed, "per_kind": args.per_kind, "rows": summary},
-                                                 indent=1))
-    print(table)
-    return 0
+    return write_summary(out, rows, list(compressors), args)
 
 
 if __name__ == "__main__":

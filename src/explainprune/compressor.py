@@ -237,15 +237,15 @@ class Compressor(nn.Module):
         """Write ``model.safetensors``, ``config.json`` (with the weights' SHA-256) and ``README.md`` (the model
         card; ``card``: its ``base_model`` / ``labels`` / ``metrics`` / ``training``, default ``self.card``) to
         ``directory``, atomically file by file."""
-        from explainprune.compressor_hub import CARD, CHECKSUM_KEY, CONFIG, WEIGHTS, card_text, sha256_file
-        from explainprune.files import write_text_atomic
+        from explainprune.compressor_hub import CARD, CHECKSUM_KEY, CONFIG, WEIGHTS, card_text
+        from explainprune.files import file_sha256, write_text_atomic
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         with atomic_path(d / WEIGHTS) as tmp:
             save_file(tensors, str(tmp), metadata={"format": FORMAT})
-            digest = sha256_file(tmp)
+            digest = file_sha256(tmp)
         config = {"format": FORMAT, "version": 1, **self.config.to_json(), CHECKSUM_KEY: digest}
         write_json_atomic(d / CONFIG, config)
         info = card if card is not None else getattr(self, "card", None)
@@ -272,7 +272,8 @@ class Compressor(nn.Module):
         """Load a compressor written by ``save_pretrained`` (JSON + safetensors; nothing is unpickled) from a
         folder, or from a hub id ``org/name`` at ``revision``, found as checkpoints are (the hub cache offline).
         The weights are checked against the SHA-256 in config.json (folders saved before it had none)."""
-        from explainprune.compressor_hub import CHECKSUM_KEY, locate, read_card, sha256_file
+        from explainprune.compressor_hub import CHECKSUM_KEY, locate, read_card
+        from explainprune.files import file_sha256
 
         cfg_file, weights, card_file = locate(directory, revision)
         d = weights.parent
@@ -296,7 +297,7 @@ class Compressor(nn.Module):
             raise InputError(f"cannot read the weights ({type(err).__name__}: {err})", file=weights,
                              hint="the compressor folder is damaged: train it again or copy it anew") from None
         if expected is not None:  # folders saved before the checksum existed have none
-            found = sha256_file(weights)
+            found = file_sha256(weights)
             if not isinstance(expected, str) or found != expected.lower():
                 raise InputError(f"does not match the SHA-256 in {cfg_file.name} (expected {str(expected)[:16]}..., "
                                  f"found {found[:16]}...): the weights changed after they were saved",

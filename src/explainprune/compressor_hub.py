@@ -11,22 +11,12 @@ finds the files as checkpoints are found (``models.hub.checkpoint_file``: from t
 
 from __future__ import annotations
 
-import hashlib
 import shlex
 from pathlib import Path
 from typing import Any
 
 CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
 CHECKSUM_KEY = "weights_sha256"
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def locate(source: str | Path, revision: str | None = None) -> tuple[Path, Path, Path | None]:

@@ -9,6 +9,7 @@ file gets (0666 minus the umask; some writers such as safetensors create 0600 fi
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -113,3 +114,12 @@ def check_out_file(path: str | Path, flag: str = "--out") -> Path:
         raise InputError(f"{flag} {path} is a folder, not a file name", hint="give a file name such as fig.png")
     check_out_dir(path.parent if str(path.parent) else Path("."), flag=f"the folder of {flag}")
     return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (label shards, compressor weights)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from explainprune.errors import InputError
-from explainprune.files import atomic_path, file_stamp, write_text_atomic
+from explainprune.files import atomic_path, file_sha256, file_stamp, write_text_atomic  # noqa: F401
 
 META_KEY = b"explainprune"
 
@@ -59,14 +59,6 @@ def shard_meta(path: Path) -> dict[str, Any]:
     except (pa.ArrowException, OSError, KeyError, TypeError) as err:
         raise InputError(f"not a readable label shard ({err})", file=path,
                          hint="delete it and rerun `explainprune label` with the same arguments to redo it") from None
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard_ok(path: Path) -> bool:
