@@ -299,6 +299,37 @@ def test_guard_metrics_hand_example():
     assert m["rank_score"] == pytest.approx(((0.8 + 0.5) / 2 + 0.5) / 2)
 
 
+def test_guard_groups_by_kind_and_size_and_names_the_groups_where_f_theta_is_behind():
+    from types import SimpleNamespace
+
+    from explainprune.guard import MIN_GROUP, Guard, by_group, group_of
+
+    def rec(kind, n, hot):
+        rel = torch.zeros(n)
+        rel[hot] = 1.0
+        return SimpleNamespace(kind=kind, attention=torch.ones(2, n), relevance=rel, region=None)
+
+    recs = [rec("rowcol", 8, 0), rec("rowcol", 8, 1), rec("video", 16, 2)]
+    assert [group_of(r) for r in recs] == ["rowcol/8", "rowcol/8", "video/16"]
+    scores = [torch.arange(8.0).flip(0), torch.arange(8.0).flip(0), torch.arange(16.0).flip(0)]
+    g = by_group(scores, recs, [0.25])  # k = 2 of 8 keeps tokens 0, 1 (both hot tokens); k = 4 of 16 keeps 0..3
+    assert g["rowcol/8"] == {"n": 2, "mass@0.25": 1.0, "rank_score": 1.0} and g["video/16"]["mass@0.25"] == 1.0
+
+    base = {"rank_score": 0.5}
+    big = MIN_GROUP
+    guard = Guard(3, [0.25], {"rank_score": 0.6}, base, groups={
+        "rowcol/64": {"n": big, "f_theta": 0.7, "input": 0.5},
+        "rowcol/256": {"n": big, "f_theta": 0.4, "input": 0.5},
+        "video/512": {"n": big - 1, "f_theta": 0.1, "input": 0.5}})  # too few samples to be named
+    assert guard.beats_input and guard.behind() == ["rowcol/256"]
+    msg = guard.message()
+    assert msg.startswith("warning: f_θ beats its input overall but not everywhere")
+    assert f"rowcol/256 (0.4000 vs 0.5000, {big} samples)" in msg and "video/512" not in msg
+    assert guard.to_json()["behind"] == ["rowcol/256"]
+    one = Guard(3, [0.25], {"rank_score": 0.6}, base, groups={"all/64": {"n": big, "f_theta": 0.1, "input": 0.5}})
+    assert one.behind() == [] and one.message().startswith("guard: f_θ beats its input")
+
+
 class CopyLabeler:
     """R_v = the head mean of A_v^0: nothing to learn beyond the input, so f_θ cannot beat it."""
 
@@ -321,6 +352,9 @@ def test_guard_keeps_the_best_epoch_and_compares_with_the_input(toy_labels, tmp_
     assert res.guard["beats_input"] and res.guard["epoch"] == best["epoch"]
     assert res.guard["f_theta"]["rank_score"] == best["val_rank_score"] > res.guard["input"]["rank_score"]
     assert res.metrics["kl"] == best["val_kl"]
+    # per group (kind and size) of the validation split: the kept epoch's and the input's rank scores
+    assert sum(v["n"] for v in res.guard["groups"].values()) == res.val_samples
+    assert {g: v["f_theta"] for g, v in res.guard["groups"].items()} == best["val_groups"]
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["guard"]["epoch"] == best["epoch"] and saved["guard"]["beats_input"] is True
     err = capsys.readouterr().err

@@ -30,7 +30,7 @@ from torch import Tensor
 from explainprune.compressor import Compressor, CompressorConfig
 from explainprune.errors import InputError
 from explainprune.files import atomic_path, write_json_atomic
-from explainprune.guard import Guard, guard_metrics, input_scores
+from explainprune.guard import Guard, by_group, guard_metrics, input_scores
 from explainprune.labels import LabelRecord, index_digest, load_records, read_index
 from explainprune.pruning.base import select
 
@@ -341,10 +341,12 @@ def read_labels(labels: str | Path | Sequence[str | Path]) -> tuple[list[LabelRe
 
 
 def _evaluate(model: Compressor, val: list[LabelRecord], targets: list[Tensor], config: TrainConfig
-              ) -> tuple[dict[str, float], dict[str, float]]:
-    """(validation metrics, guard metrics) of ``model``."""
+              ) -> tuple[dict[str, float], dict[str, Any]]:
+    """(validation metrics, guard metrics) of ``model``; the guard's ``groups``: rank score per group."""
     probs = predict(model, val, config.batch_size)
-    return score_metrics(probs, probs, val, targets, config.ratios), guard_metrics(probs, val, config.ratios)
+    groups = {g: m["rank_score"] for g, m in by_group(probs, val, config.ratios).items()}
+    return score_metrics(probs, probs, val, targets, config.ratios), {
+        **guard_metrics(probs, val, config.ratios), "groups": groups}
 
 
 def train(labels: str | Path | Sequence[str | Path], out: str | Path, config: TrainConfig = TrainConfig(),
@@ -375,6 +377,7 @@ def train(labels: str | Path | Sequence[str | Path], out: str | Path, config: Tr
             if json.loads(ln)["epoch"] <= start]
     log_path.write_text("".join(ln + "\n" for ln in kept))
     baseline_guard = guard_metrics(input_scores(val), val, config.ratios)
+    baseline_groups = by_group(input_scores(val), val, config.ratios)
     best = _read_json(out / "best" / "best.json") if resuming and (out / "best" / "best.json").is_file() else None
     if best is None and start == 0 and config.skip:  # epoch 0: the untrained f_θ ranks exactly as its input
         metrics, gm = _evaluate(model, val, val_targets, config)
@@ -421,8 +424,11 @@ def train(labels: str | Path | Sequence[str | Path], out: str | Path, config: Tr
                                                                              best["metrics"]))
     if history:
         loss_avg = next((h["train_loss"] for h in history if h["epoch"] == best["epoch"]), history[-1]["train_loss"])
+    kept_groups = best["guard"].pop("groups", {})
+    groups = {g: {"n": m["n"], "f_theta": kept_groups[g], "input": m["rank_score"]}
+              for g, m in baseline_groups.items() if g in kept_groups}
     guard = Guard(best["epoch"], list(config.ratios), best["guard"], baseline_guard,
-                  [{"epoch": h["epoch"], "rank_score": h.get("val_rank_score")} for h in history])
+                  [{"epoch": h["epoch"], "rank_score": h.get("val_rank_score")} for h in history], groups)
     result = TrainResult(str(out), config.epochs, round(time.perf_counter() - t0, 3), len(tr), len(va), loss_avg,
                          best["metrics"], baseline_metrics(val, val_targets, config.ratios, config.seed),
                          config.to_json(), guard.to_json())
