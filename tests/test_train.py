@@ -299,35 +299,48 @@ def test_guard_metrics_hand_example():
     assert m["rank_score"] == pytest.approx(((0.8 + 0.5) / 2 + 0.5) / 2)
 
 
-def test_guard_groups_by_kind_and_size_and_names_the_groups_where_f_theta_is_behind():
+def test_guard_groups_by_kind_and_size_with_paired_margins():
     from types import SimpleNamespace
 
-    from explainprune.guard import MIN_GROUP, Guard, by_group, group_of
+    from explainprune.guard import compare_groups, group_of, sample_scores
 
-    def rec(kind, n, hot):
+    def rec(kind, n, hot, region=None):
         rel = torch.zeros(n)
         rel[hot] = 1.0
-        return SimpleNamespace(kind=kind, attention=torch.ones(2, n), relevance=rel, region=None)
+        return SimpleNamespace(kind=kind, attention=torch.ones(2, n), relevance=rel, region=region)
 
-    recs = [rec("rowcol", 8, 0), rec("rowcol", 8, 1), rec("video", 16, 2)]
+    recs = [rec("rowcol", 8, 0, [0, 7]), rec("rowcol", 8, 7, [7]), rec("video", 16, 2)]
     assert [group_of(r) for r in recs] == ["rowcol/8", "rowcol/8", "video/16"]
-    scores = [torch.arange(8.0).flip(0), torch.arange(8.0).flip(0), torch.arange(16.0).flip(0)]
-    g = by_group(scores, recs, [0.25])  # k = 2 of 8 keeps tokens 0, 1 (both hot tokens); k = 4 of 16 keeps 0..3
-    assert g["rowcol/8"] == {"n": 2, "mass@0.25": 1.0, "rank_score": 1.0} and g["video/16"]["mass@0.25"] == 1.0
+    down = [torch.arange(8.0).flip(0), torch.arange(8.0).flip(0), torch.arange(16.0).flip(0)]  # keeps the first
+    # k = 2 of 8 keeps tokens 0, 1; k = 4 of 16 keeps 0..3. Record 0: mass 1, region 1/2; record 1: 0, 0
+    assert sample_scores(down, recs, [0.25]) == [pytest.approx(0.75), 0.0, 1.0]
+    up = [torch.arange(8.0), torch.arange(8.0), torch.arange(16.0)]  # keeps the last
+    assert sample_scores(up, recs, [0.25]) == [pytest.approx(0.25), 1.0, 0.0]
+    g = compare_groups(sample_scores(up, recs, [0.25]), sample_scores(down, recs, [0.25]), recs)
+    assert list(g) == ["rowcol/8", "video/16"]
+    row = g["rowcol/8"]  # paired differences -0.5 and +1.0
+    assert row["n"] == 2 and row["f_theta"] == pytest.approx(0.625) and row["input"] == pytest.approx(0.375)
+    assert row["margin"] == pytest.approx(0.25) and row["se"] == pytest.approx((1.125 / 2) ** 0.5)
+    assert g["video/16"] == {"n": 1, "f_theta": 0.0, "input": 1.0, "margin": -1.0, "se": 0.0}
 
-    base = {"rank_score": 0.5}
-    big = MIN_GROUP
-    guard = Guard(3, [0.25], {"rank_score": 0.6}, base, groups={
-        "rowcol/64": {"n": big, "f_theta": 0.7, "input": 0.5},
-        "rowcol/256": {"n": big, "f_theta": 0.4, "input": 0.5},
-        "video/512": {"n": big - 1, "f_theta": 0.1, "input": 0.5}})  # too few samples to be named
+
+def test_guard_names_only_the_groups_behind_beyond_noise():
+    from explainprune.guard import MIN_GROUP, Guard, Z, is_behind
+
+    n = MIN_GROUP
+    behind = {"n": n, "f_theta": 0.4, "input": 0.5, "margin": -0.1, "se": 0.1 / Z - 1e-3}  # just past Z s.e.
+    noisy = {"n": n, "f_theta": 0.4, "input": 0.5, "margin": -0.1, "se": 0.1 / Z + 1e-3}  # within the noise
+    small = {"n": n - 1, "f_theta": 0.1, "input": 0.5, "margin": -0.4, "se": 0.0}  # too few samples to judge
+    assert is_behind(behind) and not is_behind(noisy) and not is_behind(small)
+    guard = Guard(3, [0.25], {"rank_score": 0.6}, {"rank_score": 0.5}, groups={
+        "rowcol/64": noisy, "rowcol/256": behind, "video/512": small})
     assert guard.beats_input and guard.behind() == ["rowcol/256"]
     msg = guard.message()
     assert msg.startswith("warning: f_θ beats its input overall but not everywhere")
-    assert f"rowcol/256 (0.4000 vs 0.5000, {big} samples)" in msg and "video/512" not in msg
+    assert f"rowcol/256 (0.4000 vs 0.5000, {n} samples)" in msg and "video/512" not in msg and "/64" not in msg
     assert guard.to_json()["behind"] == ["rowcol/256"]
-    one = Guard(3, [0.25], {"rank_score": 0.6}, base, groups={"all/64": {"n": big, "f_theta": 0.1, "input": 0.5}})
-    assert one.behind() == [] and one.message().startswith("guard: f_θ beats its input")
+    fine = Guard(3, [0.25], {"rank_score": 0.6}, {"rank_score": 0.5}, groups={"rowcol/64": noisy})
+    assert fine.behind() == [] and fine.message().startswith("guard: f_θ beats its input")
 
 
 class CopyLabeler:
@@ -345,7 +358,7 @@ class NoRegionSource(ToySource):
 
 
 def test_guard_keeps_the_best_epoch_and_compares_with_the_input(toy_labels, tmp_path, capsys):
-    res = train(toy_labels, tmp_path / "run", TrainConfig(epochs=12, **SMALL), progress=False)
+    res = train(toy_labels, tmp_path / "run", TrainConfig(epochs=12, select="guard", **SMALL), progress=False)
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     best = max(log, key=lambda x: x["val_rank_score"])
     # R_v is a smoothed head 0, which the head mean does not rank as well: f_θ learns to beat it
@@ -354,7 +367,8 @@ def test_guard_keeps_the_best_epoch_and_compares_with_the_input(toy_labels, tmp_
     assert res.metrics["kl"] == best["val_kl"]
     # per group (kind and size) of the validation split: the kept epoch's and the input's rank scores
     assert sum(v["n"] for v in res.guard["groups"].values()) == res.val_samples
-    assert {g: v["f_theta"] for g, v in res.guard["groups"].items()} == best["val_groups"]
+    assert {g: v["f_theta"] for g, v in res.guard["groups"].items()} == {g: v["f_theta"] for g, v in
+                                                                         best["val_groups"].items()}
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["guard"]["epoch"] == best["epoch"] and saved["guard"]["beats_input"] is True
     err = capsys.readouterr().err
@@ -364,6 +378,39 @@ def test_guard_keeps_the_best_epoch_and_compares_with_the_input(toy_labels, tmp_
     again = Compressor.from_pretrained(tmp_path / "run" / "best")
     for k, v in kept.state_dict().items():
         assert torch.equal(v, again.state_dict()[k])
+
+
+def test_selection_key_prefers_epochs_behind_on_no_group():
+    from explainprune.guard import MIN_GROUP, selection_key
+
+    ok = {"n": MIN_GROUP, "margin": -0.01, "se": 0.01}  # within noise
+    bad = {"n": MIN_GROUP, "margin": -0.05, "se": 0.01}  # behind
+    up = {"rank_score": 0.70, "groups": {"a/64": ok, "b/256": bad}}  # pooled better, behind on b/256
+    even = {"rank_score": 0.65, "groups": {"a/64": {**ok, "margin": 0.0, "se": 0.0}, "b/256": ok}}
+    assert selection_key(up) < selection_key(even)
+    assert selection_key(up, "guard") > selection_key(even, "guard")
+    assert selection_key(up) == (0.0, 0.70) and selection_key(even) == (1.0, 0.65)
+
+
+def test_groups_selection_keeps_the_best_epoch_behind_on_no_group(toy_labels, tmp_path):
+    from explainprune.guard import MIN_GROUP, compare_groups, input_scores, sample_scores, selection_key
+    from explainprune.train import read_labels, split
+
+    config = TrainConfig(epochs=6, **SMALL)
+    assert config.select == "groups"  # the default
+    res = train(toy_labels, tmp_path / "run", config, progress=False)
+    records = read_labels(toy_labels)[0]
+    val = [records[i] for i in split(len(records), config.val_fraction, config.seed)[1]]
+    inp = sample_scores(input_scores(val), val, config.ratios)
+    sizes = compare_groups(inp, inp, val)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    keys = {x["epoch"]: selection_key({"rank_score": x["val_rank_score"], "groups": {
+        g: {**v, "n": sizes[g]["n"]} for g, v in x["val_groups"].items()}}) for x in log}
+    keys[0] = (1.0, res.guard["input"]["rank_score"])  # epoch 0 ranks as the input (up to ties)
+    kept = res.guard["epoch"]
+    assert kept == max(keys, key=lambda e: (keys[e], -e)) or (kept == 0 and keys[0] >= max(keys.values()))
+    assert all(set(v) == {"f_theta", "margin", "se"} for x in log for v in x["val_groups"].values())
+    assert set(res.guard["groups"]) == set(sizes) and all(v["n"] < MIN_GROUP for v in sizes.values())
 
 
 def test_guard_warns_when_f_theta_does_not_beat_its_input(tmp_path, capsys):

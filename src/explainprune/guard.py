@@ -24,7 +24,8 @@ from torch import Tensor
 from explainprune.labels import LabelRecord
 from explainprune.pruning.base import select
 
-MIN_GROUP = 20  # validation samples a group needs before the guard names it (smaller ones are noise)
+MIN_GROUP = 10  # validation samples a group needs before the guard judges it (smaller ones are noise)
+Z = 2.0  # a group is behind when f_θ's mean paired margin over the input is below -Z standard errors
 
 
 def kept_mass(scores: Tensor, relevance: Tensor, ratio: float) -> float:
@@ -67,14 +68,50 @@ def group_of(record: LabelRecord) -> str:
     return f"{record.kind or 'sample'}/{record.attention.shape[-1]}"
 
 
-def by_group(scores: Sequence[Tensor], records: Sequence[LabelRecord], ratios: Sequence[float]
-             ) -> dict[str, dict[str, float]]:
-    """``guard_metrics`` per group (``group_of``), with ``n`` the group's sample count; groups sorted."""
-    groups: dict[str, list[int]] = {}
+def sample_scores(scores: Sequence[Tensor], records: Sequence[LabelRecord], ratios: Sequence[float]) -> list[float]:
+    """Each record's own rank score: its mean mass@r over the ratios, averaged with its mean region@r when it
+    has a region (so a group's mean is its ``rank_score`` when all or none of its records have regions)."""
+    out = []
+    for s, rec in zip(scores, records, strict=True):
+        mass = sum(kept_mass(s, rec.relevance, r) for r in ratios) / len(ratios)
+        out.append((mass + sum(region_kept(s, rec.region, r) for r in ratios) / len(ratios)) / 2 if rec.region
+                   else mass)
+    return out
+
+
+def compare_groups(mine: Sequence[float], theirs: Sequence[float], records: Sequence[LabelRecord]
+                   ) -> dict[str, dict[str, float]]:
+    """Per group (``group_of``, sorted): ``n``, the mean per-sample rank score of f_θ (``f_theta``) and of the
+    input (``input``), the paired ``margin`` mean(f_θ − input) and its standard error ``se``."""
+    ids: dict[str, list[int]] = {}
     for i, rec in enumerate(records):
-        groups.setdefault(group_of(rec), []).append(i)
-    return {g: {"n": len(ids), **guard_metrics([scores[i] for i in ids], [records[i] for i in ids], ratios)}
-            for g, ids in sorted(groups.items())}
+        ids.setdefault(group_of(rec), []).append(i)
+    out = {}
+    for g, idx in sorted(ids.items()):
+        d = [mine[i] - theirs[i] for i in idx]
+        n = len(d)
+        mean = sum(d) / n
+        var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+        out[g] = {"n": n, "f_theta": sum(mine[i] for i in idx) / n, "input": sum(theirs[i] for i in idx) / n,
+                  "margin": mean, "se": (var / n) ** 0.5}
+    return out
+
+
+def is_behind(group: dict[str, float]) -> bool:
+    """A group of at least ``MIN_GROUP`` samples where f_θ ranks worse than its input by more than ``Z``
+    standard errors of the paired margin (a paired test at about the 5% level)."""
+    return group["n"] >= MIN_GROUP and group["margin"] + Z * group["se"] < 0
+
+
+def selection_key(guard: dict[str, Any], how: str = "groups") -> tuple[float, ...]:
+    """What the guard maximises over epochs; ``guard``: an epoch's guard metrics (``rank_score``, ``groups``
+    from ``compare_groups``). ``"guard"``: the pooled rank score. ``"groups"``: first whether no group is
+    behind the input (``is_behind``), then the pooled rank score: the best epoch among those that rank no
+    worse than the input on any kind and size (epoch 0, the input itself, always qualifies)."""
+    if how == "guard":
+        return (guard["rank_score"],)
+    behind = any(is_behind(g) for g in guard.get("groups", {}).values())
+    return (0.0 if behind else 1.0, guard["rank_score"])
 
 
 def group_guard(compressor: Any, records: Sequence[LabelRecord], ratios: Sequence[float]
@@ -85,16 +122,22 @@ def group_guard(compressor: Any, records: Sequence[LabelRecord], ratios: Sequenc
     with torch.no_grad():
         mine = [compressor(rec.attention) for rec in records]
     theirs = input_scores(records)
-    a, b = by_group(mine, records, ratios), by_group(theirs, records, ratios)
-    out = [(g, int(a[g].pop("n")), a[g], {k: v for k, v in b[g].items() if k != "n"}) for g in a]
+    ids: dict[str, list[int]] = {}
+    for i, rec in enumerate(records):
+        ids.setdefault(group_of(rec), []).append(i)
+    out = []
+    for g, idx in sorted(ids.items()):
+        sub = [records[i] for i in idx]
+        out.append((g, len(idx), guard_metrics([mine[i] for i in idx], sub, ratios),
+                    guard_metrics([theirs[i] for i in idx], sub, ratios)))
     return out + [("all", len(records), guard_metrics(mine, records, ratios), guard_metrics(theirs, records, ratios))]
 
 
 @dataclass
 class Guard:
-    """The kept epoch's guard numbers beside the input's (``epoch`` 0 = the untrained f_θ); ``groups``: the
-    rank score of both per group of validation samples (``group_of``: kind and number of visual tokens),
-    ``{group: {"n", "f_theta", "input"}}``."""
+    """The kept epoch's guard numbers beside the input's (``epoch`` 0 = the untrained f_θ); ``groups``: both
+    per group of validation samples (``group_of``: kind and number of visual tokens), as ``compare_groups``
+    gives them: ``{group: {"n", "f_theta", "input", "margin", "se"}}``."""
 
     epoch: int
     ratios: list[float]
@@ -108,11 +151,8 @@ class Guard:
         return self.f_theta["rank_score"] > self.input["rank_score"]
 
     def behind(self) -> list[str]:
-        """The groups of at least ``MIN_GROUP`` samples where f_θ ranks worse than its input (only when
-        there are several groups)."""
-        if len(self.groups) < 2:
-            return []
-        return [g for g, v in self.groups.items() if v["f_theta"] < v["input"] and v["n"] >= MIN_GROUP]
+        """The groups where f_θ ranks worse than its input beyond noise (``is_behind``)."""
+        return [g for g, v in self.groups.items() if is_behind(v)]
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "beats_input": self.beats_input, "behind": self.behind(), "message": self.message()}

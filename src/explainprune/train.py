@@ -30,12 +30,12 @@ from torch import Tensor
 from explainprune.compressor import Compressor, CompressorConfig
 from explainprune.errors import InputError
 from explainprune.files import atomic_path, write_json_atomic
-from explainprune.guard import Guard, by_group, guard_metrics, input_scores
+from explainprune.guard import Guard, compare_groups, guard_metrics, input_scores, sample_scores, selection_key
 from explainprune.labels import LabelRecord, index_digest, load_records, read_index
 from explainprune.pruning.base import select
 
 RATIOS = (0.5, 0.25, 0.1)
-SELECT = ("guard", "last")
+SELECT = ("groups", "guard", "last")
 LEGACY = {"normalize": "mean", "padding": "zeros", "skip": False, "select": "last"}  # runs saved before issue 20
 
 
@@ -194,7 +194,9 @@ class TrainConfig:
     ratios: tuple[float, ...] = RATIOS
     padding: str = "replicate"
     skip: bool = True
-    select: str = "guard"  # keep the epoch whose f_θ ranks best on validation ("last": the last epoch)
+    # the epoch kept: "groups" (best worst-group margin over the input on validation, then the pooled rank
+    # score), "guard" (the pooled rank score) or "last"
+    select: str = "groups"
 
     def __post_init__(self) -> None:
         if self.select not in SELECT:
@@ -340,13 +342,16 @@ def read_labels(labels: str | Path | Sequence[str | Path]) -> tuple[list[LabelRe
     return records, digest, indexes[0]["fingerprint"]
 
 
-def _evaluate(model: Compressor, val: list[LabelRecord], targets: list[Tensor], config: TrainConfig
-              ) -> tuple[dict[str, float], dict[str, Any]]:
-    """(validation metrics, guard metrics) of ``model``; the guard's ``groups``: rank score per group."""
+def _evaluate(model: Compressor, val: list[LabelRecord], targets: list[Tensor], config: TrainConfig,
+              input_samples: list[float]) -> tuple[dict[str, float], dict[str, Any]]:
+    """(validation metrics, guard metrics) of ``model``; the guard's ``groups``: per group of validation samples
+    (kind and size) f_θ's rank score and its paired margin over the input (``input_samples``: the input's
+    per-sample rank scores), ``guard.compare_groups``."""
     probs = predict(model, val, config.batch_size)
-    groups = {g: m["rank_score"] for g, m in by_group(probs, val, config.ratios).items()}
+    groups = compare_groups(sample_scores(probs, val, config.ratios), input_samples, val)
     return score_metrics(probs, probs, val, targets, config.ratios), {
-        **guard_metrics(probs, val, config.ratios), "groups": groups}
+        **guard_metrics(probs, val, config.ratios),
+        "groups": {g: {k: v[k] for k in ("f_theta", "margin", "se")} for g, v in groups.items()}}
 
 
 def train(labels: str | Path | Sequence[str | Path], out: str | Path, config: TrainConfig = TrainConfig(),
@@ -377,10 +382,11 @@ def train(labels: str | Path | Sequence[str | Path], out: str | Path, config: Tr
             if json.loads(ln)["epoch"] <= start]
     log_path.write_text("".join(ln + "\n" for ln in kept))
     baseline_guard = guard_metrics(input_scores(val), val, config.ratios)
-    baseline_groups = by_group(input_scores(val), val, config.ratios)
+    input_samples = sample_scores(input_scores(val), val, config.ratios)
+    sizes = compare_groups(input_samples, input_samples, val)  # n and the input's rank score per group
     best = _read_json(out / "best" / "best.json") if resuming and (out / "best" / "best.json").is_file() else None
     if best is None and start == 0 and config.skip:  # epoch 0: the untrained f_θ ranks exactly as its input
-        metrics, gm = _evaluate(model, val, val_targets, config)
+        metrics, gm = _evaluate(model, val, val_targets, config, input_samples)
         best = _keep_best(out, model, 0, metrics, gm)
     lengths = [records[i].attention.shape[-1] for i in tr]
     per_epoch = math.ceil(len(tr) / config.batch_size)
@@ -401,19 +407,20 @@ def train(labels: str | Path | Sequence[str | Path], out: str | Path, config: Tr
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.4f}", refresh=False)
         loss_avg = total / count
-        metrics, gm = _evaluate(model, val, val_targets, config)
+        metrics, gm = _evaluate(model, val, val_targets, config, input_samples)
         line = {"epoch": epoch, "train_loss": loss_avg, **{f"val_{k}": v for k, v in metrics.items()},
                 **{f"val_{k}": v for k, v in gm.items()}, "seconds": round(time.perf_counter() - t0, 3)}
         with log_path.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
         bar.set_postfix(epoch=epoch, loss=f"{loss_avg:.4f}", val_kl=f"{metrics['kl']:.4f}", refresh=False)
-        if best is None or gm["rank_score"] > best["guard"]["rank_score"] or config.select == "last":
+        if best is None or config.select == "last" or selection_key(_sized(gm, sizes), config.select) > \
+                selection_key(_sized(best["guard"], sizes), config.select):
             best = _keep_best(out, model, epoch, metrics, gm)
         _save_checkpoint(out, epoch, model, opt, config, time.perf_counter() - t0, digest)
     bar.close()
     history = [json.loads(ln) for ln in log_path.read_text().splitlines()]
     if best is None:  # nothing trained and nothing kept (resumed a finished run from before the guard)
-        best = _keep_best(out, model, start, *_evaluate(model, val, val_targets, config))
+        best = _keep_best(out, model, start, *_evaluate(model, val, val_targets, config, input_samples))
     kept_model = Compressor.from_pretrained(out / "best")  # on the CPU: only saved (any device's run alike)
     from explainprune.compressor_hub import training_info
 
@@ -424,9 +431,8 @@ def train(labels: str | Path | Sequence[str | Path], out: str | Path, config: Tr
                                                                              best["metrics"]))
     if history:
         loss_avg = next((h["train_loss"] for h in history if h["epoch"] == best["epoch"]), history[-1]["train_loss"])
-    kept_groups = best["guard"].pop("groups", {})
-    groups = {g: {"n": m["n"], "f_theta": kept_groups[g], "input": m["rank_score"]}
-              for g, m in baseline_groups.items() if g in kept_groups}
+    groups = _sized(best["guard"], sizes).pop("groups", {})
+    best["guard"].pop("groups", None)
     guard = Guard(best["epoch"], list(config.ratios), best["guard"], baseline_guard,
                   [{"epoch": h["epoch"], "rank_score": h.get("val_rank_score")} for h in history], groups)
     result = TrainResult(str(out), config.epochs, round(time.perf_counter() - t0, 3), len(tr), len(va), loss_avg,
@@ -435,6 +441,14 @@ def train(labels: str | Path | Sequence[str | Path], out: str | Path, config: Tr
     write_json_atomic(out / "metrics.json", result.to_json())
     print(guard.message(), file=sys.stderr, flush=True)
     return result
+
+
+def _sized(gm: dict[str, Any], sizes: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Guard metrics with each group's ``n`` and ``input`` rank score added (they do not change per epoch, so
+    the log and best.json leave them out)."""
+    groups = {g: {"n": sizes[g]["n"], "f_theta": v["f_theta"], "input": sizes[g]["input"], "margin": v["margin"],
+                  "se": v["se"]} for g, v in gm.get("groups", {}).items() if g in sizes and isinstance(v, dict)}
+    return {**gm, "groups": groups}
 
 
 def _keep_best(out: Path, model: Compressor, epoch: int, metrics: dict[str, float],

@@ -49,9 +49,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip", action=argparse.BooleanOptionalAction, default=None,
                    help="add the log head-mean A_v^0 to f_θ's logits (learned gain), so the untrained f_θ ranks as "
                         "its input (default on; paper: off)")
-    p.add_argument("--select", choices=["guard", "last"], default="guard",
-                   help="keep the epoch whose f_θ ranks best on the validation split (R_v mass and region kept at "
-                        "50/25/10%%: guard, the default) or the last epoch")
+    p.add_argument("--select", choices=["groups", "guard", "last"], default="groups",
+                   help="the epoch kept, judged on the validation split by R_v mass and region kept at 50/25/10%%: "
+                        "groups (the default): the epoch whose worst group (kind and number of visual tokens, "
+                        ">= 20 samples) is furthest above the input ranking (epoch 0 = the input itself), then the "
+                        "best pooled score; guard: the best pooled score; last: the last epoch")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     add_device_option(p, "f_θ's training")
