@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     from explainprune.pruning import available
 
     torch.set_num_threads(a.threads)
-    methods = [m for m in a.methods if m.split(":")[0] in available()]
+    from explainprune.evaluation.runner import parse_method
+
+    methods = [m for m in a.methods if parse_method(m)[0] in available()]  # specs too: learned,compressor=demo
     for m in sorted(set(a.methods) - set(methods)):
         print(f"note: method {m!r} is not registered here; skipped", file=sys.stderr)
     if "learned" in methods and not a.compressor:

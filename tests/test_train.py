@@ -325,13 +325,15 @@ def test_guard_groups_by_kind_and_size_with_paired_margins():
 
 
 def test_guard_names_only_the_groups_behind_beyond_noise():
-    from explainprune.guard import MIN_GROUP, Guard, Z, is_behind
+    from explainprune.guard import MIN_GROUP, TOLERANCE, Guard, Z, is_behind
 
     n = MIN_GROUP
     behind = {"n": n, "f_theta": 0.4, "input": 0.5, "margin": -0.1, "se": 0.1 / Z - 1e-3}  # just past Z s.e.
     noisy = {"n": n, "f_theta": 0.4, "input": 0.5, "margin": -0.1, "se": 0.1 / Z + 1e-3}  # within the noise
     small = {"n": n - 1, "f_theta": 0.1, "input": 0.5, "margin": -0.4, "se": 0.0}  # too few samples to judge
-    assert is_behind(behind) and not is_behind(noisy) and not is_behind(small)
+    tiny = {"n": n, "f_theta": 0.499, "input": 0.5, "margin": -TOLERANCE + 1e-4, "se": 1e-5}  # sure, but too small
+    assert is_behind(behind) and not is_behind(noisy) and not is_behind(small) and not is_behind(tiny)
+    assert is_behind({**tiny, "margin": -TOLERANCE - 1e-4})
     guard = Guard(3, [0.25], {"rank_score": 0.6}, {"rank_score": 0.5}, groups={
         "rowcol/64": noisy, "rowcol/256": behind, "video/512": small})
     assert guard.beats_input and guard.behind() == ["rowcol/256"]

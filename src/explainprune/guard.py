@@ -26,6 +26,7 @@ from explainprune.pruning.base import select
 
 MIN_GROUP = 10  # validation samples a group needs before the guard judges it (smaller ones are noise)
 Z = 2.0  # a group is behind when f_θ's mean paired margin over the input is below -Z standard errors
+TOLERANCE = 0.005  # ... and below -TOLERANCE: a loss of rank score too small to matter is not held against f_θ
 
 
 def kept_mass(scores: Tensor, relevance: Tensor, ratio: float) -> float:
@@ -99,8 +100,10 @@ def compare_groups(mine: Sequence[float], theirs: Sequence[float], records: Sequ
 
 def is_behind(group: dict[str, float]) -> bool:
     """A group of at least ``MIN_GROUP`` samples where f_θ ranks worse than its input by more than ``Z``
-    standard errors of the paired margin (a paired test at about the 5% level)."""
-    return group["n"] >= MIN_GROUP and group["margin"] + Z * group["se"] < 0
+    standard errors of the paired margin (a paired test at about the 5% level) and by more than
+    ``TOLERANCE`` (on large inputs the margins are so consistent that a loss of 0.001 is "significant")."""
+    margin = group["margin"]
+    return group["n"] >= MIN_GROUP and margin < -TOLERANCE and margin + Z * group["se"] < 0
 
 
 def selection_key(guard: dict[str, Any], how: str = "groups") -> tuple[float, ...]:
