@@ -121,6 +121,32 @@ def test_trained_compressor_card_has_labels_metrics_and_command(tmp_path):
     assert (tmp_path / "again" / "README.md").read_text() == (tmp_path / "run" / "compressor" / "README.md").read_text()
 
 
+def test_card_of_several_label_sets_and_the_paper_preset_gives_the_command_back(tmp_path):
+    import shlex
+
+    from explainprune.labels import LabelConfig, label
+    from explainprune.train import preset
+    from test_labels import FakeVLM
+    from test_train import SMALL, ToyLabeler, ToySource
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    label(FakeVLM(), ToySource(12), a, LabelConfig(shard_size=6), labeler=ToyLabeler(), progress=False)
+    label(FakeVLM(), ToySource(8), b, LabelConfig(shard_size=8), labeler=ToyLabeler(), progress=False)
+    config = preset("paper", epochs=2, **SMALL)
+    res = train([a, b], tmp_path / "run", config, progress=False)
+    ep = _card(tmp_path / "run" / "compressor")["explainprune"]
+    assert ep["labels"]["samples"] == 20 and ep["labels"]["shards"] == 3
+    assert [x["samples"] for x in ep["labels"]["sets"]] == [12, 8]
+    args = shlex.split(ep["training"]["command"])
+    assert args[:6] == ["explainprune", "train", "--labels", str(a), str(b), "--out"]
+    for flag, value in (("--normalize", "none"), ("--padding", "zeros"), ("--epochs", "2")):
+        assert args[args.index(flag) + 1] == value
+    assert "--no-skip" in args and "--average-heads" in args
+    # the guard's verdict travels with the compressor, in the metadata and the text
+    assert ep["guard"]["epoch"] == res.guard["epoch"] and ep["guard"]["message"] == res.guard["message"]
+    assert res.guard["message"] in (tmp_path / "run" / "compressor" / "README.md").read_text()
+
+
 # -- hub ids, offline ---------------------------------------------------------------------------------------
 def test_hub_id_loads_offline_from_the_cache_with_revision(tmp_path, hub_cache, monkeypatch):  # noqa: F811
     main_f, v2_f = _small(0), _small(1)

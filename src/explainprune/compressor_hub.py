@@ -24,9 +24,14 @@ def locate(source: str | Path, revision: str | None = None) -> tuple[Path, Path,
     ``org/name`` at ``revision`` (or ``org/name@revision``, for command lines), found as checkpoints are: the
     hub cache when the hub is unreachable or ``HF_HUB_OFFLINE=1``.
 
+    ``"demo"``: the shipped demo compressor (unless a folder of that name exists).
+
     Raises FileNotFoundError naming the folder / id when there is no compressor there."""
+    from explainprune.compressor_path import DEMO_COMPRESSOR
     from explainprune.models.hub import _looks_local, checkpoint_file, is_hub_id
 
+    if source == "demo" and not Path(source).exists():
+        source = DEMO_COMPRESSOR
     path = Path(source).expanduser()
     if not isinstance(source, Path) and "@" in str(source) and not path.exists():
         source, _, at = str(source).rpartition("@")
@@ -56,7 +61,8 @@ def locate(source: str | Path, revision: str | None = None) -> tuple[Path, Path,
 # -- model card -------------------------------------------------------------------------------------------
 def card_text(config: dict[str, Any], info: dict[str, Any] | None = None) -> str:
     """README.md of a compressor: YAML metadata, then a short human description. ``config`` is what
-    ``config.json`` holds; ``info`` (optional) holds ``base_model``, ``labels``, ``metrics``, ``training``."""
+    ``config.json`` holds; ``info`` (optional) holds ``base_model``, ``labels``, ``metrics``, ``guard`` (the
+    training guard's summary: kept ``epoch``, ``beats_input``, ``behind``, ``message``), ``training``."""
     import yaml
 
     from explainprune.versions import __version__
@@ -69,7 +75,7 @@ def card_text(config: dict[str, Any], info: dict[str, Any] | None = None) -> str
     fp = config.get("fingerprint") or {}
     ep: dict[str, Any] = {"version": __version__, "format": config.get("format"), "fingerprint": fp,
                           CHECKSUM_KEY: config.get(CHECKSUM_KEY)}
-    for key in ("labels", "metrics", "training"):
+    for key in ("labels", "metrics", "guard", "training"):
         if info.get(key):
             ep[key] = info[key]
     meta["explainprune"] = ep
@@ -87,6 +93,10 @@ def card_text(config: dict[str, Any], info: dict[str, Any] | None = None) -> str
         lines += ["Validation metrics (held-out labels):", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
         lines.append("")
+    guard = (info.get("guard") or {}).get("message")
+    if guard:
+        lines += ["Against its own input (ranking by the head-mean A_v^0, the `layer0` pruner), on the validation "
+                  "split:", "", f"> {guard}", ""]
     command = (info.get("training") or {}).get("command")
     if command:
         lines += ["Trained with:", "", "```", command, "```", ""]
@@ -110,34 +120,50 @@ def read_card(path: Path | None) -> dict[str, Any]:
     if not isinstance(meta, dict):
         return {}
     ep = meta.get("explainprune") if isinstance(meta.get("explainprune"), dict) else {}
-    info = {k: ep[k] for k in ("labels", "metrics", "training") if k in ep}
+    info = {k: ep[k] for k in ("labels", "metrics", "guard", "training") if k in ep}
     if meta.get("base_model"):
         info["base_model"] = meta["base_model"]
     return info
 
 
 _FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "val_fraction": "--val-fraction",
-          "seed": "--seed", "power": "--target-power", "normalize": "--normalize"}
+          "seed": "--seed", "power": "--target-power", "normalize": "--normalize", "padding": "--padding",
+          "select": "--select"}
 
 
-def training_info(index: dict[str, Any], labels: str | Path, out: str | Path, config: Any,
-                  metrics: dict[str, Any]) -> dict[str, Any]:
-    """Card ``info`` for a compressor trained by ``train.train`` on the label set ``index`` (its index.json)."""
+def _label_summary(index: dict[str, Any]) -> dict[str, Any]:
+    counts = index.get("counts") or {}
+    return {"source": index.get("source"), "samples": counts.get("samples"), "labeled": counts.get("labeled"),
+            "skipped": {k: v for k, v in counts.items() if k.startswith("skipped")},
+            "shards": len(index.get("shards") or []), "fingerprint": index.get("fingerprint")}
+
+
+def training_info(index: dict[str, Any] | list[dict[str, Any]], labels: str | Path | list[str | Path],
+                  out: str | Path, config: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Card ``info`` for a compressor trained by ``train.train`` on the label set(s) ``labels`` (``index``: their
+    index.json contents, one per set). Several sets: ``labels`` holds the totals and ``sets`` each one."""
+    indexes = index if isinstance(index, list) else [index]
+    paths = [str(x) for x in labels] if isinstance(labels, list) else [str(labels)]
     conf = config.to_json()
     default = type(config)().to_json()
-    args = ["explainprune", "train", "--labels", str(labels), "--out", str(out)]
+    args = ["explainprune", "train", "--labels", *paths, "--out", str(out)]
     for key, flag in _FLAGS.items():
-        if conf[key] != default[key]:
+        if key in conf and conf[key] != default.get(key):
             args += [flag, str(conf[key])]
     if conf["average_heads"]:
         args.append("--average-heads")
-    model = index.get("model")
+    if conf.get("skip") != default.get("skip"):
+        args.append("--skip" if conf.get("skip") else "--no-skip")
+    first = indexes[0] if indexes else {}
+    model = first.get("model")
     if isinstance(model, dict):
         model = model.get("name") or model.get("id") or model.get("name_or_path")
-    counts = index.get("counts") or {}
-    summary = {"source": index.get("source"), "samples": counts.get("samples"), "labeled": counts.get("labeled"),
-               "skipped": {k: v for k, v in counts.items() if k.startswith("skipped")},
-               "shards": len(index.get("shards") or []), "fingerprint": index.get("fingerprint")}
+    summary = _label_summary(first)
+    if len(indexes) > 1:
+        sets = [_label_summary(ix) for ix in indexes]
+        summary = {"samples": sum(x["samples"] or 0 for x in sets), "labeled": sum(x["labeled"] or 0 for x in sets),
+                   "shards": sum(x["shards"] for x in sets), "fingerprint": first.get("fingerprint"),
+                   "sets": [{k: v for k, v in x.items() if k != "fingerprint"} for x in sets]}
     info: dict[str, Any] = {"labels": summary,
                             "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
                             "training": {"command": shlex.join(args), "config": conf}}

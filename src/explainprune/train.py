@@ -424,17 +424,22 @@ def train(labels: str | Path | Sequence[str | Path], out: str | Path, config: Tr
     kept_model = Compressor.from_pretrained(out / "best")  # on the CPU: only saved (any device's run alike)
     from explainprune.compressor_hub import training_info
 
-    first = Path(labels if isinstance(labels, (str, Path)) else list(labels)[0])
-    index = json.loads((first / "index.json").read_text()) if (first / "index.json").is_file() else {}
-    shown = labels if isinstance(labels, (str, Path)) else " ".join(str(x) for x in labels)
-    kept_model.eval().save_pretrained(out / "compressor", card=training_info(index, shown, out, config,
-                                                                             best["metrics"]))
     if history:
         loss_avg = next((h["train_loss"] for h in history if h["epoch"] == best["epoch"]), history[-1]["train_loss"])
     groups = _sized(best["guard"], sizes).pop("groups", {})
     best["guard"].pop("groups", None)
     guard = Guard(best["epoch"], list(config.ratios), best["guard"], baseline_guard,
                   [{"epoch": h["epoch"], "rank_score": h.get("val_rank_score")} for h in history], groups)
+    dirs = [labels] if isinstance(labels, (str, Path)) else list(labels)
+    indexes = [json.loads((Path(d) / "index.json").read_text()) if (Path(d) / "index.json").is_file() else {}
+               for d in dirs]
+    card = training_info(indexes if len(dirs) > 1 else indexes[0], [str(d) for d in dirs] if len(dirs) > 1
+                         else str(dirs[0]), out, config, best["metrics"])
+    summary = guard.to_json()
+    card["guard"] = {"epoch": guard.epoch, "beats_input": summary["beats_input"], "behind": summary["behind"],
+                     "rank_score": guard.f_theta["rank_score"], "input_rank_score": guard.input["rank_score"],
+                     "message": summary["message"]}
+    kept_model.eval().save_pretrained(out / "compressor", card=card)
     result = TrainResult(str(out), config.epochs, round(time.perf_counter() - t0, 3), len(tr), len(va), loss_avg,
                          best["metrics"], baseline_metrics(val, val_targets, config.ratios, config.seed),
                          config.to_json(), guard.to_json())
