@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     from explainprune.evaluation.runner import parse_method
 
-    methods = [m for m in a.methods if parse_method(m)[0] in available()]  # specs too: learned,compressor=demo
+    methods = [m for m in a.methods if parse_method(m)[0] in available()]  # specs too: learned:compressor=demo
     for m in sorted(set(a.methods) - set(methods)):
         print(f"note: method {m!r} is not registered here; skipped", file=sys.stderr)
     if "learned" in methods and not a.compressor:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import torch
@@ -40,3 +41,23 @@ def test_learned_pruner_takes_a_run_folder(run):
     expected = Compressor.from_pretrained(run / "compressor")
     for a, b in zip(pruner.compressor.state_dict().values(), expected.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_demo_names_the_shipped_compressor(tmp_path, monkeypatch):
+    from explainprune.compressor_path import DEMO_COMPRESSOR
+
+    monkeypatch.chdir(tmp_path)
+    assert compressor_dir("demo") == str(DEMO_COMPRESSOR) and is_compressor_dir(DEMO_COMPRESSOR)
+    shipped = Compressor.from_pretrained("demo")
+    assert shipped.config.skip and shipped.config.fingerprint["model_type"] == "qwen2_vl"
+    import explainprune
+
+    shipped.check_compatible(explainprune.load("demo"))  # trained for the shipped demo model
+    saved = json.loads((DEMO_COMPRESSOR / "config.json").read_text())
+    assert saved["weights_sha256"] == weights_sha256(DEMO_COMPRESSOR)  # checked on load; shipped with its checksum
+    assert "explainprune train" in (DEMO_COMPRESSOR / "README.md").read_text()  # the card names the recipe
+    # a local folder named demo wins, as for any other name
+    torch.manual_seed(1)
+    Compressor(in_channels=4, channels=(8, 16)).save_pretrained(tmp_path / "demo")
+    assert compressor_dir("demo") == "demo"
+    assert Compressor.from_pretrained("demo").config.channels == (8, 16)

@@ -16,7 +16,8 @@ def test_demo_end_to_end_and_resume(tmp_path, capsys):
     result = run_demo(config)
     report = json.loads((tmp_path / "demo" / "eval" / "report.json").read_text())
     runs = {(r["method"], r["ratio"]) for r in report["results"]}
-    assert runs == {("vanilla", 1.0)} | {(m, q) for m in config.methods if m != "vanilla" for q in config.ratios}
+    methods = [*config.methods, "learned:compressor=demo"]  # the f_θ shipped with the demo model, too
+    assert runs == {("vanilla", 1.0)} | {(m, q) for m in methods if m != "vanilla" for q in config.ratios}
     vanilla = next(r for r in report["results"] if r["method"] == "vanilla")
     for r in report["results"]:
         assert r["n"] + r["not_applicable"] == 8 and (r["not_applicable"] == 0 or r["method"] == "evs")
@@ -30,9 +31,10 @@ def test_demo_end_to_end_and_resume(tmp_path, capsys):
             assert min(Image.open(path).size) > 100
     guard = result.train.guard  # f_θ compared with its own input on the validation split, best epoch kept
     assert 0 <= guard["epoch"] <= config.epochs and set(guard) >= {"f_theta", "input", "beats_input", "message"}
-    assert guard["message"] in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert guard["message"] in out and "learned:compressor=demo: the f_θ shipped with the demo model" in out
     text = summary(result)
-    assert "| learned | 25% |" in text and "report.md" in text
+    assert "| learned | 25% |" in text and "| learned:compressor=demo | 25% |" in text and "report.md" in text
 
     again = run_demo(config)  # labels reused, training resumed at its last epoch
     assert again.labels.shards_written == 0 and again.labels.shards_reused > 0

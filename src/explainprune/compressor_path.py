@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 RUN_SUBFOLDER = "compressor"
+# f_θ trained for the shipped demo model on several board sizes and frame counts (docs/compressor.md, issue 20);
+# ``compressor="demo"`` names it wherever a compressor is taken, as ``--model demo`` names the demo model
+DEMO_COMPRESSOR = Path(__file__).resolve().parent / "assets" / "demo_compressor"
 
 
 def is_compressor_dir(path: str | os.PathLike) -> bool:
@@ -24,10 +27,13 @@ def is_compressor_dir(path: str | os.PathLike) -> bool:
 
 def compressor_dir(value: Any) -> Any:
     """``value`` if it is a compressor folder; ``value/compressor`` if ``value`` is a training run folder
-    holding one (same type as given: str or Path); anything else (a ``Compressor``, a hub id, a missing
+    holding one (same type as given: str or Path); ``"demo"`` the shipped demo compressor (``DEMO_COMPRESSOR``)
+    unless a folder of that name exists; anything else (a ``Compressor``, a hub id, a missing
     path) unchanged, for the loader to judge."""
     if not isinstance(value, (str, os.PathLike)):
         return value
+    if value == "demo" and not Path(value).exists():  # a local folder named demo wins
+        return str(DEMO_COMPRESSOR)
     path = Path(value).expanduser()
     if not path.is_dir() or is_compressor_dir(path):
         return value

@@ -5,6 +5,11 @@ them, vanilla / oracle / learned / layer0 (raw A_v^0), the training-free baselin
 DART, DivPrune, VisionZip, random, uniform) and peers (CDPruner, EVS on the videos -- n/a on the images --,
 downsample) at the retention ratios on the test split (images and videos),
 the report files, a few relevance pictures, and the table printed at the end.
+
+Two learned rows: ``learned`` is the f_θ this run trains (800 labels of 4 x 4 boards and 4-frame videos, 30
+epochs: the recipe, small enough for a few minutes), ``learned:compressor=demo`` the f_θ shipped next to the
+demo model (``assets/demo_compressor``: the same recipe on ~2,700 labels of six board sizes and frame counts,
+more than the demo can label in its time; docs/compressor.md, issue 20).
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from typing import Any
 
 METHODS = ("vanilla", "oracle", "learned", "layer0", "fastv", "pdrop", "dart", "divprune", "visionzip", "cdpruner",
            "evs", "downsample", "random", "uniform")
+
+
+SHIPPED = "demo"  # the compressor shipped with the demo model (explainprune.compressor_path.DEMO_COMPRESSOR)
 
 
 def default_methods() -> tuple[str, ...]:
@@ -39,6 +47,7 @@ class DemoConfig:
     ratios: tuple[float, ...] = (0.5, 0.25, 0.1)
     methods: tuple[str, ...] = field(default_factory=default_methods)
     fastv_layer: int = 2
+    shipped: str | None = SHIPPED  # also evaluate this compressor ("demo": the shipped one) next to "learned"
     seed: int = 0
     threads: int = 1  # the demo model's matrices are small: one thread is fastest, and robust on a busy machine
     progress: bool = True
@@ -104,10 +113,14 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     _say("   validation:\n" + trained.to_markdown())
     _say(f"   {trained.guard['message']}")
 
-    _say(f"3/4 evaluating {', '.join(config.methods)} at {config.ratios} on {config.eval_samples} test samples")
+    methods = with_shipped(config, vlm)
+    _say(f"3/4 evaluating {', '.join(methods)} at {config.ratios} on {config.eval_samples} test samples")
+    if len(methods) > len(config.methods):
+        _say(f"   learned: the f_θ trained above; {shipped_spec(config)}: the f_θ shipped with the demo model "
+             "(trained on ~2,700 labels of six board sizes and frame counts; docs/compressor.md)")
     t = time.perf_counter()
     compressor = out / "compressor" / "compressor"
-    eval_config = EvalConfig(methods=config.methods, ratios=config.ratios, progress=config.progress,
+    eval_config = EvalConfig(methods=methods, ratios=config.ratios, progress=config.progress,
                              method_options={"learned": {"compressor": str(compressor)},
                                              "fastv": {"layer": config.fastv_layer}})
     task = TaskConfig(name="digits", split="test", seed=config.seed, limit=config.eval_samples)
@@ -120,6 +133,26 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoResult:
     seconds["pictures"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     return DemoResult(report=report, files=dict(files), seconds=seconds, train=trained, labels=labels)
+
+
+def shipped_spec(config: DemoConfig) -> str:
+    """The method spec of the shipped compressor's row: ``learned:compressor=demo``."""
+    return f"learned:compressor={config.shipped}"
+
+
+def with_shipped(config: DemoConfig, vlm: Any) -> tuple[str, ...]:
+    """``config.methods`` with the shipped compressor's row after ``learned`` when there is one for ``vlm`` (the
+    demo model; another model's f_θ is not the demo's, so that row is left out)."""
+    if not config.shipped or "learned" not in config.methods:
+        return tuple(config.methods)
+    from explainprune.compressor import Compressor
+
+    try:
+        Compressor.from_pretrained(config.shipped).check_compatible(vlm)
+    except ValueError:
+        return tuple(config.methods)
+    i = list(config.methods).index("learned") + 1
+    return (*config.methods[:i], shipped_spec(config), *config.methods[i:])
 
 
 def _pictures(vlm: Any, config: DemoConfig, compressor: Path, folder: Path) -> dict[str, Path]:
