@@ -17,10 +17,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "OUT/log.jsonl (per epoch), OUT/metrics.json (validation KL, top-k recalls at 50/25/10% retention "
         "and region mass, with the uniform / random / raw-attention baselines) and a checkpoint per epoch. "
         "The guard compares f_θ with its own input (ranking by the head-mean A_v^0, the layer0 pruner) on the "
-        "validation split, keeps the epoch that ranks best and prints a warning line when f_θ does not beat it.",
+        "validation split, overall and per kind and input size, keeps the best epoch that is significantly "
+        "behind the input on no kind and size (epoch 0 is the input itself) and prints a warning line when f_θ "
+        "does not beat it. Train on labels of every input size you will run: several --labels are one set.",
         epilog="example: explainprune train --labels labels/ --out runs/f_theta --epochs 100\n"
         "         explainprune train --labels labels/ --out runs/f_paper --preset paper\n"
-        "         explainprune train --labels labels/ --out runs/f_theta --epochs 150 --resume",
+        "         explainprune train --labels labels/ --out runs/f_theta --epochs 150 --resume\n"
+        "         explainprune train --labels labels/4x4 labels/8x8 labels/16f --out runs/f_sizes --epochs 30",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--labels", required=True, nargs="+", metavar="DIR",
                    help="label directory written by `explainprune label`; several (e.g. other board sizes or frame "
