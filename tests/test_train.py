@@ -213,12 +213,8 @@ def test_damaged_checkpoint_names_the_file(toy_labels, tmp_path):
         train(toy_labels, tmp_path / "run", TrainConfig(epochs=2, **SMALL), resume=True, progress=False)
 
 
-# -- the paper's definitions (Section 3.3 / 4.1), checked so that a changed default cannot pass ----------------
-def test_training_defaults_are_the_papers(toy_labels, tmp_path, monkeypatch):
-    c = TrainConfig()
-    assert (c.drop, c.power, c.batch_size, c.lr, c.epochs) == (0.5, 1.0, 128, 1e-3, 100)
-    assert c.channels == (32, 64, 128, 256, 512)
-    # the CLI's defaults are the library's
+def cli_config(monkeypatch, args):
+    """The TrainConfig `explainprune train ARGS` builds (train itself replaced, so nothing runs)."""
     import explainprune.train as train_module
     from explainprune.cli.main import main
 
@@ -230,8 +226,17 @@ def test_training_defaults_are_the_papers(toy_labels, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "train", fake_train)
     with pytest.raises(SystemExit):
-        main(["train", "--labels", str(toy_labels), "--out", str(tmp_path / "cli")])
-    assert seen["config"] == TrainConfig()
+        main(["train", *args])
+    return seen["config"]
+
+
+# -- the paper's definitions (Section 3.3 / 4.1), checked so that a changed default cannot pass ----------------
+def test_training_defaults_are_the_papers(toy_labels, tmp_path, monkeypatch):
+    c = TrainConfig()
+    assert (c.drop, c.power, c.batch_size, c.lr, c.epochs) == (0.5, 1.0, 128, 1e-3, 100)
+    assert c.channels == (32, 64, 128, 256, 512)
+    # the CLI's defaults are the library's
+    assert cli_config(monkeypatch, ["--labels", str(toy_labels), "--out", str(tmp_path / "cli")]) == TrainConfig()
     # Adam with default settings, as saved with the run
     monkeypatch.undo()
     train(toy_labels, tmp_path / "run", TrainConfig(epochs=1, **SMALL), progress=False)
@@ -432,23 +437,12 @@ def test_guard_warns_when_f_theta_does_not_beat_its_input(tmp_path, capsys):
 
 def test_paper_preset_from_the_cli(toy_labels, tmp_path, monkeypatch):
     import explainprune.train as train_module
-    from explainprune.cli.main import main
 
-    seen = {}
-
-    def fake_train(labels, out, config, resume=False, progress=True):
-        seen["config"] = config
-        raise SystemExit(0)
-
-    monkeypatch.setattr(train_module, "train", fake_train)
-    with pytest.raises(SystemExit):
-        main(["train", "--labels", str(toy_labels), "--out", str(tmp_path / "p"), "--preset", "paper"])
-    c = seen["config"]
+    c = cli_config(monkeypatch, ["--labels", str(toy_labels), "--out", str(tmp_path / "p"), "--preset", "paper"])
     assert (c.average_heads, c.normalize, c.padding, c.skip, c.epochs) == (True, "none", "zeros", False, 100)
     assert (c.batch_size, c.lr, c.channels) == (128, 1e-3, (32, 64, 128, 256, 512))
     f = Compressor(c.compressor_config(4, {}))
     assert f.config == Compressor(train_module.CompressorConfig.paper(in_channels=4)).config
-    with pytest.raises(SystemExit):
-        main(["train", "--labels", str(toy_labels), "--out", str(tmp_path / "p"), "--preset", "paper",
-              "--epochs", "7", "--padding", "replicate"])
-    assert (seen["config"].epochs, seen["config"].padding, seen["config"].skip) == (7, "replicate", False)
+    c = cli_config(monkeypatch, ["--labels", str(toy_labels), "--out", str(tmp_path / "p"), "--preset", "paper",
+                                 "--epochs", "7", "--padding", "replicate"])
+    assert (c.epochs, c.padding, c.skip) == (7, "replicate", False)

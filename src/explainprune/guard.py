@@ -69,6 +69,14 @@ def group_of(record: LabelRecord) -> str:
     return f"{record.kind or 'sample'}/{record.attention.shape[-1]}"
 
 
+def group_indices(records: Sequence[LabelRecord]) -> dict[str, list[int]]:
+    """The indices of ``records`` in each group (``group_of``), groups sorted by name."""
+    ids: dict[str, list[int]] = {}
+    for i, rec in enumerate(records):
+        ids.setdefault(group_of(rec), []).append(i)
+    return dict(sorted(ids.items()))
+
+
 def sample_scores(scores: Sequence[Tensor], records: Sequence[LabelRecord], ratios: Sequence[float]) -> list[float]:
     """Each record's own rank score: its mean mass@r over the ratios, averaged with its mean region@r when it
     has a region (so a group's mean is its ``rank_score`` when all or none of its records have regions)."""
@@ -84,11 +92,8 @@ def compare_groups(mine: Sequence[float], theirs: Sequence[float], records: Sequ
                    ) -> dict[str, dict[str, float]]:
     """Per group (``group_of``, sorted): ``n``, the mean per-sample rank score of f_θ (``f_theta``) and of the
     input (``input``), the paired ``margin`` mean(f_θ − input) and its standard error ``se``."""
-    ids: dict[str, list[int]] = {}
-    for i, rec in enumerate(records):
-        ids.setdefault(group_of(rec), []).append(i)
     out = {}
-    for g, idx in sorted(ids.items()):
+    for g, idx in group_indices(records).items():
         d = [mine[i] - theirs[i] for i in idx]
         n = len(d)
         mean = sum(d) / n
@@ -125,11 +130,8 @@ def group_guard(compressor: Any, records: Sequence[LabelRecord], ratios: Sequenc
     with torch.no_grad():
         mine = [compressor(rec.attention) for rec in records]
     theirs = input_scores(records)
-    ids: dict[str, list[int]] = {}
-    for i, rec in enumerate(records):
-        ids.setdefault(group_of(rec), []).append(i)
     out = []
-    for g, idx in sorted(ids.items()):
+    for g, idx in group_indices(records).items():
         sub = [records[i] for i in idx]
         out.append((g, len(idx), guard_metrics([mine[i] for i in idx], sub, ratios),
                     guard_metrics([theirs[i] for i in idx], sub, ratios)))

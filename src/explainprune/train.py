@@ -194,8 +194,8 @@ class TrainConfig:
     ratios: tuple[float, ...] = RATIOS
     padding: str = "replicate"
     skip: bool = True
-    # the epoch kept: "groups" (best worst-group margin over the input on validation, then the pooled rank
-    # score), "guard" (the pooled rank score) or "last"
+    # the epoch kept: "groups" (the best pooled rank score among the epochs behind the input on no group of the
+    # validation split, guard.is_behind), "guard" (the best pooled rank score) or "last"
     select: str = "groups"
 
     def __post_init__(self) -> None:
@@ -433,8 +433,7 @@ def train(labels: str | Path | Sequence[str | Path], out: str | Path, config: Tr
     dirs = [labels] if isinstance(labels, (str, Path)) else list(labels)
     indexes = [json.loads((Path(d) / "index.json").read_text()) if (Path(d) / "index.json").is_file() else {}
                for d in dirs]
-    card = training_info(indexes if len(dirs) > 1 else indexes[0], [str(d) for d in dirs] if len(dirs) > 1
-                         else str(dirs[0]), out, config, best["metrics"])
+    card = training_info(indexes, [str(d) for d in dirs], out, config, best["metrics"])
     summary = guard.to_json()
     card["guard"] = {"epoch": guard.epoch, "beats_input": summary["beats_input"], "behind": summary["behind"],
                      "rank_score": guard.f_theta["rank_score"], "input_rank_score": guard.input["rank_score"],

@@ -54,9 +54,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "its input (default on; paper: off)")
     p.add_argument("--select", choices=["groups", "guard", "last"], default="groups",
                    help="the epoch kept, judged on the validation split by R_v mass and region kept at 50/25/10%%: "
-                        "groups (the default): the epoch whose worst group (kind and number of visual tokens, "
-                        ">= 20 samples) is furthest above the input ranking (epoch 0 = the input itself), then the "
-                        "best pooled score; guard: the best pooled score; last: the last epoch")
+                        "groups (the default): the best pooled score among the epochs behind the input ranking on "
+                        "no group (kind and number of visual tokens, >= 10 samples, margin below -2 standard "
+                        "errors and -0.005; epoch 0 = the input itself); guard: the best pooled score; last: the "
+                        "last epoch")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     add_device_option(p, "f_θ's training")
